@@ -1,0 +1,106 @@
+"""MAE pre-training (SPEC section 3)."""
+import argparse
+import datetime
+import os
+import time
+
+import torch
+
+from engine_pretrain import train_one_epoch
+from models_mae import build_model
+from util import distributed
+from util.checkpoint import HEAD_PREFIXES, checkpoint_path, resume_training, save_checkpoint
+from util.cli import add_data_args, add_model_args, add_run_args, parse_args_or_exit, run_main, UserError
+from util.datasets import ImageFolder, make_loader, train_transform
+from util.logger import append_json_line, tensorboard_writer
+from util.seed import derive_seed, seed_all
+from timm.optim import param_groups_weight_decay
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser('MAE pre-training', add_help=True)
+    parser.add_argument('--batch_size', default=64, type=int, help='batch size per GPU')
+    parser.add_argument('--epochs', default=400, type=int)
+    parser.add_argument('--accum_iter', default=1, type=int, help='gradient accumulation steps')
+    parser.add_argument('--mask_ratio', default=0.75, type=float, help='fraction of patches removed')
+    parser.add_argument('--weight_decay', type=float, default=0.05)
+    parser.add_argument('--lr', type=float, default=None, help='absolute lr (default: blr * eff. batch / 256)')
+    parser.add_argument('--blr', type=float, default=1e-3, help='base lr: lr = blr * total batch size / 256')
+    parser.add_argument('--min_lr', type=float, default=0., help='lower lr bound of the cosine schedule')
+    parser.add_argument('--warmup_epochs', type=int, default=40)
+    parser.add_argument('--save_ckpt_freq', type=int, default=20, help='save a checkpoint every N epochs')
+    parser.add_argument('--resume', default='', help='checkpoint to resume (default: newest in output_dir)')
+    parser.add_argument('--start_epoch', default=0, type=int)
+    parser.add_argument('--print_freq', default=20, type=int)
+    add_model_args(parser)
+    add_data_args(parser)
+    add_run_args(parser)
+    return parser
+
+
+def main(args):
+    distributed.init_distributed_mode(args)
+    device = torch.device(args.device)
+    torch.backends.cudnn.benchmark = True
+    model = build_model(args.model, img_size=args.input_size, norm_pix_loss=args.norm_pix_loss,
+                        head_type=args.head_type, classifier_depth=args.classifier_depth,
+                        num_classes=args.num_classes)
+    args.input_size = model.patch_embed.img_size[0]
+    dataset_train = ImageFolder(os.path.join(args.data_path, 'train'), transform=train_transform(args.input_size))
+    print(f"{len(dataset_train)} training images in {len(dataset_train.classes)} classes")
+    if len(dataset_train) < args.batch_size * args.world_size:
+        raise UserError(f"{len(dataset_train)} training images is fewer than one batch "
+                        f"({args.batch_size} x {args.world_size} processes)")
+    data_loader_train = make_loader(dataset_train, args, train=True)
+
+    model.to(device)
+    model_without_ddp = model
+    if args.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[args.gpu] if device.type == 'cuda' else None)
+        model_without_ddp = model.module
+
+    eff_batch_size = args.batch_size * args.accum_iter * args.world_size
+    if args.lr is None:
+        args.lr = args.blr * eff_batch_size / 256
+    print(f"base lr: {args.lr * 256 / eff_batch_size:.2e}, actual lr: {args.lr:.2e}, "
+          f"effective batch size: {eff_batch_size}")
+    # the classification head is not part of pre-training
+    for name, p in model_without_ddp.named_parameters():
+        if name.startswith(HEAD_PREFIXES):
+            p.requires_grad = False
+    param_groups = param_groups_weight_decay(model_without_ddp, args.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups, lr=args.lr, betas=(0.9, 0.95))
+    loss_scaler = torch.amp.GradScaler('cuda', enabled=device.type == 'cuda')
+    resume_training(args, model_without_ddp, optimizer, loss_scaler)
+    log_writer = tensorboard_writer(args.log_dir)
+
+    print(f"Start training for {args.epochs} epochs")
+    start_time = time.time()
+    for epoch in range(args.start_epoch, args.epochs):
+        # per-epoch seeds: a resumed run draws exactly the crops and masks of an uninterrupted one
+        seed_all(derive_seed(args.seed, epoch, args.rank))
+        data_loader_train.sampler.set_epoch(epoch)
+        train_stats = train_one_epoch(model, data_loader_train, optimizer, device, epoch, loss_scaler,
+                                      log_writer=log_writer, args=args)
+        if args.output_dir and distributed.is_main_process():
+            if (epoch + 1) % args.save_ckpt_freq == 0 or epoch + 1 == args.epochs:
+                save_checkpoint(checkpoint_path(args.output_dir, epoch), model_without_ddp, optimizer,
+                                epoch, loss_scaler, args)
+            if epoch + 1 == args.epochs:
+                save_checkpoint(checkpoint_path(args.output_dir, 'final'), model_without_ddp, optimizer,
+                                epoch, loss_scaler, args)
+            append_json_line(os.path.join(args.output_dir, 'log.txt'),
+                             {**{f'train_{k}': v for k, v in train_stats.items()}, 'epoch': epoch})
+        if log_writer is not None:
+            log_writer.flush()
+        distributed.barrier()
+    print(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
+    distributed.destroy()
+
+
+if __name__ == '__main__':
+    args = parse_args_or_exit(get_args_parser())
+    if args.output_dir:
+        os.makedirs(args.output_dir, exist_ok=True)
+    run_main(main, args)

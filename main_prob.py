@@ -1,0 +1,131 @@
+"""Train the classification head (ViT head or linear) on frozen MAE features (SPEC section 4)."""
+import argparse
+import datetime
+import os
+import time
+
+import torch
+from timm.loss import LabelSmoothingCrossEntropy
+from timm.optim import param_groups_weight_decay
+
+from engine_prob import evaluate, train_one_epoch
+from models_mae import build_model
+from util import distributed
+from util.checkpoint import HEAD_PREFIXES, checkpoint_path, load_finetune_for_probe, resume_training, save_checkpoint
+from util.cli import add_data_args, add_model_args, add_run_args, parse_args_or_exit, run_main, UserError
+from util.datasets import ImageFolder, eval_transform, make_loader, train_transform
+from util.logger import append_json_line, tensorboard_writer
+from util.seed import derive_seed, seed_all
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser('Probing: train a classification head on frozen MAE features')
+    parser.add_argument('--batch_size', default=32, type=int, help='batch size per GPU')
+    parser.add_argument('--epochs', default=20, type=int)
+    parser.add_argument('--accum_iter', default=1, type=int, help='gradient accumulation steps')
+    parser.add_argument('--finetune', default='', help='pre-trained MAE checkpoint for the encoder')
+    parser.add_argument('--drop_path', type=float, default=0.0, help='drop path rate of the ViT head')
+    parser.add_argument('--smoothing', type=float, default=0.1, help='label smoothing')
+    parser.add_argument('--weight_decay', type=float, default=0.05)
+    parser.add_argument('--lr', type=float, default=None, help='absolute lr (default: blr * eff. batch / 256)')
+    parser.add_argument('--blr', type=float, default=1e-3, help='base lr: lr = blr * total batch size / 256')
+    parser.add_argument('--min_lr', type=float, default=0.)
+    parser.add_argument('--warmup_epochs', type=int, default=5)
+    parser.add_argument('--dist_eval', action='store_true', help='shard evaluation over the processes')
+    parser.add_argument('--eval', action='store_true', help='evaluate the resumed checkpoint only')
+    parser.add_argument('--resume', default='', help='checkpoint to resume (default: newest in output_dir)')
+    parser.add_argument('--start_epoch', default=0, type=int)
+    parser.add_argument('--print_freq', default=20, type=int)
+    add_model_args(parser)
+    add_data_args(parser)
+    add_run_args(parser)
+    return parser
+
+
+def main(args):
+    distributed.init_distributed_mode(args)
+    device = torch.device(args.device)
+    torch.backends.cudnn.benchmark = True
+    seed_all(derive_seed(args.seed, args.rank))
+    model = build_model(args.model, img_size=args.input_size, norm_pix_loss=args.norm_pix_loss,
+                        head_type=args.head_type, classifier_depth=args.classifier_depth,
+                        num_classes=args.num_classes, no_decoder=True, drop_path_rate=args.drop_path)
+    args.input_size = model.patch_embed.img_size[0]
+    dataset_train = ImageFolder(os.path.join(args.data_path, 'train'), transform=train_transform(args.input_size, scale=(0.08, 1.0)))
+    dataset_val = ImageFolder(os.path.join(args.data_path, 'val'), transform=eval_transform(args.input_size))
+    largest_label = max(dataset_train.class_to_idx.values())
+    if largest_label >= args.num_classes:
+        raise UserError(f"label {largest_label} does not fit --num_classes {args.num_classes}")
+    print(f"{len(dataset_train)} training and {len(dataset_val)} validation images")
+    data_loader_train = make_loader(dataset_train, args, train=True)
+    if args.dist_eval:
+        data_loader_val = make_loader(dataset_val, args, train=False)
+    else:
+        data_loader_val = torch.utils.data.DataLoader(dataset_val, batch_size=args.batch_size,
+                                                      num_workers=args.num_workers, shuffle=False)
+
+    if args.finetune and not args.eval:
+        load_finetune_for_probe(model, args.finetune)
+    elif not args.finetune:
+        print("warning: no --finetune checkpoint: the encoder stays at its random initialisation")
+    # only the head trains: the encoder is a frozen feature extractor
+    for name, p in model.named_parameters():
+        p.requires_grad = name.startswith(HEAD_PREFIXES)
+    model.to(device)
+    model_without_ddp = model
+    if args.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[args.gpu] if device.type == 'cuda' else None)
+        model_without_ddp = model.module
+
+    eff_batch_size = args.batch_size * args.accum_iter * args.world_size
+    if args.lr is None:
+        args.lr = args.blr * eff_batch_size / 256
+    print(f"actual lr: {args.lr:.2e}, effective batch size: {eff_batch_size}")
+    optimizer = torch.optim.AdamW(param_groups_weight_decay(model_without_ddp, args.weight_decay),
+                                  lr=args.lr, betas=(0.9, 0.999))
+    loss_scaler = torch.amp.GradScaler('cuda', enabled=device.type == 'cuda')
+    criterion = (LabelSmoothingCrossEntropy(args.smoothing) if args.smoothing > 0
+                 else torch.nn.CrossEntropyLoss())
+    resume_training(args, model_without_ddp, optimizer, loss_scaler)
+    if args.eval:
+        evaluate(data_loader_val, model, device)
+        return
+
+    log_writer = tensorboard_writer(args.log_dir)
+    print(f"Start training for {args.epochs} epochs")
+    start_time = time.time()
+    max_accuracy = 0.0
+    for epoch in range(args.start_epoch, args.epochs):
+        seed_all(derive_seed(args.seed, epoch, args.rank))
+        data_loader_train.sampler.set_epoch(epoch)
+        train_stats = train_one_epoch(model, criterion, data_loader_train, optimizer, device, epoch,
+                                      loss_scaler, log_writer=log_writer, args=args)
+        if args.output_dir and distributed.is_main_process():
+            save_checkpoint(checkpoint_path(args.output_dir, epoch), model_without_ddp, optimizer,
+                            epoch, loss_scaler, args)
+            if epoch + 1 == args.epochs:
+                save_checkpoint(checkpoint_path(args.output_dir, 'final'), model_without_ddp, optimizer,
+                                epoch, loss_scaler, args)
+        test_stats = evaluate(data_loader_val, model, device, synchronize=args.dist_eval)
+        max_accuracy = max(max_accuracy, test_stats['acc1'])
+        print(f"Accuracy on {len(dataset_val)} validation images: {test_stats['acc1']:.1f}% "
+              f"(max {max_accuracy:.2f}%)")
+        if log_writer is not None:
+            for k in ('acc1', 'acc5', 'loss'):
+                log_writer.add_scalar(f'perf/test_{k}', test_stats[k], epoch)
+            log_writer.flush()
+        if args.output_dir:
+            append_json_line(os.path.join(args.output_dir, 'log.txt'),
+                             {**{f'train_{k}': v for k, v in train_stats.items()},
+                              **{f'test_{k}': v for k, v in test_stats.items()}, 'epoch': epoch})
+        distributed.barrier()
+    print(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
+    distributed.destroy()
+
+
+if __name__ == '__main__':
+    args = parse_args_or_exit(get_args_parser())
+    if args.output_dir:
+        os.makedirs(args.output_dir, exist_ok=True)
+    run_main(main, args)

@@ -1,0 +1,237 @@
+"""Masked autoencoder ViT with a classification head (linear or ViT), as in TTT-MAE.
+
+Parameter names are those of the released checkpoints (SPEC section 1); do not rename.
+"""
+from functools import partial
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import PatchEmbed
+from timm.models.vision_transformer import Block
+
+from util.cli import UserError
+from util.pos_embed import get_2d_sincos_pos_embed
+
+HEAD_TYPES = ('vit_head', 'linear')
+
+
+class MaskedAutoencoderViT(nn.Module):
+    def __init__(self, img_size=224, patch_size=16, in_chans=3,
+                 embed_dim=1024, depth=24, num_heads=16,
+                 decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16,
+                 classifier_embed_dim=768, classifier_depth=12, classifier_num_heads=12,
+                 mlp_ratio=4., norm_layer=partial(nn.LayerNorm, eps=1e-6), num_classes=1000,
+                 head_type='vit_head', no_decoder=False, norm_pix_loss=False, drop_path_rate=0.):
+        super().__init__()
+        if head_type not in HEAD_TYPES:
+            raise UserError(f"unknown head_type {head_type!r}; choices: {', '.join(HEAD_TYPES)}")
+        self.head_type = head_type
+        self.no_decoder = no_decoder
+        self.norm_pix_loss = norm_pix_loss
+
+        # encoder
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        num_patches = self.patch_embed.num_patches
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim), requires_grad=False)
+        self.blocks = nn.ModuleList([
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer)
+            for _ in range(depth)])
+        self.norm = norm_layer(embed_dim)
+
+        # decoder
+        if not no_decoder:
+            self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim, bias=True)
+            self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
+            self.decoder_pos_embed = nn.Parameter(
+                torch.zeros(1, num_patches + 1, decoder_embed_dim), requires_grad=False)
+            self.decoder_blocks = nn.ModuleList([
+                Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer)
+                for _ in range(decoder_depth)])
+            self.decoder_norm = norm_layer(decoder_embed_dim)
+            self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size ** 2 * in_chans, bias=True)
+
+        # classification head
+        if head_type == 'vit_head':
+            self.classifier_embed = nn.Linear(embed_dim, classifier_embed_dim, bias=True)
+            self.classifier_pos_embed = nn.Parameter(
+                torch.zeros(1, num_patches + 1, classifier_embed_dim), requires_grad=False)
+            dpr = [x.item() for x in torch.linspace(0, drop_path_rate, classifier_depth)]
+            self.classifier_blocks = nn.ModuleList([
+                Block(classifier_embed_dim, classifier_num_heads, mlp_ratio, qkv_bias=True,
+                      norm_layer=norm_layer, drop_path=dpr[i])
+                for i in range(classifier_depth)])
+            self.classifier_norm = norm_layer(classifier_embed_dim)
+            self.classifier_pred = nn.Linear(classifier_embed_dim, num_classes, bias=True)
+        else:
+            self.bn = nn.BatchNorm1d(embed_dim, affine=False, eps=1e-6)
+            self.head = nn.Linear(embed_dim, num_classes)
+
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        grid = int(self.patch_embed.num_patches ** .5)
+        for name in ('pos_embed', 'decoder_pos_embed', 'classifier_pos_embed'):
+            table = getattr(self, name, None)
+            if table is not None and table.device.type != 'meta':
+                table.data.copy_(torch.from_numpy(
+                    get_2d_sincos_pos_embed(table.shape[-1], grid, cls_token=True)).float().unsqueeze(0))
+        w = self.patch_embed.proj.weight.data
+        torch.nn.init.xavier_uniform_(w.view([w.shape[0], -1]))  # as a Linear on flattened patches
+        torch.nn.init.normal_(self.cls_token, std=.02)
+        if not self.no_decoder:
+            torch.nn.init.normal_(self.mask_token, std=.02)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m):
+        if isinstance(m, nn.Linear):
+            torch.nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.constant_(m.bias, 0)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.constant_(m.bias, 0)
+            nn.init.constant_(m.weight, 1.0)
+
+    def patchify(self, imgs):
+        """(N, 3, H, W) -> (N, L, p*p*3), patches row-major, channels last inside a patch."""
+        p = self.patch_embed.patch_size[0]
+        h = w = imgs.shape[2] // p
+        x = imgs.reshape(imgs.shape[0], 3, h, p, w, p)
+        x = torch.einsum('nchpwq->nhwpqc', x)
+        return x.reshape(imgs.shape[0], h * w, p * p * 3)
+
+    def unpatchify(self, x):
+        """(N, L, p*p*3) -> (N, 3, H, W)."""
+        p = self.patch_embed.patch_size[0]
+        h = w = int(x.shape[1] ** .5)
+        x = x.reshape(x.shape[0], h, w, p, p, 3)
+        x = torch.einsum('nhwpqc->nchpwq', x)
+        return x.reshape(x.shape[0], 3, h * p, w * p)
+
+    def random_masking(self, x, mask_ratio, input_mask=None):
+        """Keep int(L*(1-mask_ratio)) tokens per sample: the lowest noise, or the first of input_mask.
+
+        Returns kept tokens, mask (1 = removed, in original order) and ids_restore.
+        """
+        N, L, D = x.shape
+        len_keep = int(L * (1 - mask_ratio))
+        if input_mask is None:
+            noise = torch.rand(N, L, device=x.device)
+            ids_shuffle = torch.argsort(noise, dim=1)
+        else:
+            ids_shuffle = input_mask.to(x.device)
+        ids_restore = torch.argsort(ids_shuffle, dim=1)
+        ids_keep = ids_shuffle[:, :len_keep]
+        x_masked = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, D))
+        mask = torch.ones(N, L, device=x.device)
+        mask[:, :len_keep] = 0
+        mask = torch.gather(mask, 1, ids_restore)
+        return x_masked, mask, ids_restore
+
+    def forward_encoder(self, x, mask_ratio, input_mask=None):
+        x = self.patch_embed(x) + self.pos_embed[:, 1:, :]
+        if mask_ratio > 0:
+            x, mask, ids_restore = self.random_masking(x, mask_ratio, input_mask)
+        else:
+            mask, ids_restore = None, None
+        cls_token = self.cls_token + self.pos_embed[:, :1, :]
+        x = torch.cat((cls_token.expand(x.shape[0], -1, -1), x), dim=1)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x), mask, ids_restore
+
+    def forward_decoder(self, x, ids_restore):
+        x = self.decoder_embed(x)
+        mask_tokens = self.mask_token.repeat(x.shape[0], ids_restore.shape[1] + 1 - x.shape[1], 1)
+        x_ = torch.cat([x[:, 1:, :], mask_tokens], dim=1)  # no cls token
+        x_ = torch.gather(x_, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[2]))  # unshuffle
+        x = torch.cat([x[:, :1, :], x_], dim=1) + self.decoder_pos_embed
+        for blk in self.decoder_blocks:
+            x = blk(x)
+        x = self.decoder_pred(self.decoder_norm(x))
+        return x[:, 1:, :]
+
+    def forward_loss(self, imgs, pred, mask):
+        """Mean squared error per patch, averaged over removed patches only."""
+        target = self.patchify(imgs)
+        if self.norm_pix_loss:
+            mean = target.mean(dim=-1, keepdim=True)
+            var = target.var(dim=-1, keepdim=True)
+            target = (target - mean) / (var + 1.e-6) ** .5
+        loss = ((pred - target) ** 2).mean(dim=-1)
+        return (loss * mask).sum() / mask.sum()
+
+    def forward_head(self, latent):
+        if self.head_type == 'linear':
+            return self.head(self.bn(latent[:, 0]))
+        x = self.classifier_embed(latent) + self.classifier_pos_embed
+        for blk in self.classifier_blocks:
+            x = blk(x)
+        return self.classifier_pred(self.classifier_norm(x)[:, 0])
+
+    def forward(self, imgs, target=None, mask_ratio=0.75, input_mask=None, reconstruct=True):
+        """Returns (loss dict, reconstruction pred or None, latent cls token, logits or None).
+
+        The head runs when there is a target or no masking; the ViT head needs every token, so
+        it requires mask_ratio == 0. Reconstruction runs only with masking and a decoder.
+        """
+        latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, input_mask)
+        loss, pred, logits = {}, None, None
+        if reconstruct and mask_ratio > 0:
+            if self.no_decoder:
+                raise ValueError("this model has no decoder (no_decoder=True): cannot reconstruct")
+            pred = self.forward_decoder(latent, ids_restore)
+            loss['mae'] = self.forward_loss(imgs, pred, mask)
+        if target is not None or mask_ratio == 0:
+            if self.head_type == 'vit_head' and mask_ratio > 0:
+                raise ValueError("the ViT head classifies unmasked images only (mask_ratio must be 0)")
+            logits = self.forward_head(latent)
+            if target is not None:
+                loss['classification'] = F.cross_entropy(logits, target)
+        return loss, pred, latent[:, 0], logits
+
+
+# ---- registry of builders by name (used by --model) ----
+MODELS = {}
+
+
+def register_model(fn):
+    MODELS[fn.__name__] = fn
+    return fn
+
+
+def _builder(name, **sizes):
+    """Register a builder whose keyword arguments override the named sizes."""
+    def build(**kwargs):
+        return MaskedAutoencoderViT(**{**sizes, **kwargs})
+    build.__name__ = name
+    build.default_img_size = sizes.get('img_size', 224)
+    return register_model(build)
+
+
+_DECODER = dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, mlp_ratio=4)
+_VIT_HEAD = dict(classifier_embed_dim=768, classifier_depth=12, classifier_num_heads=12)
+mae_vit_small_patch16 = _builder('mae_vit_small_patch16', patch_size=16, embed_dim=384, depth=12, num_heads=12,
+                                 classifier_embed_dim=512, classifier_depth=8, classifier_num_heads=16, **_DECODER)
+mae_vit_base_patch16 = _builder('mae_vit_base_patch16', patch_size=16, embed_dim=768, depth=12, num_heads=12,
+                                **_VIT_HEAD, **_DECODER)
+mae_vit_large_patch16 = _builder('mae_vit_large_patch16', patch_size=16, embed_dim=1024, depth=24, num_heads=16,
+                                 **_VIT_HEAD, **_DECODER)
+mae_vit_huge_patch14 = _builder('mae_vit_huge_patch14', patch_size=14, embed_dim=1280, depth=32, num_heads=16,
+                                **_VIT_HEAD, **_DECODER)
+# CPU-sized models for 32x32 images (tests, the built-in digits example)
+mae_vit_tiny_patch4 = _builder('mae_vit_tiny_patch4', img_size=32, patch_size=4, embed_dim=128, depth=4,
+                               num_heads=4, decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4,
+                               classifier_embed_dim=64, classifier_depth=1, classifier_num_heads=4, mlp_ratio=4)
+mae_vit_micro_patch4 = _builder('mae_vit_micro_patch4', img_size=16, patch_size=4, embed_dim=32, depth=2,
+                                num_heads=2, decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2,
+                                classifier_embed_dim=16, classifier_depth=1, classifier_num_heads=2, mlp_ratio=2)
+
+
+def build_model(name, **kwargs):
+    """Build a registered model; keyword arguments set to None keep the builder's default."""
+    if name not in MODELS:
+        raise UserError(f"unknown model {name!r}; choices: {', '.join(sorted(MODELS))}")
+    return MODELS[name](**{k: v for k, v in kwargs.items() if v is not None})

@@ -1,0 +1,151 @@
+"""Checkpoint I/O: safe loading, atomic saving, resume, and the test-time model assembly."""
+import argparse
+import glob
+import os
+import pickle
+import re
+
+import numpy as np
+import torch
+
+from util.cli import UserError
+from util.io import atomic_path
+from util.pos_embed import interpolate_pos_embed
+
+
+def _allowed_globals():
+    """What a training checkpoint may hold besides tensors: its argparse args and numpy scalars."""
+    allowed = [argparse.Namespace, np.dtype, np.ndarray,
+               (np._core.multiarray.scalar, 'numpy.core.multiarray.scalar'),
+               (np._core.multiarray._reconstruct, 'numpy.core.multiarray._reconstruct'),
+               np._core.multiarray.scalar, np._core.multiarray._reconstruct]
+    allowed += [type(np.dtype(t)) for t in (np.float16, np.float32, np.float64, np.int32, np.int64, np.bool_)]
+    return allowed
+
+
+def load_checkpoint(path, what='checkpoint'):
+    """torch.load with weights_only=True and an allow-list: a checkpoint is untrusted input."""
+    if not path or not os.path.isfile(path):
+        raise UserError(f"{what} not found: {path!r}")
+    try:
+        with torch.serialization.safe_globals(_allowed_globals()):
+            return torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = str(e).strip().splitlines()
+        detail = next((line for line in reason if 'GLOBAL' in line or 'Unsupported' in line), reason[0])
+        raise UserError(f"refusing to load {what} {path}: {detail.strip()}") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise UserError(f"cannot read {what} {path}: {str(e).strip().splitlines()[0]}") from None
+
+
+def model_state(checkpoint):
+    """The state_dict inside a checkpoint ({'model': ...}), or the checkpoint if it is a bare one."""
+    return checkpoint['model'] if isinstance(checkpoint, dict) and 'model' in checkpoint else checkpoint
+
+
+def _key_summary(keys, limit=12):
+    keys = sorted(keys)
+    more = f" ... (+{len(keys) - limit} more)" if len(keys) > limit else ''
+    return ', '.join(keys[:limit]) + more
+
+
+def load_state_dict_strict(model, state_dict, source):
+    """Load exactly: every key present, none extra, shapes equal; the error names the keys."""
+    own = model.state_dict()
+    missing = set(own) - set(state_dict)
+    unexpected = set(state_dict) - set(own)
+    mismatched = [f"{k} {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+                  for k in set(own) & set(state_dict) if state_dict[k].shape != own[k].shape]
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {_key_summary(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_key_summary(unexpected)}")
+    if mismatched:
+        problems.append(f"shape mismatch: {_key_summary(mismatched, 4)}")
+    if problems:
+        raise UserError(f"{source} does not fit the model: " + '; '.join(problems))
+    model.load_state_dict(state_dict, strict=True)
+
+
+HEAD_PREFIXES = ('classifier', 'head.', 'bn.')
+
+# MAE's linear-probe layout (head = Sequential(BatchNorm1d, Linear)) -> this model's names
+LINEAR_PROBE_KEYS = {'head.0.running_mean': 'bn.running_mean', 'head.0.running_var': 'bn.running_var',
+                     'head.0.num_batches_tracked': 'bn.num_batches_tracked',
+                     'head.1.weight': 'head.weight', 'head.1.bias': 'head.bias'}
+
+
+def combined_state_dict(resume_model, resume_finetune, head_type):
+    """MAE checkpoint (encoder + decoder) plus the head of the probe checkpoint (SPEC section 2)."""
+    state = dict(model_state(load_checkpoint(resume_model, 'MAE checkpoint (--resume_model)')))
+    probe = model_state(load_checkpoint(resume_finetune, 'probe checkpoint (--resume_finetune)'))
+    if head_type == 'vit_head':
+        head = {k: v for k, v in probe.items() if k.startswith('classifier')}
+    else:
+        head = {LINEAR_PROBE_KEYS.get(k, k): v for k, v in probe.items()
+                if k in LINEAR_PROBE_KEYS or k.startswith(('bn.', 'head.'))}
+    if not head:
+        raise UserError(f"probe checkpoint {resume_finetune} holds no {head_type} weights "
+                        f"(no {'classifier*' if head_type == 'vit_head' else 'head.*'} keys)")
+    state.update(head)
+    return state
+
+
+def load_finetune_for_probe(model, path):
+    """Encoder weights for probing: drop the decoder (and any head: the probe trains a fresh one),
+    resize pos_embed, load non-strictly."""
+    state = dict(model_state(load_checkpoint(path, 'pre-trained checkpoint (--finetune)')))
+    for k in [k for k in state if k.startswith(('decoder', 'mask_token') + HEAD_PREFIXES)]:
+        del state[k]
+    interpolate_pos_embed(model, state)
+    own = model.state_dict()
+    mismatched = [k for k in state if k in own and state[k].shape != own[k].shape]
+    if mismatched:
+        raise UserError(f"{path} does not fit the model: shape mismatch for {_key_summary(mismatched)}")
+    msg = model.load_state_dict(state, strict=False)
+    if msg.unexpected_keys:
+        raise UserError(f"{path} does not fit the model: unexpected keys: {_key_summary(msg.unexpected_keys)}")
+    encoder_missing = [k for k in msg.missing_keys if not k.startswith(HEAD_PREFIXES)]
+    if encoder_missing:
+        raise UserError(f"{path} lacks encoder weights: missing keys: {_key_summary(encoder_missing)}")
+    print(f"Loaded {path}; left at initialisation: {_key_summary(msg.missing_keys, 6)}")
+
+
+# ---- training checkpoints ----
+
+def checkpoint_path(output_dir, epoch):
+    return os.path.join(output_dir, f'checkpoint-{epoch}.pth')
+
+
+def save_checkpoint(path, model, optimizer, epoch, scaler, args):
+    """Atomic torch.save (temp + rename), so the newest checkpoint is never a broken one."""
+    state = {'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'epoch': epoch,
+             'scaler': scaler.state_dict(), 'args': args}
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def latest_checkpoint(output_dir):
+    """The checkpoint with the highest epoch number in output_dir, or None."""
+    found = []
+    for path in glob.glob(os.path.join(output_dir, 'checkpoint-*.pth')):
+        m = re.fullmatch(r'checkpoint-(\d+)\.pth', os.path.basename(path))
+        if m:
+            found.append((int(m.group(1)), path))
+    return max(found)[1] if found else None
+
+
+def resume_training(args, model, optimizer, scaler):
+    """Load --resume, or else the newest checkpoint in --output_dir; sets args.start_epoch."""
+    path = args.resume or (latest_checkpoint(args.output_dir) if args.output_dir else None)
+    if not path:
+        return
+    checkpoint = load_checkpoint(path, 'checkpoint to resume (--resume)')
+    load_state_dict_strict(model, model_state(checkpoint), path)
+    if 'optimizer' in checkpoint and 'epoch' in checkpoint:
+        optimizer.load_state_dict(checkpoint['optimizer'])
+        args.start_epoch = checkpoint['epoch'] + 1
+        if 'scaler' in checkpoint:
+            scaler.load_state_dict(checkpoint['scaler'])
+    print(f"Resumed from {path} (next epoch {args.start_epoch})")

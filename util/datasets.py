@@ -1,0 +1,101 @@
+"""Image folders and transforms, with clear errors for bad data and ImageNet's standard labels."""
+import os
+from importlib import resources
+
+import PIL
+from PIL import Image
+from torchvision import datasets, transforms
+from torchvision.transforms import InterpolationMode
+
+from util.cli import UserError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def imagenet_wnids():
+    """The 1000 ImageNet-1k wnids, sorted: a wnid's position is its standard class index."""
+    text = resources.files('timm.data._info').joinpath('imagenet_synsets.txt').read_text()
+    wnids = sorted(text.split())
+    assert len(wnids) == 1000
+    return wnids
+
+
+def load_rgb(path):
+    """Open an image as RGB; an unreadable or truncated file is a UserError naming it."""
+    try:
+        with open(path, 'rb') as f:
+            img = Image.open(f)
+            return img.convert('RGB')
+    except (OSError, PIL.UnidentifiedImageError, ValueError) as e:
+        raise UserError(f"cannot read image {path}: {e}") from None
+
+
+class ImageFolder(datasets.ImageFolder):
+    """torchvision's ImageFolder with checks and a choice of labels.
+
+    With `imagenet_labels` (default: automatic), class folders named by ImageNet wnids get the
+    wnid's index among the 1000 sorted wnids, so a folder holding a subset of classes keeps the
+    standard labels; any other folder gets the position of its name among the sorted folders.
+    """
+
+    def __init__(self, root, transform=None, imagenet_labels=None):
+        if not os.path.isdir(root):
+            raise UserError(f"data folder not found: {root}")
+        classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+        if not classes:
+            raise UserError(f"{root} has no class sub-folders (expected {root}/<class>/<image>)")
+        self._imagenet_labels = imagenet_labels
+        try:
+            super().__init__(root, transform=transform, loader=load_rgb)
+        except FileNotFoundError as e:
+            raise UserError(f"{root}: {e}") from None
+
+    def find_classes(self, directory):
+        classes = sorted(e.name for e in os.scandir(directory) if e.is_dir())
+        wnids = imagenet_wnids()
+        use_wnids = self._imagenet_labels
+        if use_wnids is None:
+            use_wnids = all(c in set(wnids) for c in classes)
+        if use_wnids:
+            index = {w: i for i, w in enumerate(wnids)}
+            unknown = [c for c in classes if c not in index]
+            if unknown:
+                raise UserError(f"{directory}: not ImageNet wnids: {', '.join(unknown[:5])}")
+            return classes, {c: index[c] for c in classes}
+        return classes, {c: i for i, c in enumerate(classes)}
+
+
+def eval_transform(input_size):
+    """Resize(256/224 * size, bicubic) + CenterCrop(size) + normalise (Resize 256 at 224)."""
+    return transforms.Compose([
+        transforms.Resize(int(input_size * 256 / 224), interpolation=InterpolationMode.BICUBIC),
+        transforms.CenterCrop(input_size),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def train_transform(input_size, scale=(0.2, 1.0)):
+    """RandomResizedCrop(bicubic) + horizontal flip + normalise (MAE's pre-training recipe)."""
+    return transforms.Compose([
+        transforms.RandomResizedCrop(input_size, scale=scale, interpolation=InterpolationMode.BICUBIC),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def make_loader(dataset, args, train=True, shuffle=None):
+    """A DataLoader over this process's share of the dataset (DistributedSampler, seeded by args.seed).
+
+    Train loaders shuffle and drop the last incomplete batch; evaluation loaders keep order.
+    """
+    import torch
+    from util.distributed import get_rank, get_world_size
+    shuffle = train if shuffle is None else shuffle
+    sampler = torch.utils.data.DistributedSampler(
+        dataset, num_replicas=get_world_size(), rank=get_rank(), shuffle=shuffle, seed=args.seed,
+        drop_last=False)
+    return torch.utils.data.DataLoader(
+        dataset, sampler=sampler, batch_size=args.batch_size, num_workers=args.num_workers,
+        pin_memory=args.pin_mem and str(args.device).startswith('cuda'), drop_last=train,
+        persistent_workers=False)
