@@ -22,8 +22,15 @@ def atomic_path(path):
             os.remove(tmp)
 
 
+@contextmanager
+def atomic_open(path, mode='w'):
+    """open() for writing, atomically replacing `path` when the block ends without error."""
+    with atomic_path(path) as tmp, open(tmp, mode) as f:
+        yield f
+
+
 def write_text(path, text):
-    with atomic_path(path) as tmp, open(tmp, 'w') as f:
+    with atomic_open(path) as f:
         f.write(text)
 
 

@@ -1,0 +1,95 @@
+"""Per-image results of a long evaluation run, kept safe against kills and shared by processes.
+
+Every process appends its records to small chunk files in OUT/partial/ (each written atomically);
+the set of finished images is the union of all chunks and of OUT/per_image.npz, so a rerun with
+any number of processes skips them. The merge sorts records by image index.
+"""
+import glob
+import json
+import os
+import time
+
+import numpy as np
+
+from util.cli import UserError
+from util.io import atomic_open, write_json
+
+
+def select_indices(num_images, max_examples=None, subset='stride', subset_seed=0):
+    """Indices of the images to evaluate: all, or max_examples of them spread over the folder."""
+    if not max_examples or max_examples >= num_images:
+        return np.arange(num_images)
+    if subset == 'first':
+        return np.arange(max_examples)
+    if subset == 'stride':  # evenly spaced, so every class of a class-sorted folder is represented
+        return np.floor(np.arange(max_examples) * (num_images / max_examples)).astype(np.int64)
+    rng = np.random.default_rng(subset_seed)
+    return np.sort(rng.choice(num_images, size=max_examples, replace=False))
+
+
+def check_run_config(output_dir, config, is_main):
+    """A rerun into the same folder must compute the same thing as the run it continues."""
+    path = os.path.join(output_dir, 'run_config.json')
+    if os.path.exists(path):
+        with open(path) as f:
+            saved = json.load(f)
+        changed = sorted(k for k in set(saved) | set(config) if saved.get(k) != config.get(k))
+        if changed:
+            details = ', '.join(f"{k}: {saved.get(k)!r} -> {config.get(k)!r}" for k in changed[:6])
+            raise UserError(f"{output_dir} holds results of a different run ({details}); "
+                            f"use another --output_dir or delete it")
+    elif is_main:
+        write_json(path, config)
+
+
+class ResultStore:
+    def __init__(self, output_dir, rank=0):
+        self.output_dir = output_dir
+        self.partial_dir = os.path.join(output_dir, 'partial')
+        self.final_path = os.path.join(output_dir, 'per_image.npz')
+        self.prefix = f"rank{rank}-{os.getpid()}-{time.time_ns()}"
+        self.pending, self.chunks_written = [], 0
+
+    def _files(self):
+        files = sorted(glob.glob(os.path.join(self.partial_dir, '*.npz')))
+        return ([self.final_path] if os.path.exists(self.final_path) else []) + files
+
+    def load(self):
+        """All records on disk as a dict of arrays sorted by index (first record of an index wins)."""
+        parts = []
+        for path in self._files():
+            try:
+                with np.load(path, allow_pickle=False) as f:
+                    parts.append({k: f[k] for k in f.files})
+            except (OSError, ValueError) as e:
+                raise UserError(f"cannot read result file {path}: {e}") from None
+        if not parts:
+            return None
+        merged = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        _, first = np.unique(merged['index'], return_index=True)
+        return {k: v[first] for k, v in merged.items()}
+
+    def done_indices(self):
+        records = self.load()
+        return set() if records is None else set(records['index'].tolist())
+
+    def add(self, **record):
+        self.pending.append(record)
+
+    def flush(self):
+        if not self.pending:
+            return
+        arrays = {k: np.stack([np.asarray(r[k]) for r in self.pending]) for k in self.pending[0]}
+        path = os.path.join(self.partial_dir, f"{self.prefix}-{self.chunks_written:06d}.npz")
+        with atomic_open(path, 'wb') as f:
+            np.savez(f, **arrays)
+        self.pending, self.chunks_written = [], self.chunks_written + 1
+
+    def finalize(self, records):
+        """Write the merged records to per_image.npz, then drop the chunks they came from."""
+        with atomic_open(self.final_path, 'wb') as f:
+            np.savez(f, **records)
+        for path in glob.glob(os.path.join(self.partial_dir, '*.npz')):
+            os.remove(path)
+        if os.path.isdir(self.partial_dir) and not os.listdir(self.partial_dir):
+            os.rmdir(self.partial_dir)
