@@ -1,0 +1,45 @@
+"""The released code's way of running test-time training, kept as a reference for tests and benchmarks:
+for every image, rebuild the model from a host copy of the weights, build a new optimiser, and decode
+and transform the image again for every step. Same masks as engine_test_time (from (seed, index))."""
+import copy
+
+import torch
+import torch.nn.functional as F
+
+from engine_test_time import build_optimizer, trainable_parameters
+from util.datasets import eval_transform, load_rgb
+from util.seed import derive_seed
+
+
+def naive_adapt(base_model_cpu, path, label, index, args, device):
+    """Returns (predictions per step, MAE loss per step) for one image, single-crop views."""
+    model = copy.deepcopy(base_model_cpu).to(device)
+    optimizer = build_optimizer(trainable_parameters(model, args.finetune_mode), args)
+    transform = eval_transform(args.input_size)
+    num_patches = model.patch_embed.num_patches
+    gen = torch.Generator(device=device).manual_seed(derive_seed(args.seed, index, 1))
+    masks = torch.rand(args.steps_per_example, args.accum_iter, args.batch_size, num_patches,
+                       generator=gen, device=device).argsort(dim=-1)
+
+    def classify():
+        model.eval()
+        with torch.no_grad():
+            image = transform(load_rgb(path)).unsqueeze(0).to(device)
+            logits = model(image, mask_ratio=0, reconstruct=False)[3]
+        model.train()
+        return logits.argmax(dim=1).item()
+
+    preds, losses = [classify()], []
+    for step in range(args.steps_per_example):
+        step_loss = 0.
+        for micro in range(args.accum_iter):
+            image = transform(load_rgb(path)).unsqueeze(0).to(device)
+            views = image.expand(args.batch_size, -1, -1, -1)
+            loss = model(views, mask_ratio=args.mask_ratio, input_mask=masks[step, micro])[0]['mae']
+            (loss / args.accum_iter).backward()
+            step_loss += loss.item() / args.accum_iter
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(step_loss)
+        preds.append(classify())
+    return preds, losses

@@ -1,0 +1,94 @@
+"""Shared fixtures: a tiny model, tiny image folders and checkpoints in the released layouts."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from models_mae import build_model  # noqa: E402
+
+TINY = 'mae_vit_micro_patch4'  # 16x16 images, patch 4, 2 blocks of 32-d
+
+
+def make_image_folder(root, classes, per_class, size=16, seed=0):
+    """Class c: noise plus a bright square whose position depends on c (so classes separate)."""
+    rng = np.random.default_rng(seed)
+    for c, name in enumerate(classes):
+        os.makedirs(os.path.join(root, name), exist_ok=True)
+        for i in range(per_class):
+            img = rng.integers(0, 80, (size, size, 3)).astype(np.uint8)
+            r, q = divmod(c % 4, 2)
+            half = size // 2
+            img[r * half:(r + 1) * half, q * half:(q + 1) * half] += 150
+            Image.fromarray(img).save(os.path.join(root, name, f'img_{i:03d}.png'))
+    return str(root)
+
+
+@pytest.fixture(scope='session')
+def image_folder(tmp_path_factory):
+    """train/ and val/ with 2 separable classes (16 and 8 images each)."""
+    root = tmp_path_factory.mktemp('data')
+    make_image_folder(root / 'train', ['class_a', 'class_b'], 16, seed=0)
+    make_image_folder(root / 'val', ['class_a', 'class_b'], 8, seed=1)
+    return str(root)
+
+
+def tiny_model(head_type='vit_head', num_classes=2, seed=0, **kwargs):
+    torch.manual_seed(seed)
+    return build_model(TINY, head_type=head_type, num_classes=num_classes, **kwargs)
+
+
+@pytest.fixture(scope='session')
+def checkpoints(tmp_path_factory):
+    """An MAE checkpoint (encoder + decoder) and a probe checkpoint (encoder + classifier*) of a
+    randomly initialised tiny model, in the layouts of the released files."""
+    root = tmp_path_factory.mktemp('ckpt')
+    state = tiny_model(num_classes=2).state_dict()
+    mae = {k: v for k, v in state.items() if not k.startswith('classifier')}
+    probe = {k: v for k, v in state.items() if not k.startswith(('decoder', 'mask_token'))}
+    torch.save({'model': mae}, root / 'mae.pth')
+    torch.save({'model': probe, 'epoch': 3}, root / 'probe.pth')
+    return str(root / 'mae.pth'), str(root / 'probe.pth')
+
+
+def run_script(args, env=None, check=True, timeout=300):
+    """Run a command from the repository root, as a user would; returns the CompletedProcess."""
+    full_env = {**os.environ, 'OMP_NUM_THREADS': '1', **(env or {})}
+    result = subprocess.run(args, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, args))} failed ({result.returncode}):\n"
+                             f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+def torchrun(nproc, script_args):
+    return [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}',
+            *script_args]
+
+
+def make_color_folder(root, classes, per_class, size=16, seed=0):
+    """Class c: noise with channel c % 3 raised. Unlike make_image_folder's quadrants (which a
+    horizontal flip swaps between classes 0 and 1), colour survives random crops and flips."""
+    rng = np.random.default_rng(seed)
+    for c, name in enumerate(classes):
+        os.makedirs(os.path.join(root, name), exist_ok=True)
+        for i in range(per_class):
+            img = rng.integers(0, 100, (size, size, 3)).astype(np.uint8)
+            img[..., c % 3] += 150
+            Image.fromarray(img).save(os.path.join(root, name, f'img_{i:03d}.png'))
+    return str(root)
+
+
+@pytest.fixture(scope='session')
+def color_folder(tmp_path_factory):
+    """train/ and val/ with 2 classes separable under the training augmentations (16 and 8 images each)."""
+    root = tmp_path_factory.mktemp('color_data')
+    make_color_folder(root / 'train', ['class_a', 'class_b'], 16, seed=0)
+    make_color_folder(root / 'val', ['class_a', 'class_b'], 8, seed=1)
+    return str(root)

@@ -1,0 +1,281 @@
+"""Test-time training and the baseline: the loop's math, equivalence of the fast paths, sharding, resume."""
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import REPO, TINY, make_image_folder, run_script, tiny_model, torchrun
+from bench.naive_ttt import naive_adapt
+import engine_test_time as ttt
+from main_test_time_training import get_args_parser
+from util.checkpoint import combined_state_dict
+from util.cli import UserError
+from util.datasets import ImageFolder, eval_transform, imagenet_wnids, load_rgb
+
+
+def ttt_args(*extra):
+    args = get_args_parser().parse_args(
+        ['--data_path', 'unused', '--resume_model', 'm', '--resume_finetune', 'p', '--model', TINY,
+         '--batch_size', '4', '--steps_per_example', '3', '--single_crop', '--norm_pix_loss',
+         '--num_classes', '2', '--lr', '0.05', *extra])
+    args.input_size = 16
+    return args
+
+
+@pytest.fixture
+def test_folder(tmp_path):
+    return make_image_folder(tmp_path / 'test', ['class_a', 'class_b'], 5, seed=3)
+
+
+def eval_image(path):
+    return eval_transform(16)(load_rgb(path)).unsqueeze(0)
+
+
+def test_reset_restores_start_weights_and_adaptation_touches_only_the_encoder(test_folder):
+    model = tiny_model(norm_pix_loss=True)
+    start = copy.deepcopy(model.state_dict())
+    trainer = ttt.TestTimeTrainer(model, ttt_args(), 'cpu')
+    samples = ImageFolder(test_folder).samples
+    for index in range(3):
+        path, label = samples[index]
+        trainer.adapt(index, label, eval_image(path))
+        state = model.state_dict()
+        changed = {k for k in start if not torch.equal(start[k], state[k])}
+        assert 'blocks.0.attn.qkv.weight' in changed and 'cls_token' in changed
+        assert not any(k.startswith(('decoder', 'classifier')) or k.endswith('pos_embed') for k in changed)
+        trainer.reset()
+        assert all(torch.equal(start[k], v) for k, v in model.state_dict().items())
+        assert not trainer.optimizer.state and all(p.grad is None for p in trainer.params)
+
+
+def test_two_steps_equal_hand_computed_sgd_with_momentum(test_folder):
+    args = ttt_args('--steps_per_example', '2')
+    model = tiny_model(norm_pix_loss=True)
+    reference = copy.deepcopy(model)
+    trainer = ttt.TestTimeTrainer(model, args, 'cpu')
+    path, label = ImageFolder(test_folder).samples[0]
+    image = eval_image(path)
+    trainer.adapt(7, label, image)
+
+    masks = trainer.masks(7)
+    names = [n for n, p in reference.named_parameters() if p.requires_grad
+             and not n.startswith(('decoder', 'classifier'))]
+    params = dict(reference.named_parameters())
+    buffers = {}
+    for step in range(2):
+        loss = reference(image.expand(4, -1, -1, -1), mask_ratio=0.75, input_mask=masks[step, 0])[0]['mae']
+        grads = torch.autograd.grad(loss, [params[n] for n in names])
+        with torch.no_grad():
+            for n, g in zip(names, grads):
+                buffers[n] = g if step == 0 else 0.9 * buffers[n] + g  # SGD momentum, no dampening
+                params[n] -= args.lr * buffers[n]
+    adapted = dict(model.named_parameters())
+    for n in names:
+        torch.testing.assert_close(adapted[n], params[n], rtol=0, atol=1e-6)
+
+
+def test_fast_loop_equals_naive_loop(test_folder):
+    """In-place reset + decode once == deep-copy the model, new optimiser, decode every step."""
+    args = ttt_args('--accum_iter', '2')
+    model = tiny_model(norm_pix_loss=True)
+    base_cpu = copy.deepcopy(model)
+    trainer = ttt.TestTimeTrainer(model, args, 'cpu')
+    for index, (path, label) in enumerate(ImageFolder(test_folder).samples[:4]):
+        preds, _, losses = trainer.adapt(index, label, eval_image(path))
+        ref_preds, ref_losses = naive_adapt(base_cpu, path, label, index, args, 'cpu')
+        assert preds.tolist() == ref_preds
+        np.testing.assert_allclose(losses, ref_losses, rtol=1e-6)
+
+
+def test_random_resized_crops_full_crop_is_the_image_and_seeded():
+    image = torch.randint(0, 256, (3, 16, 16), dtype=torch.uint8)
+    gen = torch.Generator().manual_seed(0)
+    views = ttt.random_resized_crops(image, 6, 16, gen, scale=(1, 1), ratio=(1, 1))
+    normalised = eval_transform(16).transforms[-1](image.float() / 255)
+    for view in views:  # the whole image, maybe flipped
+        assert torch.allclose(view, normalised, atol=1e-5) or torch.allclose(view, normalised.flip(-1), atol=1e-5)
+    a = ttt.random_resized_crops(image, 4, 8, torch.Generator().manual_seed(1))
+    b = ttt.random_resized_crops(image, 4, 8, torch.Generator().manual_seed(1))
+    assert a.shape == (4, 3, 8, 8) and torch.equal(a, b)
+
+
+def test_imagenet_wnid_subset_keeps_standard_labels(tmp_path):
+    wnids = imagenet_wnids()
+    chosen = [wnids[0], wnids[417], wnids[999]]
+    root = make_image_folder(tmp_path / 'c', chosen, 1)
+    dataset = ImageFolder(root)
+    assert [label for _, label in dataset.samples] == [0, 417, 999]
+    with pytest.raises(UserError, match='not ImageNet wnids'):
+        ImageFolder(make_image_folder(tmp_path / 'd', ['cat', 'dog'], 1), imagenet_labels=True)
+    assert [label for _, label in ImageFolder(str(tmp_path / 'd')).samples] == [0, 1]
+
+
+# ---- whole scripts ----
+
+def script_args(script, checkpoints, data, out, *extra):
+    mae, probe = checkpoints
+    return [sys.executable, script, '--data_path', data, '--model', TINY, '--resume_model', mae,
+            '--resume_finetune', probe, '--num_classes', '2', '--dataset_name', 'tiny',
+            '--output_dir', str(out), '--num_workers', '0', *extra]
+
+
+TTT = ('--batch_size', '4', '--steps_per_example', '3', '--single_crop', '--norm_pix_loss', '--blr', '0.5')
+
+
+def per_image(out):
+    with np.load(os.path.join(out, 'per_image.npz')) as f:
+        return {k: f[k] for k in f.files}
+
+
+def test_step0_equals_baseline_batched_equals_one_at_a_time(checkpoints, test_folder, tmp_path):
+    run_script(script_args('main_test_time_training.py', checkpoints, test_folder, tmp_path / 'ttt', *TTT))
+    run_script(script_args('test_without_adaptation.py', checkpoints, test_folder, tmp_path / 'b1',
+                           '--batch_size', '1'))
+    run_script(script_args('test_without_adaptation.py', checkpoints, test_folder, tmp_path / 'b7',
+                           '--batch_size', '7'))
+    ttt, b1, b7 = per_image(tmp_path / 'ttt'), per_image(tmp_path / 'b1'), per_image(tmp_path / 'b7')
+    assert ttt['pred'].shape == (10, 4)
+    assert np.array_equal(ttt['pred'][:, 0], b1['pred'][:, 0])
+    assert np.array_equal(b1['pred'], b7['pred'])
+    np.testing.assert_allclose(b1['ce_loss'], b7['ce_loss'], rtol=1e-5)
+    np.testing.assert_allclose(ttt['ce_loss'][:, 0], b1['ce_loss'][:, 0], rtol=1e-5)
+
+    results = json.load(open(tmp_path / 'ttt' / 'results.json'))
+    baseline = json.load(open(tmp_path / 'b7' / 'results.json'))
+    assert results['complete'] and results['num_images'] == 10
+    assert results['accuracy_per_step'][0] == baseline['accuracy']
+    lines = open(tmp_path / 'ttt' / 'accuracy.txt').read().splitlines()
+    assert lines[0].startswith('Namespace(') and len(lines) == 5
+    assert [float(x.split('\t')[1]) for x in lines[1:]] == results['accuracy_per_step']
+    acc, loss = map(float, open(tmp_path / 'b7' / 'accuracy.txt').read().splitlines()[1].split())
+    assert acc == baseline['accuracy']
+    assert np.load(tmp_path / 'b7' / 'accuracy.npy').mean() * 100 == pytest.approx(acc)
+    assert list(b7['filename']) == [os.path.relpath(p, test_folder) for p, _ in ImageFolder(test_folder).samples]
+
+
+def test_two_processes_equal_one_and_a_rerun_redoes_nothing(checkpoints, test_folder, tmp_path):
+    run_script(script_args('main_test_time_training.py', checkpoints, test_folder, tmp_path / 'one', *TTT))
+    run_script(torchrun(2, script_args('main_test_time_training.py', checkpoints, test_folder,
+                                       tmp_path / 'two', *TTT)[1:]))
+    one, two = per_image(tmp_path / 'one'), per_image(tmp_path / 'two')
+    for key in ('index', 'label', 'pred', 'ce_loss', 'mae_loss', 'filename'):
+        assert np.array_equal(one[key], two[key]), key
+    assert not os.path.exists(tmp_path / 'two' / 'partial')
+    rerun = run_script(script_args('main_test_time_training.py', checkpoints, test_folder, tmp_path / 'one', *TTT))
+    assert 'already done' in rerun.stdout
+
+
+def test_max_examples_subset(checkpoints, test_folder, tmp_path):
+    run_script(script_args('test_without_adaptation.py', checkpoints, test_folder, tmp_path / 's',
+                           '--max_examples', '4'))
+    assert per_image(tmp_path / 's')['index'].tolist() == [0, 2, 5, 7]  # evenly spaced over both classes
+
+
+def test_killed_run_resumes_to_the_uninterrupted_result(checkpoints, tmp_path):
+    data = make_image_folder(tmp_path / 'data', ['class_a', 'class_b'], 12, seed=5)
+    slow = ('--batch_size', '16', '--steps_per_example', '25', '--single_crop', '--blr', '0.1',
+            '--flush_every', '1')
+    run_script(script_args('main_test_time_training.py', checkpoints, data, tmp_path / 'full', *slow))
+    killed = script_args('main_test_time_training.py', checkpoints, data, tmp_path / 'killed', *slow)
+    proc = subprocess.Popen(killed, cwd=REPO, env={**os.environ, 'OMP_NUM_THREADS': '1'},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    partial = tmp_path / 'killed' / 'partial'
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(partial.glob('*.npz')) if partial.exists() else []) < 3:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / 'killed' / 'results.json').exists(), 'the run finished before it was killed'
+    resumed = run_script(killed)
+    assert 'already done' in resumed.stdout
+    full, again = per_image(tmp_path / 'full'), per_image(tmp_path / 'killed')
+    for key in ('index', 'pred', 'ce_loss', 'mae_loss'):
+        assert np.array_equal(full[key], again[key]), key
+
+
+def test_sigterm_flushes_and_exits(checkpoints, tmp_path):
+    data = make_image_folder(tmp_path / 'data', ['class_a', 'class_b'], 12, seed=5)
+    cmd = script_args('main_test_time_training.py', checkpoints, data, tmp_path / 'out', '--batch_size', '16',
+                      '--steps_per_example', '25', '--single_crop', '--flush_every', '1000')
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, 'OMP_NUM_THREADS': '1'},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(4)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert 'rerun the same command' in out
+    chunks = list((tmp_path / 'out' / 'partial').glob('*.npz'))
+    assert len(chunks) == 1  # flushed on the signal although --flush_every was not reached
+
+
+def check_error(result, *fragments):
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('error:') and 'Traceback' not in result.stderr, result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
+def test_bad_checkpoints(checkpoints, test_folder, tmp_path):
+    mae, probe = checkpoints
+    check_error(run_script(script_args('main_test_time_training.py', (mae, str(tmp_path / 'nope.pth')),
+                                       test_folder, tmp_path / 'o', *TTT), check=False),
+                'probe checkpoint', 'nope.pth')
+    check_error(run_script(script_args('main_test_time_training.py', checkpoints, test_folder, tmp_path / 'o',
+                                       *TTT, '--classifier_depth', '2'), check=False),
+                'missing keys', 'classifier_blocks.1.')
+    check_error(run_script(script_args('test_without_adaptation.py', (probe, probe), test_folder,
+                                       tmp_path / 'o'), check=False),
+                'missing keys', 'decoder_blocks.0.attn.proj.bias')
+    check_error(run_script(script_args('test_without_adaptation.py', checkpoints, test_folder, tmp_path / 'o',
+                                       '--head_type', 'linear'), check=False),
+                'no linear weights')
+
+
+def test_bad_folders_and_images(checkpoints, tmp_path):
+    empty = tmp_path / 'empty'
+    empty.mkdir()
+    check_error(run_script(script_args('test_without_adaptation.py', checkpoints, str(empty), tmp_path / 'o'),
+                           check=False), 'no class sub-folders')
+    check_error(run_script(script_args('test_without_adaptation.py', checkpoints, str(tmp_path / 'missing'),
+                                       tmp_path / 'o'), check=False), 'not found')
+    data = make_image_folder(tmp_path / 'data', ['class_a', 'class_b'], 3, seed=5)
+    bad = os.path.join(data, 'class_b', 'img_001.png')
+    with open(bad, 'wb') as f:
+        f.write(b'\x89PNG\r\n\x1a\n' + b'\0' * 20)
+    result = run_script(script_args('main_test_time_training.py', checkpoints, data, tmp_path / 'out', *TTT,
+                                    '--flush_every', '1'), check=False)
+    check_error(result, 'img_001.png')
+    done = sum(len(np.load(p)['index']) for p in (tmp_path / 'out' / 'partial').glob('*.npz'))
+    assert done == 4  # the images before the bad one are kept
+
+
+def test_changed_settings_in_the_same_folder_are_refused(checkpoints, test_folder, tmp_path):
+    run_script(script_args('main_test_time_training.py', checkpoints, test_folder, tmp_path / 'o', *TTT,
+                           '--max_examples', '2'))
+    check_error(run_script(script_args('main_test_time_training.py', checkpoints, test_folder, tmp_path / 'o',
+                                       *TTT, '--max_examples', '2', '--steps_per_example', '5'), check=False),
+                'steps_per_example')
+
+
+def test_non_finite_loss_names_the_image(checkpoints, test_folder, tmp_path):
+    result = run_script(script_args('main_test_time_training.py', checkpoints, test_folder, tmp_path / 'o',
+                                    '--batch_size', '4', '--steps_per_example', '3', '--single_crop',
+                                    '--lr', '1e30'), check=False)
+    check_error(result, 'non-finite', 'class_a')
+
+
+def test_combined_state_dict_takes_the_head_from_the_probe(checkpoints):
+    mae, probe = checkpoints
+    state = combined_state_dict(mae, probe, 'vit_head')
+    probe_state = torch.load(probe, weights_only=True)['model']
+    assert all(torch.equal(state[k], probe_state[k]) for k in probe_state if k.startswith('classifier'))
+    assert set(state) == set(tiny_model().state_dict())
