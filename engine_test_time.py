@@ -123,6 +123,12 @@ class TestTimeTrainer:
         self.amp_dtype = {'none': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}[args.amp]
         self.forward = torch.compile(model) if args.compile else model
 
+    group_size = 1
+
+    def adapt_group(self, items):
+        """items: (index, label, eval image (1, 3, H, W), raw image or None) on the device."""
+        return [self.adapt(*item) for item in items]
+
     def reset(self):
         """Start weights and a fresh optimiser state (what a newly built optimiser would hold)."""
         with torch.no_grad():
@@ -186,6 +192,79 @@ class TestTimeTrainer:
                 torch.stack(mae_losses).cpu().numpy() if mae_losses else np.zeros(0, np.float32))
 
 
+class BatchedTestTimeTrainer(TestTimeTrainer):
+    """Adapts `parallel_images` images at once as independent weight sets (torch.func.vmap over
+    stacked copies of the trainable weights), for models too small to fill the device with one
+    image. SGD with momentum, written out as torch.optim.SGD computes it; per-image results equal
+    one-at-a-time up to floating-point reassociation in the batched matrix products."""
+
+    def __init__(self, model, args, device):
+        super().__init__(model, args, device)
+        if args.optimizer_type != 'sgd':
+            raise UserError("--parallel_images > 1 supports --optimizer_type sgd only")
+        self.group_size = args.parallel_images
+        trainable = {id(p) for p in self.params}
+        self.names = [n for n, p in model.named_parameters() if id(p) in trainable]
+        self.fixed = {n: p.detach() for n, p in model.named_parameters() if id(p) not in trainable}
+        self.fixed.update(dict(model.named_buffers()))
+
+        def mae_loss(params, views, mask):
+            with self._autocast():
+                loss = torch.func.functional_call(model, (params, self.fixed), (views,),
+                                                  {'mask_ratio': args.mask_ratio, 'input_mask': mask})[0]['mae']
+            return loss.float() / args.accum_iter
+
+        def logits(params, image):
+            with self._autocast():
+                return torch.func.functional_call(model, (params, self.fixed), (image,),
+                                                  {'mask_ratio': 0, 'reconstruct': False})[3].float()
+        self.grad_and_loss = torch.func.vmap(torch.func.grad_and_value(mae_loss))
+        self.logits = torch.func.vmap(logits)
+
+    def classify_all(self, params, images, labels):
+        self.model.eval()
+        with torch.no_grad():
+            logits = self.logits(params, images)[:, 0]
+        self.model.train()
+        return logits.argmax(dim=1), F.cross_entropy(logits, labels, reduction='none')
+
+    def adapt_group(self, items):
+        args, k = self.args, len(items)
+        params = {n: p.unsqueeze(0).repeat(k, *[1] * p.dim()) for n, p in zip(self.names, self.start_params)}
+        momentum = {}
+        labels = torch.tensor([label for _, label, _, _ in items], device=self.device)
+        images = torch.stack([image for _, _, image, _ in items])  # (k, 1, 3, H, W)
+        masks = torch.stack([self.masks(index) for index, _, _, _ in items])
+        crop_gens = [torch.Generator().manual_seed(derive_seed(args.seed, index, 2)) for index, _, _, _ in items]
+        preds, ces = self.classify_all(params, images, labels)
+        preds, ces, mae_losses = [preds], [ces], []
+        self.model.train()
+        for step in range(args.steps_per_example):
+            grads, step_loss = None, 0.
+            for micro in range(args.accum_iter):
+                if items[0][3] is None:
+                    views = images.expand(-1, args.batch_size, -1, -1, -1)
+                else:
+                    views = torch.stack([random_resized_crops(raw, args.batch_size, images.shape[-1], gen)
+                                         for (_, _, _, raw), gen in zip(items, crop_gens)])
+                g, loss = self.grad_and_loss(params, views, masks[:, step, micro])
+                grads = g if grads is None else {n: grads[n] + g[n] for n in grads}
+                step_loss = step_loss + loss.detach()
+            with torch.no_grad():
+                for n in self.names:
+                    momentum[n] = grads[n] if step == 0 else momentum[n].mul_(args.optimizer_momentum).add_(grads[n])
+                    params[n] = params[n].sub_(momentum[n], alpha=args.lr)
+            mae_losses.append(step_loss)
+            pred, ce = self.classify_all(params, images, labels)
+            preds.append(pred)
+            ces.append(ce)
+        preds = torch.stack(preds, 1).cpu().numpy()
+        ces = torch.stack(ces, 1).cpu().numpy()
+        mae_losses = (torch.stack(mae_losses, 1).cpu().numpy() if mae_losses
+                      else np.zeros((k, 0), np.float32))
+        return list(zip(preds, ces, mae_losses))
+
+
 class StopRequested:
     """Turns SIGTERM/SIGINT into a flag checked between images, so results are flushed first."""
 
@@ -198,33 +277,47 @@ class StopRequested:
         self.signal = signum
 
 
+def groups_of(iterable, size):
+    group = []
+    for item in iterable:
+        group.append(item)
+        if len(group) == size:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
 def run_test_time_training(trainer, loader, store, args, log_writer=None):
     """Adapt to every image the loader yields; records go to `store`, flushed every args.flush_every
     images, on a stop signal and on any error, so that nothing finished is lost."""
     stop = StopRequested()
     done, correct_last, start = 0, 0, time.time()
     try:
-        for index, label, eval_image, raw in loader:
+        for group in groups_of(loader, trainer.group_size):
             t0 = time.time()
-            eval_image = eval_image.to(trainer.device, non_blocking=True).unsqueeze(0)
-            raw = raw.to(trainer.device, non_blocking=True) if raw.numel() else None
-            preds, ces, mae_losses = trainer.adapt(index, label, eval_image, raw)
-            if not np.all(np.isfinite(mae_losses)):
-                path = loader.dataset.samples[index][0]
-                raise UserError(f"non-finite reconstruction loss on image {index} ({path}); "
-                                f"stopping, {done} images of this run kept in {args.output_dir}")
-            store.add(index=index, label=label, pred=preds, ce_loss=ces, mae_loss=mae_losses,
-                      seconds=time.time() - t0)
-            done += 1
-            correct_last += int(preds[-1] == label)
-            if done % args.flush_every == 0:
-                store.flush()
-            if done % args.print_freq == 0 or done == len(loader):
-                rate = done / (time.time() - start)
-                print(f"[{done}/{len(loader)}] accuracy after {args.steps_per_example} steps "
-                      f"{100 * correct_last / done:.2f}%  ({rate:.2f} images/s)", flush=True)
-                if log_writer is not None:
-                    log_writer.add_scalar('ttt/running_accuracy_last_step', 100 * correct_last / done, done)
+            group = [(index, label, eval_image.to(trainer.device, non_blocking=True).unsqueeze(0),
+                      raw.to(trainer.device, non_blocking=True) if raw.numel() else None)
+                     for index, label, eval_image, raw in group]
+            results = trainer.adapt_group(group)
+            seconds = (time.time() - t0) / len(group)
+            for (index, label, _, _), (preds, ces, mae_losses) in zip(group, results):
+                if not np.all(np.isfinite(mae_losses)):
+                    path = loader.dataset.samples[index][0]
+                    raise UserError(f"non-finite reconstruction loss on image {index} ({path}); "
+                                    f"stopping, {done} images of this run kept in {args.output_dir}")
+                store.add(index=index, label=label, pred=preds, ce_loss=ces, mae_loss=mae_losses,
+                          seconds=seconds)
+                done += 1
+                correct_last += int(preds[-1] == label)
+                if done % args.flush_every == 0:
+                    store.flush()
+                if done % args.print_freq == 0 or done == len(loader):
+                    rate = done / (time.time() - start)
+                    print(f"[{done}/{len(loader)}] accuracy after {args.steps_per_example} steps "
+                          f"{100 * correct_last / done:.2f}%  ({rate:.2f} images/s)", flush=True)
+                    if log_writer is not None:
+                        log_writer.add_scalar('ttt/running_accuracy_last_step', 100 * correct_last / done, done)
             if stop.signal is not None:
                 break
     finally:

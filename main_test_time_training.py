@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from engine_test_time import (FINETUNE_MODES, TestTimeDataset, TestTimeTrainer, add_test_time_args,
+from engine_test_time import (FINETUNE_MODES, BatchedTestTimeTrainer, TestTimeDataset, TestTimeTrainer, add_test_time_args,
                               build_test_model, images_to_do, load_test_set, run_config,
                               run_test_time_training, set_precision, write_outputs)
 from util import distributed
@@ -34,6 +34,9 @@ def get_args_parser():
     parser.add_argument('--lr', default=None, type=float, help='absolute lr (default: blr * batch * accum / 256)')
     parser.add_argument('--blr', default=1e-2, type=float)
     parser.add_argument('--compile', action='store_true', help='torch.compile the model')
+    parser.add_argument('--parallel_images', default=1, type=int,
+                        help='adapt this many images at once as independent weight sets (SGD only; '
+                             'pays for small models on a GPU)')
     parser.add_argument('--num_workers', default=4, type=int, help='image decoding processes')
     add_model_args(parser)
     add_test_time_args(parser)
@@ -64,7 +67,7 @@ def main(args):
     if todo is None:
         return
 
-    trainer = TestTimeTrainer(model, args, device)
+    trainer = (BatchedTestTimeTrainer if args.parallel_images > 1 else TestTimeTrainer)(model, args, device)
     test_set = TestTimeDataset(dataset.samples, todo, args.input_size, raw=not args.single_crop)
     loader = torch.utils.data.DataLoader(test_set, batch_size=None, num_workers=args.num_workers,
                                          pin_memory=device.type == 'cuda')

@@ -279,3 +279,23 @@ def test_combined_state_dict_takes_the_head_from_the_probe(checkpoints):
     probe_state = torch.load(probe, weights_only=True)['model']
     assert all(torch.equal(state[k], probe_state[k]) for k in probe_state if k.startswith('classifier'))
     assert set(state) == set(tiny_model().state_dict())
+
+
+@pytest.mark.parametrize('single_crop', [True, False])
+def test_parallel_images_equal_one_at_a_time(test_folder, single_crop):
+    extra = ('--accum_iter', '2', '--parallel_images', '3')
+    args = ttt_args(*extra)
+    args.single_crop = single_crop
+    model = tiny_model(norm_pix_loss=True)
+    one = ttt.TestTimeTrainer(copy.deepcopy(model), args, 'cpu')
+    batched = ttt.BatchedTestTimeTrainer(model, args, 'cpu')
+    items = []
+    for index, (path, label) in enumerate(ImageFolder(test_folder).samples[:5]):
+        raw = None if single_crop else torch.from_numpy(np.asarray(load_rgb(path)).copy()).permute(2, 0, 1)
+        items.append((index, label, eval_image(path), raw))
+    expected = one.adapt_group(items)
+    got = batched.adapt_group(items[:3]) + batched.adapt_group(items[3:])
+    for (preds, ces, losses), (ref_preds, ref_ces, ref_losses) in zip(got, expected):
+        assert preds.tolist() == ref_preds.tolist()
+        np.testing.assert_allclose(ces, ref_ces, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(losses, ref_losses, rtol=1e-4)

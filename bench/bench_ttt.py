@@ -1,0 +1,102 @@
+"""Test-time-training speed: seconds per image, images/s and peak memory, next to the arithmetic floor
+(FLOPs per image over the measured matmul rate), and optionally against the released-style loop that
+deep-copies the model and decodes the image for every step (bench/naive_ttt.py), in one run.
+
+  python bench/bench_ttt.py --model mae_vit_tiny_patch4 --batch_size 32 --steps 10 --naive     # CPU
+  python bench/bench_ttt.py --model mae_vit_large_patch16 --batch_size 128 --steps 20 --amp none bf16
+"""
+import argparse
+import copy
+import os
+import sys
+import tempfile
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.common import (count_flops, device_name, matmul_tflops, peak_memory_gib, print_table,  # noqa: E402
+                          reset_peak_memory, timed)
+from bench.naive_ttt import naive_adapt  # noqa: E402
+from engine_test_time import (BatchedTestTimeTrainer, TestTimeDataset, TestTimeTrainer, groups_of,  # noqa: E402
+                              set_precision)
+from main_test_time_training import get_args_parser  # noqa: E402
+from models_mae import build_model  # noqa: E402
+
+
+def make_images(folder, count, size):
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(count):
+        path = os.path.join(folder, f'{i}.JPEG')
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(path, quality=85)
+        paths.append((path, i % 10))
+    return paths
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--model', default='mae_vit_tiny_patch4')
+    parser.add_argument('--batch_size', default=32, type=int)
+    parser.add_argument('--steps', default=10, type=int)
+    parser.add_argument('--images', default=8, type=int, help='images timed per mode (after one warm-up)')
+    parser.add_argument('--amp', nargs='+', default=['none'], choices=['none', 'bf16', 'fp16'])
+    parser.add_argument('--strict_fp32', action='store_true')
+    parser.add_argument('--compile', action='store_true')
+    parser.add_argument('--parallel_images', default=1, type=int, help='images adapted at once (vmap)')
+    parser.add_argument('--naive', action='store_true', help='also time the deep-copy / decode-per-step loop')
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    bench = parser.parse_args()
+    device = torch.device(bench.device)
+    set_precision(device, bench.strict_fp32)
+    model = build_model(bench.model, norm_pix_loss=True)
+    size = model.patch_embed.img_size[0]
+    base_cpu = copy.deepcopy(model)
+    model.to(device)
+    folder = tempfile.mkdtemp()
+    samples = make_images(folder, bench.images + 1, size)
+    rows = []
+    for amp in bench.amp:
+        args = get_args_parser().parse_args([
+            '--data_path', folder, '--resume_model', '-', '--resume_finetune', '-', '--model', bench.model,
+            '--batch_size', str(bench.batch_size), '--steps_per_example', str(bench.steps), '--single_crop',
+            '--norm_pix_loss', '--amp', amp, '--parallel_images', str(bench.parallel_images)]
+            + (['--compile'] if bench.compile else []))
+        args.input_size, args.lr = size, args.blr * args.batch_size / 256
+        trainer = (BatchedTestTimeTrainer if bench.parallel_images > 1 else TestTimeTrainer)(model, args, device)
+        dataset = TestTimeDataset(samples, range(len(samples)), size)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=2)
+
+        def run(items):
+            for group in groups_of(items, trainer.group_size):
+                trainer.adapt_group([(i, label, image.to(device).unsqueeze(0), None) for i, label, image, _ in group])
+
+        items = list(loader)
+        run(items[:trainer.group_size])  # warm-up (and compilation)
+        flops = count_flops(lambda: run(items[:1]))
+        reset_peak_memory(device)
+        _, seconds = timed(lambda: run(iter(loader)), device)  # decoding in workers is part of the time
+        per_image = seconds / len(samples)
+        dtype = {'none': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}[amp]
+        rate = matmul_tflops(device, dtype)
+        precision = {'none': 'fp32' if device.type == 'cpu' or bench.strict_fp32 else 'tf32'}.get(amp, amp)
+        mode = precision + (' compiled' if bench.compile else '')
+        mode += f' x{bench.parallel_images} images' if bench.parallel_images > 1 else ''
+        rows.append([mode, f"{per_image:.3f}",
+                     f"{1 / per_image:.2f}", f"{peak_memory_gib(device):.2f}", f"{flops / 1e12:.3g}",
+                     f"{rate:.1f}", f"{flops / rate / 1e12:.3g}"])
+        if bench.naive:
+            args.amp = 'none'
+            _, seconds = timed(lambda: [naive_adapt(base_cpu, p, label, i, args, device)
+                                        for i, (p, label) in enumerate(samples)], device)
+            rows.append([f"naive loop ({precision})", f"{seconds / len(samples):.3f}",
+                         f"{len(samples) / seconds:.2f}", '', '', '', ''])
+    print(f"{device_name(device)}, {bench.model}, batch {bench.batch_size}, {bench.steps} steps, "
+          f"{len(samples)} images per mode")
+    print_table(['mode', 's/image', 'images/s', 'peak mem (GiB)', 'TFLOP/image', 'matmul TFLOP/s',
+                 'floor s/image'], rows)
+
+
+if __name__ == '__main__':
+    main()
