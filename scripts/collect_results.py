@@ -1,0 +1,239 @@
+"""Collect an ImageNet-C sweep into the paper's table: accuracy without adaptation and after TTT-MAE.
+
+Layout (the released README's): ROOT/<corruption>/ holds the test-time training run and
+ROOT/<corruption>/baseline/ the baseline; each holds our results.json or only the released accuracy.txt
+(results.json wins when both exist; an accuracy.txt alone does not say whether the run finished, so
+it counts as complete and is marked with a dagger).
+
+Prints a Markdown table and writes PREFIX.csv, PREFIX.json and PREFIX.png (accuracy vs TTT step).
+The mean is over the 15 standard corruptions present (not the 4 extra ones) and is "n/a" when any of
+them is missing or partial: nothing is averaged silently (--allow_partial averages partial runs, flagged).
+"""
+import argparse
+import csv
+import io
+import json
+import os
+import sys
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)
+
+from util.corruptions import CORRUPTIONS, EXTRA_CORRUPTIONS  # noqa: E402
+from util.io import atomic_path, write_json, write_text  # noqa: E402
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('root', help="the sweep's output root (ROOT/<corruption>/[baseline/])")
+    parser.add_argument('--step', default=None, type=int, help='TTT step to tabulate (default: the last one)')
+    parser.add_argument('--out', default=None, help='output prefix (default: ROOT/summary)')
+    parser.add_argument('--allow_partial', action='store_true',
+                        help='average partial runs too (the mean is then flagged)')
+    return parser
+
+
+class UserError(Exception):
+    """Bad arguments or result files: one line on stderr, exit code 2."""
+
+
+def read_run(folder, method):
+    """A run's {'curve': {step: accuracy}, 'complete', 'num_images', 'num_images_expected', 'source'}, or None."""
+    json_path, txt_path = os.path.join(folder, 'results.json'), os.path.join(folder, 'accuracy.txt')
+    if os.path.exists(json_path):
+        try:
+            with open(json_path) as f:
+                r = json.load(f)
+            if r.get('method', method) != method:
+                raise ValueError(f"method is {r['method']!r}, expected {method!r} in this folder")
+            curve = {step: float(acc) for step, acc in enumerate(r['accuracy_per_step'])}
+            if not curve:
+                raise ValueError('accuracy_per_step is empty')
+            return {'curve': curve, 'complete': bool(r['complete']), 'num_images': r.get('num_images'),
+                    'num_images_expected': r.get('num_images_expected'), 'source': 'results.json'}
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise UserError(f"cannot read {json_path}: {type(e).__name__}: {e}") from None
+    if os.path.exists(txt_path):
+        try:
+            with open(txt_path) as f:
+                lines = [line.split() for line in f.read().splitlines()[1:] if line.strip()]  # line 1: the run's args
+            if method == 'baseline':  # one line "{acc} {loss}"
+                if len(lines) != 1:
+                    raise ValueError(f'expected one "accuracy loss" line after the args line, found {len(lines)}')
+                curve = {0: float(lines[0][0])}
+            else:  # lines "{step}\t{acc}"
+                curve = {int(step): float(acc) for step, acc in lines}
+                if not curve:
+                    raise ValueError('no "step<TAB>accuracy" lines after the args line')
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot read {txt_path}: {e}") from None
+        return {'curve': curve, 'complete': True, 'num_images': None, 'num_images_expected': None,
+                'source': 'accuracy.txt'}
+    return None
+
+
+def cell(run, step):
+    """One table entry: accuracy at `step` with its status (complete, partial, missing, no step)."""
+    if run is None:
+        return {'accuracy': None, 'status': 'missing'}
+    c = {'accuracy': run['curve'].get(step), 'num_images': run['num_images'],
+         'num_images_expected': run['num_images_expected'], 'source': run['source']}
+    if c['accuracy'] is None:
+        c['status'] = f'no step {step}'
+    else:
+        c['status'] = 'complete' if run['complete'] else 'partial'
+    return c
+
+
+def mean_cell(cells, allow_partial):
+    statuses = {c['status'] for c in cells}
+    if not cells or not statuses <= {'complete', 'partial'} or ('partial' in statuses and not allow_partial):
+        return {'accuracy': None, 'status': 'n/a'}
+    return {'accuracy': sum(c['accuracy'] for c in cells) / len(cells),
+            'status': 'partial' if 'partial' in statuses else 'complete'}
+
+
+def collect(root, step=None, allow_partial=False):
+    """Everything the outputs show, as one JSON-ready dict."""
+    if not os.path.isdir(root):
+        raise UserError(f"results folder not found: {root}")
+    folders = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    columns = [c for c in CORRUPTIONS + EXTRA_CORRUPTIONS if c in folders]
+    if not columns:
+        raise UserError(f"{root} has no <corruption>/ result folders (e.g. {root}/{CORRUPTIONS[0]}/)")
+    others = [f for f in folders if f not in columns]
+    if others:
+        print(f"note: ignoring folders that are not corruption names: {', '.join(others)}", file=sys.stderr)
+
+    ttt = {c: read_run(os.path.join(root, c), 'ttt') for c in columns}
+    baseline = {c: read_run(os.path.join(root, c, 'baseline'), 'baseline') for c in columns}
+    last_steps = [max(r['curve']) for r in ttt.values() if r]
+    if step is None:
+        step = max(last_steps, default=0)
+    elif not any(r and step in r['curve'] for r in ttt.values()):
+        raise UserError(f"no TTT run has step {step} (last steps found: {sorted(set(last_steps))})")
+
+    mean_over = [c for c in columns if c in CORRUPTIONS]
+    rows = []
+    for method, label, runs, s in (('baseline', 'no adaptation', baseline, 0),
+                                   ('ttt', f'TTT-MAE (step {step})', ttt, step)):
+        cells = {c: cell(runs[c], s) for c in columns}
+        rows.append({'method': method, 'label': label, 'step': s, 'cells': cells,
+                     'mean': mean_cell([cells[c] for c in mean_over], allow_partial)})
+
+    curves = {c: {'steps': sorted(r['curve']), 'accuracy': [r['curve'][k] for k in sorted(r['curve'])],
+                  'complete': r['complete']} for c, r in ttt.items() if r}
+    # The mean curve: complete standard runs sharing the most common step list.
+    groups = {}
+    for c in mean_over:
+        if c in curves and curves[c]['complete']:
+            groups.setdefault(tuple(curves[c]['steps']), []).append(c)
+    mean_curve = None
+    if groups:
+        steps, members = max(groups.items(), key=lambda g: (len(g[1]), len(g[0])))
+        mean_curve = {'steps': list(steps), 'corruptions': members,
+                      'accuracy': [sum(ttt[c]['curve'][k] for c in members) / len(members) for k in steps]}
+    return {'root': root, 'step': step, 'columns': columns, 'mean_over': mean_over,
+            'not_run': [c for c in CORRUPTIONS if c not in columns], 'allow_partial': allow_partial,
+            'rows': rows, 'curves': curves, 'mean_curve': mean_curve}
+
+
+def fmt(c):
+    if c['accuracy'] is None:
+        return c['status']
+    mark = ('*' if c['status'] == 'partial' else '') + ('\u2020' if c.get('source') == 'accuracy.txt' else '')
+    return f"{c['accuracy']:.1f}{mark}"
+
+
+def markdown(summary):
+    cols = summary['columns']
+    n_mean = len(summary['mean_over'])
+    mean_label = 'mean' if n_mean == len(CORRUPTIONS) else f'mean ({n_mean}/{len(CORRUPTIONS)})'
+    lines = ['| method | ' + ' | '.join(cols) + f' | {mean_label} |',
+             '|---|' + '---:|' * (len(cols) + 1)]
+    notes = []
+    for row in summary['rows']:
+        lines.append(f"| {row['label']} | " + ' | '.join(fmt(row['cells'][c]) for c in cols)
+                     + f" | {fmt(row['mean'])} |")
+        for c in cols:
+            x = row['cells'][c]
+            if x['status'] == 'partial':
+                notes.append(f"* partial: {row['label']}, {c}: {x['num_images']}/{x['num_images_expected']} images")
+        if row['mean']['status'] == 'partial':
+            notes.append(f"* {row['label']}: the mean includes partial runs (--allow_partial)")
+    if any(x.get('source') == 'accuracy.txt' for row in summary['rows'] for x in row['cells'].values()):
+        notes.append('\u2020 read from accuracy.txt (released format), which does not record whether the run finished')
+    if summary['not_run']:
+        notes.append(f"not run: {', '.join(summary['not_run'])}")
+    if summary['columns'] != summary['mean_over']:
+        notes.append('the mean leaves out the extra corruptions (' + ', '.join(
+            c for c in cols if c not in summary['mean_over']) + ')')
+    return '\n'.join(lines + ([''] + notes if notes else [])) + '\n'
+
+
+def to_csv(summary):
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator='\n')
+    w.writerow(['method', 'label', 'step', 'corruption', 'accuracy', 'status', 'num_images',
+                'num_images_expected', 'source'])
+    for row in summary['rows']:
+        for c, x in list(row['cells'].items()) + [('mean', row['mean'])]:
+            # csv writes None as an empty field and floats at full precision
+            w.writerow([row['method'], row['label'], row['step'], c, x['accuracy'], x['status'],
+                        x.get('num_images'), x.get('num_images_expected'), x.get('source')])
+    return buf.getvalue()
+
+
+def plot(summary, path):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    tab20 = plt.get_cmap('tab20').colors
+    colors = tab20[0::2] + tab20[1::2]  # the 10 strong colours first; a corruption keeps its colour across sweeps
+    baseline = summary['rows'][0]['cells']
+    for c in summary['columns']:
+        color = colors[(CORRUPTIONS + EXTRA_CORRUPTIONS).index(c)]
+        if c in summary['curves']:
+            curve = summary['curves'][c]
+            ax.plot(curve['steps'], curve['accuracy'], color=color, lw=1,
+                    ls='-' if curve['complete'] else '--', label=c + ('' if curve['complete'] else ' (partial)'))
+        if baseline[c]['accuracy'] is not None:
+            ax.plot([0], [baseline[c]['accuracy']], marker='s', mfc='none', color=color, ls='none',
+                    label=None if c in summary['curves'] else f'{c} (baseline only)')
+    if summary['mean_curve']:
+        m = summary['mean_curve']
+        ax.plot(m['steps'], m['accuracy'], color='black', lw=3,
+                label=f"mean of {len(m['corruptions'])} complete runs")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.set_xlabel('TTT step (0 = before adaptation; squares: baseline)')
+    ax.set_ylabel('top-1 accuracy (%)')
+    ax.set_title(f"ImageNet-C: {os.path.basename(os.path.abspath(summary['root']))}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc='center left', bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format='png', dpi=120)
+    plt.close(fig)
+
+
+def main(args):
+    summary = collect(args.root, args.step, args.allow_partial)
+    prefix = args.out or os.path.join(args.root, 'summary')
+    table = markdown(summary)
+    print(table, end='')
+    write_text(prefix + '.csv', to_csv(summary))
+    write_json(prefix + '.json', summary)
+    plot(summary, prefix + '.png')
+    print(f"\nwrote {prefix}.csv, {prefix}.json, {prefix}.png")
+
+
+if __name__ == '__main__':
+    args = get_args_parser().parse_args()
+    try:
+        main(args)
+    except UserError as e:
+        sys.stderr.write(f"error: {e}\n")
+        sys.exit(2)

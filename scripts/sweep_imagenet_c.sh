@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# Baseline and TTT-MAE on every ImageNet-C corruption, then the summary table.
+#
+# Usage:
+#   scripts/sweep_imagenet_c.sh DATA_ROOT OUTPUT_ROOT RESUME_MODEL RESUME_FINETUNE \
+#       [--severity 5] [--corruptions "a b c"] [-- extra flags passed to both python scripts]
+#
+#   DATA_ROOT/<corruption>/<severity>/ is read; OUTPUT_ROOT/<corruption>/ gets the TTT run and
+#   OUTPUT_ROOT/<corruption>/baseline/ the baseline (the released README's layout). A run whose
+#   results.json says "complete": true is skipped, so rerunning the same command resumes the sweep
+#   (a failing run stops it).
+#   The paper's flags are passed first, so extra flags override them (argparse keeps the last value):
+#     scripts/sweep_imagenet_c.sh imagenet-c out ckpt/mae.pth ckpt/probe.pth -- --max_examples 500
+#
+# Environment:
+#   LAUNCHER  what runs the python scripts (default: python), e.g. on one 8-GPU node:
+#               LAUNCHER="torchrun --nproc_per_node=8" scripts/sweep_imagenet_c.sh ...
+#   SLURM_ARRAY_TASK_ID  run only the corruption with this index (0-based) in the list; e.g. one
+#             job per corruption, submitted from the repository root:
+#               sbatch --array=0-14 --nodes=1 --gres=gpu:8 --cpus-per-task=80 --time=48:00:00 \
+#                 --wrap 'LAUNCHER="torchrun --nproc_per_node=8" scripts/sweep_imagenet_c.sh \
+#                         imagenet-c out ckpt/mae.pth ckpt/probe.pth'
+#             Each task ends by collecting whatever has finished; rerun the collector when all are done:
+#               python scripts/collect_results.py out
+set -euo pipefail
+
+usage() { sed -n '4,6p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+die() { echo "error: $*" >&2; exit 2; }
+
+[[ $# -ge 4 ]] || usage
+DATA_ROOT=$1 OUTPUT_ROOT=$2 RESUME_MODEL=$3 RESUME_FINETUNE=$4
+shift 4
+SEVERITY=5
+CORRUPTIONS="gaussian_noise shot_noise impulse_noise defocus_blur glass_blur motion_blur zoom_blur
+snow frost fog brightness contrast elastic_transform pixelate jpeg_compression"
+EXTRA=()
+while [[ $# -gt 0 ]]; do
+    case $1 in
+        --severity) [[ $# -ge 2 ]] || die "--severity needs a value"; SEVERITY=$2; shift 2 ;;
+        --corruptions) [[ $# -ge 2 ]] || die "--corruptions needs a value"; CORRUPTIONS=$2; shift 2 ;;
+        --) shift; EXTRA=("$@"); break ;;
+        *) die "unknown option $1 (flags for the python scripts go after --)" ;;
+    esac
+done
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+read -r -a LAUNCH <<< "${LAUNCHER:-python}"
+read -r -d '' -a LIST <<< "$CORRUPTIONS" || true  # split on any whitespace, newlines included
+[[ ${#LIST[@]} -gt 0 ]] || die "--corruptions is empty"
+if [[ -n ${SLURM_ARRAY_TASK_ID:-} ]]; then
+    [[ $SLURM_ARRAY_TASK_ID =~ ^[0-9]+$ && $SLURM_ARRAY_TASK_ID -lt ${#LIST[@]} ]] || die "SLURM_ARRAY_TASK_ID=$SLURM_ARRAY_TASK_ID is not an index into the ${#LIST[@]} corruptions (0..$((${#LIST[@]} - 1)))"
+    LIST=("${LIST[$SLURM_ARRAY_TASK_ID]}")
+fi
+
+# Check every input before the first (long) run starts.
+for f in "$RESUME_MODEL" "$RESUME_FINETUNE"; do [[ -f $f ]] || die "checkpoint not found: $f"; done
+for c in "${LIST[@]}"; do [[ -d $DATA_ROOT/$c/$SEVERITY ]] || die "data folder not found: $DATA_ROOT/$c/$SEVERITY"; done
+
+# The paper's settings (the released README's commands); the baseline takes only the model's.
+MODEL_FLAGS=(--model mae_vit_large_patch16 --head_type vit_head --classifier_depth 12)
+TTT_FLAGS=(--norm_pix_loss --single_crop --batch_size 128 --steps_per_example 20 --blr 1e-2
+           --mask_ratio 0.75 --optimizer_type sgd --finetune_mode encoder)
+
+complete() {  # is $1/results.json there with "complete": true?
+    [[ -f $1/results.json ]] && python -c 'import json, sys; sys.exit(json.load(open(sys.argv[1])).get("complete") is not True)' "$1/results.json"
+}
+
+for c in "${LIST[@]}"; do
+    data=$DATA_ROOT/$c/$SEVERITY
+    if complete "$OUTPUT_ROOT/$c/baseline"; then
+        echo "== $c: baseline already complete"
+    else
+        echo "== $c: baseline"
+        "${LAUNCH[@]}" "$REPO/test_without_adaptation.py" --data_path "$data" \
+            --resume_model "$RESUME_MODEL" --resume_finetune "$RESUME_FINETUNE" \
+            --output_dir "$OUTPUT_ROOT/$c/baseline" "${MODEL_FLAGS[@]}" ${EXTRA[@]+"${EXTRA[@]}"}
+    fi
+    if complete "$OUTPUT_ROOT/$c"; then
+        echo "== $c: TTT already complete"
+    else
+        echo "== $c: TTT-MAE"
+        "${LAUNCH[@]}" "$REPO/main_test_time_training.py" --data_path "$data" \
+            --resume_model "$RESUME_MODEL" --resume_finetune "$RESUME_FINETUNE" \
+            --output_dir "$OUTPUT_ROOT/$c/" "${MODEL_FLAGS[@]}" "${TTT_FLAGS[@]}" ${EXTRA[@]+"${EXTRA[@]}"}
+    fi
+done
+
+python "$REPO/scripts/collect_results.py" "$OUTPUT_ROOT"

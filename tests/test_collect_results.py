@@ -1,0 +1,163 @@
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(REPO, 'scripts', 'collect_results.py')
+ARGS_LINE = "Namespace(batch_size=128, blr=0.01, data_path='imagenet-c/x/5')\n"
+
+
+def collect(*flags):
+    return subprocess.run([sys.executable, SCRIPT, *map(str, flags)], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+
+
+def ttt_json(folder, accs, n=100, expected=100):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / 'results.json').write_text(json.dumps({
+        'method': 'ttt', 'accuracy_per_step': accs, 'num_images': n, 'num_images_expected': expected,
+        'complete': n == expected, 'steps_per_example': len(accs) - 1, 'wall_time_s': 1.0,
+        'images_per_s': 1.0, 'args': {}}))
+
+
+def baseline_json(folder, acc, n=100, expected=100):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / 'results.json').write_text(json.dumps({
+        'method': 'baseline', 'accuracy_per_step': [acc], 'accuracy': acc, 'loss': 4.5, 'num_images': n,
+        'num_images_expected': expected, 'complete': n == expected}))
+
+
+def released_ttt(folder, lines):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / 'accuracy.txt').write_text(ARGS_LINE + ''.join(f'{s}\t{a}\n' for s, a in lines))
+
+
+def released_baseline(folder, acc):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / 'accuracy.txt').write_text(ARGS_LINE + f'{acc} 3.25\n')
+
+
+@pytest.fixture
+def complete_root(tmp_path):
+    """Three complete corruptions in both formats (values exact in binary, so the means are exact)."""
+    root = tmp_path / 'sweep'
+    ttt_json(root / 'gaussian_noise', [10.0, 20.0, 30.25])
+    baseline_json(root / 'gaussian_noise' / 'baseline', 10.0)
+    released_ttt(root / 'fog', [(0, 40.0), (1, 44.5), (2, 45.0)])  # stored before shot_noise: order is standard
+    released_baseline(root / 'fog' / 'baseline', 40.5)
+    ttt_json(root / 'shot_noise', [5.0, 7.5, 12.0])
+    baseline_json(root / 'shot_noise' / 'baseline', 4.75)
+    # our runs write accuracy.txt too: results.json wins
+    released_ttt(root / 'shot_noise', [(0, 99.0), (1, 99.0), (2, 99.0)])
+    return root
+
+
+def markdown_rows(stdout):
+    return [[c.strip() for c in line.strip('|').split('|')] for line in stdout.splitlines() if line.startswith('|')]
+
+
+def test_table_means_and_outputs(complete_root):
+    r = collect(complete_root)
+    assert r.returncode == 0, r.stderr
+    header, _, baseline, ttt = markdown_rows(r.stdout)
+    assert header == ['method', 'gaussian_noise', 'shot_noise', 'fog', 'mean (3/15)']
+    assert baseline == ['no adaptation', '10.0', '4.8', '40.5\u2020', '18.4']  # (10 + 4.75 + 40.5) / 3
+    assert ttt == ['TTT-MAE (step 2)', '30.2', '12.0', '45.0\u2020', '29.1']  # (30.25 + 12 + 45) / 3
+    assert 'not run: impulse_noise' in r.stdout
+
+    summary = json.loads((complete_root / 'summary.json').read_text())
+    rows = {row['method']: row for row in summary['rows']}
+    assert rows['baseline']['mean'] == {'accuracy': (10.0 + 4.75 + 40.5) / 3, 'status': 'complete'}
+    assert rows['ttt']['mean'] == {'accuracy': (30.25 + 12.0 + 45.0) / 3, 'status': 'complete'}
+    assert rows['ttt']['cells']['fog']['source'] == 'accuracy.txt'
+    assert rows['ttt']['cells']['shot_noise']['source'] == 'results.json'
+    assert summary['mean_curve']['steps'] == [0, 1, 2]
+    assert summary['mean_curve']['accuracy'] == [55.0 / 3, 72.0 / 3, 87.25 / 3]
+
+    with open(complete_root / 'summary.csv') as f:
+        from_csv = {(row['method'], row['corruption']): float(row['accuracy']) for row in csv.DictReader(f)}
+    from_json = {(row['method'], c): x['accuracy'] for row in summary['rows']
+                 for c, x in list(row['cells'].items()) + [('mean', row['mean'])]}
+    assert from_csv == from_json and len(from_csv) == 8
+
+    png = complete_root / 'summary.png'
+    assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    with Image.open(png) as img:
+        img.verify()
+    assert not [f for f in os.listdir(complete_root) if f.endswith('.tmp')]
+
+
+def test_other_step_and_released_files_from_step_1(complete_root, tmp_path):
+    released_ttt(complete_root / 'snow', [(1, 1.5), (2, 2.5)])  # released runs may start at step 1
+    released_baseline(complete_root / 'snow' / 'baseline', 1.0)
+    r = collect(complete_root, '--step', 1, '--out', tmp_path / 'step1')
+    assert r.returncode == 0, r.stderr
+    ttt = markdown_rows(r.stdout)[3]
+    assert ttt == ['TTT-MAE (step 1)', '20.0', '7.5', '1.5\u2020', '44.5\u2020', '18.4']  # (20+7.5+1.5+44.5)/4
+    summary = json.loads((tmp_path / 'step1.json').read_text())
+    assert summary['curves']['snow']['steps'] == [1, 2]
+    assert summary['mean_curve']['corruptions'] == ['gaussian_noise', 'shot_noise', 'fog']  # snow lacks step 0
+    assert (tmp_path / 'step1.png').exists() and not (complete_root / 'summary.json').exists()
+
+
+def test_partial_and_missing_runs_are_flagged_not_averaged(complete_root):
+    ttt_json(complete_root / 'impulse_noise', [1.0, 2.0, 41.25], n=412, expected=1000)
+    baseline_json(complete_root / 'impulse_noise' / 'baseline', 1.0)
+    baseline_json(complete_root / 'glass_blur' / 'baseline', 8.0)  # its TTT run is missing
+    r = collect(complete_root)
+    assert r.returncode == 0, r.stderr
+    header, _, baseline, ttt = markdown_rows(r.stdout)
+    assert header[1:-1] == ['gaussian_noise', 'shot_noise', 'impulse_noise', 'glass_blur', 'fog']
+    assert baseline[-1] == f'{(10 + 4.75 + 1 + 8 + 40.5) / 5:.1f}'  # every baseline is there
+    assert ttt[3:5] == ['41.2*', 'missing'] and ttt[-1] == 'n/a'
+    assert '* partial: TTT-MAE (step 2), impulse_noise: 412/1000 images' in r.stdout
+
+    # --allow_partial averages a partial run (flagged), but still never a missing one
+    ttt_json(complete_root / 'glass_blur', [8.0, 9.0, 10.0])
+    r = collect(complete_root, '--allow_partial')
+    ttt = markdown_rows(r.stdout)[3]
+    assert ttt[-1] == f'{(30.25 + 12.0 + 41.25 + 10.0 + 45.0) / 5:.1f}*'
+    summary = json.loads((complete_root / 'summary.json').read_text())
+    assert summary['rows'][1]['mean'] == {'accuracy': (30.25 + 12.0 + 41.25 + 10.0 + 45.0) / 5, 'status': 'partial'}
+    assert 'impulse_noise' not in summary['mean_curve']['corruptions']  # partial runs stay out of the mean curve
+    r = collect(complete_root)
+    assert markdown_rows(r.stdout)[3][-1] == 'n/a'
+
+
+def test_extra_corruptions_are_shown_but_not_averaged(complete_root):
+    ttt_json(complete_root / 'saturate', [60.0, 61.0, 62.0])
+    r = collect(complete_root)
+    header, _, baseline, ttt = markdown_rows(r.stdout)
+    assert header[-2:] == ['saturate', 'mean (3/15)']
+    assert ttt[-2:] == ['62.0', '29.1'] and baseline[-2:] == ['missing', '18.4']
+
+
+@pytest.mark.parametrize('case', ['missing_root', 'no_corruptions', 'bad_json', 'wrong_method', 'bad_txt', 'no_step'])
+def test_bad_input_is_one_line_and_exit_2(case, complete_root, tmp_path):
+    args = [complete_root]
+    if case == 'missing_root':
+        args = [tmp_path / 'nope']
+    elif case == 'no_corruptions':
+        (tmp_path / 'empty' / 'logs').mkdir(parents=True)
+        args = [tmp_path / 'empty']
+    elif case == 'bad_json':
+        (complete_root / 'gaussian_noise' / 'results.json').write_text('{"method": "ttt", ')
+    elif case == 'wrong_method':
+        baseline_json(complete_root / 'gaussian_noise', 3.0)
+    elif case == 'bad_txt':
+        (complete_root / 'fog' / 'baseline' / 'accuracy.txt').write_text(ARGS_LINE)
+    else:
+        args += ['--step', 7]
+    r = collect(*args)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('error: '), r.stderr
+    if case in ('bad_json', 'wrong_method'):
+        assert os.path.join('gaussian_noise', 'results.json') in lines[0]
+    if case == 'bad_txt':
+        assert os.path.join('fog', 'baseline', 'accuracy.txt') in lines[0]
