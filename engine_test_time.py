@@ -20,6 +20,7 @@ from util.datasets import IMAGENET_MEAN, IMAGENET_STD, eval_transform, load_rgb
 from util.seed import derive_seed
 
 FINETUNE_MODES = ('encoder', 'all', 'encoder_no_cls_no_msk')
+AMP_DTYPES = {'none': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 
 
 def set_precision(device, strict_fp32):
@@ -120,7 +121,7 @@ class TestTimeTrainer:
         self.start_params = [p.detach().clone() for p in self.params]
         self.optimizer = build_optimizer(self.params, args)
         self.num_patches = model.patch_embed.num_patches
-        self.amp_dtype = {'none': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}[args.amp]
+        self.amp_dtype = AMP_DTYPES[args.amp]
         self.forward = torch.compile(model) if args.compile else model
 
     group_size = 1
@@ -383,6 +384,7 @@ def add_test_time_args(parser):
     group.add_argument('--amp', default='none', choices=['none', 'bf16', 'fp16'],
                        help='autocast precision (default none: fp32, TF32 matmuls on CUDA as released)')
     group.add_argument('--strict_fp32', action='store_true', help='on CUDA, disable TF32 (full fp32 matmuls)')
+    group.add_argument('--num_workers', default=4, type=int, help='image decoding processes')
     group.add_argument('--flush_every', default=10, type=int, help='save results every N images')
     group.add_argument('--print_freq', default=50, type=int)
 
@@ -423,6 +425,28 @@ def load_test_set(args):
     if largest >= args.num_classes:
         raise UserError(f"label {largest} of {args.data_path} does not fit --num_classes {args.num_classes}")
     return dataset
+
+
+def prepare_run(args):
+    """Shared start of both scripts: processes, precision, data, model, and this process's images.
+
+    Returns (device, dataset, indices, model, store, todo); todo is None when the run is finished.
+    """
+    from util import distributed
+    from util.results import ResultStore, check_run_config, select_indices
+    distributed.init_distributed_mode(args)
+    device = torch.device(args.device)
+    set_precision(device, args.strict_fp32)
+    dataset = load_test_set(args)
+    indices = select_indices(len(dataset), args.max_examples, args.subset, args.subset_seed)
+    model = build_test_model(args, device)
+    os.makedirs(args.output_dir, exist_ok=True)
+    check_run_config(args.output_dir, run_config(args), distributed.is_main_process())
+    store = ResultStore(args.output_dir, args.rank)
+    distributed.barrier()
+    todo = images_to_do(store, indices, args.rank, args.world_size)
+    distributed.barrier()  # every process has read what is done before anyone adds to it
+    return device, dataset, indices, model, store, todo
 
 
 def images_to_do(store, indices, rank, world_size):

@@ -5,18 +5,15 @@ blr * batch_size * accum_iter / 256 whatever the number of processes, since ever
 still adapted alone (the released code also multiplied by the world size, which on one GPU is 1).
 """
 import argparse
-import os
 import time
 
 import torch
 
-from engine_test_time import (FINETUNE_MODES, BatchedTestTimeTrainer, TestTimeDataset, TestTimeTrainer, add_test_time_args,
-                              build_test_model, images_to_do, load_test_set, run_config,
-                              run_test_time_training, set_precision, write_outputs)
+from engine_test_time import (FINETUNE_MODES, BatchedTestTimeTrainer, TestTimeDataset, TestTimeTrainer,
+                              add_test_time_args, prepare_run, run_test_time_training, write_outputs)
 from util import distributed
 from util.cli import add_model_args, add_run_args, parse_args_or_exit, run_main, UserError
 from util.logger import tensorboard_writer
-from util.results import ResultStore, check_run_config, select_indices
 
 
 def get_args_parser():
@@ -37,7 +34,6 @@ def get_args_parser():
     parser.add_argument('--parallel_images', default=1, type=int,
                         help='adapt this many images at once as independent weight sets (SGD only; '
                              'pays for small models on a GPU)')
-    parser.add_argument('--num_workers', default=4, type=int, help='image decoding processes')
     add_model_args(parser)
     add_test_time_args(parser)
     add_run_args(parser)
@@ -49,24 +45,12 @@ def main(args):
         raise UserError("--steps_per_example must be >= 0, --batch_size and --accum_iter >= 1")
     if not 0 < args.mask_ratio < 1:
         raise UserError(f"--mask_ratio must be in (0, 1), got {args.mask_ratio}")
-    distributed.init_distributed_mode(args)
-    device = torch.device(args.device)
-    set_precision(device, args.strict_fp32)
     if args.lr is None:
         args.lr = args.blr * args.batch_size * args.accum_iter / 256
-    print(f"lr per image: {args.lr:.3g}")
-    dataset = load_test_set(args)
-    indices = select_indices(len(dataset), args.max_examples, args.subset, args.subset_seed)
-    model = build_test_model(args, device)
-    os.makedirs(args.output_dir, exist_ok=True)
-    check_run_config(args.output_dir, run_config(args), distributed.is_main_process())
-    store = ResultStore(args.output_dir, args.rank)
-    distributed.barrier()
-    todo = images_to_do(store, indices, args.rank, args.world_size)
-    distributed.barrier()  # every process has read what is done before anyone adds to it
+    device, dataset, indices, model, store, todo = prepare_run(args)
+    print(f"lr per image: {args.lr:.3g} (independent of the number of processes)")
     if todo is None:
         return
-
     trainer = (BatchedTestTimeTrainer if args.parallel_images > 1 else TestTimeTrainer)(model, args, device)
     test_set = TestTimeDataset(dataset.samples, todo, args.input_size, raw=not args.single_crop)
     loader = torch.utils.data.DataLoader(test_set, batch_size=None, num_workers=args.num_workers,

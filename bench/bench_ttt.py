@@ -30,7 +30,9 @@ def make_images(folder, count, size):
     paths = []
     for i in range(count):
         path = os.path.join(folder, f'{i}.JPEG')
-        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(path, quality=85)
+        # smooth content, closer to a photo than white noise is for the JPEG decoder
+        small = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
+        small.resize((size, size), Image.BICUBIC).save(path, quality=85)
         paths.append((path, i % 10))
     return paths
 
@@ -41,6 +43,8 @@ def main():
     parser.add_argument('--batch_size', default=32, type=int)
     parser.add_argument('--steps', default=10, type=int)
     parser.add_argument('--images', default=8, type=int, help='images timed per mode (after one warm-up)')
+    parser.add_argument('--image_size', default=224, type=int,
+                        help='size of the JPEG files read (ImageNet-C files are 224x224)')
     parser.add_argument('--amp', nargs='+', default=['none'], choices=['none', 'bf16', 'fp16'])
     parser.add_argument('--strict_fp32', action='store_true')
     parser.add_argument('--compile', action='store_true')
@@ -55,7 +59,7 @@ def main():
     base_cpu = copy.deepcopy(model)
     model.to(device)
     folder = tempfile.mkdtemp()
-    samples = make_images(folder, bench.images + 1, size)
+    samples = make_images(folder, bench.images + 1, bench.image_size)
     rows = []
     for amp in bench.amp:
         args = get_args_parser().parse_args([
