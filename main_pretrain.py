@@ -42,6 +42,7 @@ def main(args):
     distributed.init_distributed_mode(args)
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = True
+    seed_all(derive_seed(args.seed, args.rank))  # the initial weights follow --seed
     model = build_model(args.model, img_size=args.input_size, norm_pix_loss=args.norm_pix_loss,
                         head_type=args.head_type, classifier_depth=args.classifier_depth,
                         num_classes=args.num_classes)
@@ -53,6 +54,10 @@ def main(args):
                         f"({args.batch_size} x {args.world_size} processes)")
     data_loader_train = make_loader(dataset_train, args, train=True)
 
+    # the classification head is not part of pre-training; freeze it before DDP records what trains
+    for name, p in model.named_parameters():
+        if name.startswith(HEAD_PREFIXES):
+            p.requires_grad = False
     model.to(device)
     model_without_ddp = model
     if args.distributed:
@@ -65,10 +70,6 @@ def main(args):
         args.lr = args.blr * eff_batch_size / 256
     print(f"base lr: {args.lr * 256 / eff_batch_size:.2e}, actual lr: {args.lr:.2e}, "
           f"effective batch size: {eff_batch_size}")
-    # the classification head is not part of pre-training
-    for name, p in model_without_ddp.named_parameters():
-        if name.startswith(HEAD_PREFIXES):
-            p.requires_grad = False
     param_groups = param_groups_weight_decay(model_without_ddp, args.weight_decay)
     optimizer = torch.optim.AdamW(param_groups, lr=args.lr, betas=(0.9, 0.95))
     loss_scaler = torch.amp.GradScaler('cuda', enabled=device.type == 'cuda')
@@ -84,11 +85,13 @@ def main(args):
         train_stats = train_one_epoch(model, data_loader_train, optimizer, device, epoch, loss_scaler,
                                       log_writer=log_writer, args=args)
         if args.output_dir and distributed.is_main_process():
-            if (epoch + 1) % args.save_ckpt_freq == 0 or epoch + 1 == args.epochs:
-                save_checkpoint(checkpoint_path(args.output_dir, epoch), model_without_ddp, optimizer,
-                                epoch, loss_scaler, args)
+            # 'final' first: a run killed between the two saves resumes from the epoch before and
+            # redoes this one, rather than resuming past the end with no checkpoint-final.pth
             if epoch + 1 == args.epochs:
                 save_checkpoint(checkpoint_path(args.output_dir, 'final'), model_without_ddp, optimizer,
+                                epoch, loss_scaler, args)
+            if (epoch + 1) % args.save_ckpt_freq == 0 or epoch + 1 == args.epochs:
+                save_checkpoint(checkpoint_path(args.output_dir, epoch), model_without_ddp, optimizer,
                                 epoch, loss_scaler, args)
             append_json_line(os.path.join(args.output_dir, 'log.txt'),
                              {**{f'train_{k}': v for k, v in train_stats.items()}, 'epoch': epoch})

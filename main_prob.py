@@ -68,9 +68,10 @@ def main(args):
         load_finetune_for_probe(model, args.finetune)
     elif not args.finetune:
         print("warning: no --finetune checkpoint: the encoder stays at its random initialisation")
-    # only the head trains: the encoder is a frozen feature extractor
+    # only the head trains: the encoder is a frozen feature extractor (classifier_pos_embed stays fixed)
     for name, p in model.named_parameters():
-        p.requires_grad = name.startswith(HEAD_PREFIXES)
+        if not name.startswith(HEAD_PREFIXES):
+            p.requires_grad = False
     model.to(device)
     model_without_ddp = model
     if args.distributed:
@@ -102,11 +103,11 @@ def main(args):
         train_stats = train_one_epoch(model, criterion, data_loader_train, optimizer, device, epoch,
                                       loss_scaler, log_writer=log_writer, args=args)
         if args.output_dir and distributed.is_main_process():
-            save_checkpoint(checkpoint_path(args.output_dir, epoch), model_without_ddp, optimizer,
-                            epoch, loss_scaler, args)
-            if epoch + 1 == args.epochs:
+            if epoch + 1 == args.epochs:  # before checkpoint-{epoch}: see main_pretrain.py
                 save_checkpoint(checkpoint_path(args.output_dir, 'final'), model_without_ddp, optimizer,
                                 epoch, loss_scaler, args)
+            save_checkpoint(checkpoint_path(args.output_dir, epoch), model_without_ddp, optimizer,
+                            epoch, loss_scaler, args)
         test_stats = evaluate(data_loader_val, model, device, synchronize=args.dist_eval)
         max_accuracy = max(max_accuracy, test_stats['acc1'])
         print(f"Accuracy on {len(dataset_val)} validation images: {test_stats['acc1']:.1f}% "

@@ -57,7 +57,8 @@ class MaskedAutoencoderViT(nn.Module):
             self.classifier_embed = nn.Linear(embed_dim, classifier_embed_dim, bias=True)
             self.classifier_pos_embed = nn.Parameter(
                 torch.zeros(1, num_patches + 1, classifier_embed_dim), requires_grad=False)
-            dpr = [x.item() for x in torch.linspace(0, drop_path_rate, classifier_depth)]
+            # on the CPU even under `with torch.device('meta')`, where .item() is impossible
+            dpr = [x.item() for x in torch.linspace(0, drop_path_rate, classifier_depth, device='cpu')]
             self.classifier_blocks = nn.ModuleList([
                 Block(classifier_embed_dim, classifier_num_heads, mlp_ratio, qkv_bias=True,
                       norm_layer=norm_layer, drop_path=dpr[i])

@@ -32,7 +32,8 @@ def make_image_folder(root, classes, per_class, size=16, seed=0):
 
 @pytest.fixture(scope='session')
 def image_folder(tmp_path_factory):
-    """train/ and val/ with 2 separable classes (16 and 8 images each)."""
+    """train/ and val/ with 2 classes (16 and 8 images each); a horizontal flip swaps them, so
+    probing tests use color_folder."""
     root = tmp_path_factory.mktemp('data')
     make_image_folder(root / 'train', ['class_a', 'class_b'], 16, seed=0)
     make_image_folder(root / 'val', ['class_a', 'class_b'], 8, seed=1)

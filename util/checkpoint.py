@@ -34,8 +34,10 @@ def load_checkpoint(path, what='checkpoint'):
         reason = str(e).strip().splitlines()
         detail = next((line for line in reason if 'GLOBAL' in line or 'Unsupported' in line), reason[0])
         raise UserError(f"refusing to load {what} {path}: {detail.strip()}") from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise UserError(f"cannot read {what} {path}: {str(e).strip().splitlines()[0]}") from None
+    except Exception as e:  # truncated or not a checkpoint: RuntimeError, EOFError (empty), IndexError (text) ...
+        first_line = (str(e).strip().splitlines() or [''])[0]
+        raise UserError(f"cannot read {what} {path} (truncated, or not a PyTorch checkpoint): "
+                        f"{type(e).__name__}: {first_line}") from None
 
 
 def model_state(checkpoint):

@@ -1,0 +1,117 @@
+"""main_prob.py run as a user does: probing a frozen encoder, logs, checkpoints, automatic resume."""
+import json
+import os
+import shutil
+import sys
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import TINY, run_script
+from util.pos_embed import get_2d_sincos_pos_embed
+
+# color_folder rather than image_folder: its classes differ by a quadrant that the training
+# transform's horizontal flip swaps, so no probe can beat chance there.
+VIT_EPOCHS = 4
+
+
+def probe_command(data, finetune, out, *extra):
+    return [sys.executable, 'main_prob.py', '--data_path', data, '--model', TINY, '--num_classes', '2',
+            '--finetune', finetune, '--warmup_epochs', '1', '--blr', '0.2', '--num_workers', '0',
+            '--output_dir', str(out), *extra]
+
+
+def log_records(out):
+    return [json.loads(line) for line in (out / 'log.txt').read_text().splitlines()]
+
+
+def load(path):
+    return torch.load(path, map_location='cpu', weights_only=False)
+
+
+@pytest.fixture(scope='module')
+def vit_probe(color_folder, checkpoints, tmp_path_factory):
+    out = tmp_path_factory.mktemp('probe')
+    command = probe_command(color_folder, checkpoints[0], out, '--batch_size', '8', '--epochs', str(VIT_EPOCHS))
+    return out, command, run_script(command)
+
+
+def test_vit_head_probe_learns(vit_probe):
+    out, _, result = vit_probe
+    records = log_records(out)
+    assert [r['epoch'] for r in records] == list(range(VIT_EPOCHS))
+    for r in records:
+        assert {'test_acc1', 'test_acc5', 'test_loss', 'train_loss', 'train_lr'} <= set(r)
+        assert 0 <= r['test_acc1'] <= 100 and r['test_acc5'] == 100  # 2 classes: top-5 holds both
+    assert records[-1]['test_acc1'] >= 90, records
+    assert 'Accuracy on 16 validation images' in result.stdout
+
+
+def test_vit_head_probe_outputs(vit_probe, checkpoints):
+    out, _, _ = vit_probe
+    names = set(os.listdir(out))
+    assert {f'checkpoint-{e}.pth' for e in range(VIT_EPOCHS)} | {'checkpoint-final.pth'} <= names
+    acc = EventAccumulator(str(out))
+    acc.Reload()
+    assert {'perf/test_acc1', 'perf/test_acc5', 'perf/test_loss', 'loss', 'lr'} <= set(acc.Tags()['scalars'])
+    acc1 = acc.Scalars('perf/test_acc1')
+    assert [e.step for e in acc1] == list(range(VIT_EPOCHS))
+    assert [e.value for e in acc1] == pytest.approx([r['test_acc1'] for r in log_records(out)])
+    # only the head trains: the encoder is the --finetune checkpoint's, bit for bit
+    mae = load(checkpoints[0])['model']
+    final = load(out / 'checkpoint-final.pth')
+    assert final['epoch'] == VIT_EPOCHS - 1
+    state = final['model']
+    assert not any(k.startswith(('decoder', 'mask_token')) for k in state)
+    for k, v in state.items():
+        if not k.startswith('classifier'):
+            assert torch.equal(v, mae[k]), f'{k} changed during probing'
+    first = load(out / 'checkpoint-0.pth')['model']
+    assert not torch.equal(first['classifier_pred.weight'], state['classifier_pred.weight'])
+    # the head's position table is fixed sin-cos, as in the released probe (requires_grad False)
+    table = torch.from_numpy(get_2d_sincos_pos_embed(16, 4, cls_token=True)).float()
+    assert torch.equal(state['classifier_pos_embed'][0], table)
+
+
+def test_rerun_resumes_and_redoes_nothing(vit_probe):
+    out, command, _ = vit_probe
+    before = (out / 'log.txt').read_text()
+    final = (out / 'checkpoint-final.pth').read_bytes()
+    again = run_script(command)
+    assert f'Resumed from {out}/checkpoint-{VIT_EPOCHS - 1}.pth (next epoch {VIT_EPOCHS})' in again.stdout
+    assert 'Epoch: [' not in again.stdout
+    assert (out / 'log.txt').read_text() == before
+    assert (out / 'checkpoint-final.pth').read_bytes() == final
+
+
+def test_interrupted_probe_resumes_to_the_same_head(vit_probe, tmp_path):
+    """A run stopped after epoch 1 and rerun ends with the uninterrupted run's weights."""
+    done, command, _ = vit_probe
+    out = tmp_path / 'probe'
+    out.mkdir()
+    for e in (0, 1):
+        shutil.copy(done / f'checkpoint-{e}.pth', out)
+    (out / 'log.txt').write_text(''.join(line + '\n' for line in (done / 'log.txt').read_text().splitlines()[:2]))
+    resumed = run_script([str(out) if a == str(done) else a for a in command])
+    assert f'Resumed from {out}/checkpoint-1.pth (next epoch 2)' in resumed.stdout
+    assert 'Epoch: [0]' not in resumed.stdout and 'Epoch: [1]' not in resumed.stdout
+    assert [r['epoch'] for r in log_records(out)] == list(range(VIT_EPOCHS))
+    a, b = load(out / 'checkpoint-final.pth')['model'], load(done / 'checkpoint-final.pth')['model']
+    assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+def test_linear_head_probe(color_folder, checkpoints, tmp_path):
+    out = tmp_path / 'linear'
+    # BatchNorm's running statistics need some iterations to settle before evaluation uses them
+    run_script(probe_command(color_folder, checkpoints[0], out, '--head_type', 'linear', '--batch_size', '4',
+                             '--epochs', '6'))
+    records = log_records(out)
+    assert [r['epoch'] for r in records] == list(range(6))
+    assert records[-1]['test_acc1'] >= 90, records
+    state = load(out / 'checkpoint-final.pth')['model']
+    assert {'bn.running_mean', 'bn.running_var', 'bn.num_batches_tracked', 'head.weight', 'head.bias'} <= set(state)
+    assert not any(k.startswith('classifier') for k in state)
+    assert state['bn.num_batches_tracked'].item() == 6 * 32 // 4
+    mae = load(checkpoints[0])['model']
+    assert torch.equal(state['blocks.1.mlp.fc1.weight'], mae['blocks.1.mlp.fc1.weight'])
