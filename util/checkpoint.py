@@ -31,9 +31,12 @@ def load_checkpoint(path, what='checkpoint'):
         with torch.serialization.safe_globals(_allowed_globals()):
             return torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
-        reason = str(e).strip().splitlines()
-        detail = next((line for line in reason if 'GLOBAL' in line or 'Unsupported' in line), reason[0])
-        raise UserError(f"refusing to load {what} {path}: {detail.strip()}") from None
+        global_line = next((line.strip() for line in str(e).splitlines() if 'GLOBAL' in line), None)
+        if global_line:  # a pickled object outside the allow-list: loading it could run code
+            raise UserError(f"refusing to load {what} {path}: {global_line}") from None
+        first_line = (str(e).strip().splitlines() or [''])[0]
+        raise UserError(f"cannot read {what} {path} (corrupt, or not a PyTorch checkpoint): "
+                        f"{first_line}") from None
     except Exception as e:  # truncated or not a checkpoint: RuntimeError, EOFError (empty), IndexError (text) ...
         first_line = (str(e).strip().splitlines() or [''])[0]
         raise UserError(f"cannot read {what} {path} (truncated, or not a PyTorch checkpoint): "
