@@ -13,7 +13,8 @@
 #     scripts/sweep_imagenet_c.sh imagenet-c out ckpt/mae.pth ckpt/probe.pth -- --max_examples 500
 #
 # Environment:
-#   LAUNCHER  what runs the python scripts (default: python), e.g. on one 8-GPU node:
+#   PYTHON    the interpreter (default: python)
+#   LAUNCHER  what runs the python scripts (default: $PYTHON), e.g. on one 8-GPU node:
 #               LAUNCHER="torchrun --nproc_per_node=8" scripts/sweep_imagenet_c.sh ...
 #   SLURM_ARRAY_TASK_ID  run only the corruption with this index (0-based) in the list; e.g. one
 #             job per corruption, submitted from the repository root:
@@ -44,7 +45,8 @@ while [[ $# -gt 0 ]]; do
 done
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-read -r -a LAUNCH <<< "${LAUNCHER:-python}"
+PY=${PYTHON:-python}
+read -r -a LAUNCH <<< "${LAUNCHER:-$PY}"
 read -r -d '' -a LIST <<< "$CORRUPTIONS" || true  # split on any whitespace, newlines included
 [[ ${#LIST[@]} -gt 0 ]] || die "--corruptions is empty"
 if [[ -n ${SLURM_ARRAY_TASK_ID:-} ]]; then
@@ -62,7 +64,7 @@ TTT_FLAGS=(--norm_pix_loss --single_crop --batch_size 128 --steps_per_example 20
            --mask_ratio 0.75 --optimizer_type sgd --finetune_mode encoder)
 
 complete() {  # is $1/results.json there with "complete": true?
-    [[ -f $1/results.json ]] && python -c 'import json, sys; sys.exit(json.load(open(sys.argv[1])).get("complete") is not True)' "$1/results.json"
+    [[ -f $1/results.json ]] && "$PY" -c 'import json, sys; sys.exit(json.load(open(sys.argv[1])).get("complete") is not True)' "$1/results.json"
 }
 
 for c in "${LIST[@]}"; do
@@ -85,4 +87,4 @@ for c in "${LIST[@]}"; do
     fi
 done
 
-python "$REPO/scripts/collect_results.py" "$OUTPUT_ROOT"
+"$PY" "$REPO/scripts/collect_results.py" "$OUTPUT_ROOT"

@@ -1,0 +1,65 @@
+"""The ImageNet-C sweep end to end: build corrupted sets, sweep baseline + TTT, collect the table."""
+import json
+import sys
+
+import pytest
+
+from conftest import TINY, make_image_folder, run_script, torchrun
+
+CORRUPTIONS = ['gaussian_noise', 'fog']
+EXTRA = ['--', '--model', TINY, '--num_classes', '2', '--dataset_name', 'tiny', '--batch_size', '4',
+         '--num_workers', '0', '--device', 'cpu', '--classifier_depth', '1']
+
+
+def sweep(corrupted, out, checkpoints, env=None):
+    mae, probe = checkpoints
+    return run_script(['bash', 'scripts/sweep_imagenet_c.sh', corrupted, str(out), mae, probe, '--severity', '5',
+                       '--corruptions', ' '.join(CORRUPTIONS), *EXTRA],
+                      env={'PYTHON': sys.executable, **(env or {})})
+
+
+@pytest.fixture(scope='module')
+def swept(tmp_path_factory, checkpoints):
+    root = tmp_path_factory.mktemp('sweep')
+    clean = make_image_folder(root / 'clean', ['class_a', 'class_b'], 3, seed=7)
+    run_script([sys.executable, 'scripts/make_imagenet_c.py', '--data_path', clean, '--output_dir',
+                str(root / 'c'), '--corruptions', ','.join(CORRUPTIONS), '--severities', '5', '--keep_size',
+                '--workers', '1'])
+    first = sweep(str(root / 'c'), root / 'out', checkpoints)
+    return str(root / 'c'), root / 'out', first
+
+
+def test_sweep_runs_every_corruption_and_collects_the_table(swept):
+    _, out, _ = swept
+    accuracies = {}
+    for c in CORRUPTIONS:
+        ttt = json.load(open(out / c / 'results.json'))
+        base = json.load(open(out / c / 'baseline' / 'results.json'))
+        assert ttt['complete'] and base['complete'] and ttt['num_images'] == 6
+        assert len(ttt['accuracy_per_step']) == 21  # the paper's 20 steps (the defaults), plus step 0
+        assert ttt['accuracy_per_step'][0] == base['accuracy']
+        accuracies[c] = (base['accuracy'], ttt['accuracy_per_step'][-1])
+    rows = {row['method']: row for row in json.load(open(out / 'summary.json'))['rows']}
+    for i, method in enumerate(('baseline', 'ttt')):
+        for c in CORRUPTIONS:
+            assert rows[method]['cells'][c]['accuracy'] == accuracies[c][i]
+        assert rows[method]['mean']['accuracy'] == pytest.approx(sum(a[i] for a in accuracies.values()) / 2)
+    assert (out / 'summary.png').read_bytes()[:4] == b'\x89PNG'
+
+
+def test_rerun_skips_finished_runs(swept, checkpoints):
+    corrupted, out, _ = swept
+    again = sweep(corrupted, out, checkpoints)
+    assert again.stdout.count('already complete') == 4
+
+
+def test_slurm_array_task_under_torchrun_equals_one_process(swept, checkpoints, tmp_path):
+    corrupted, out, _ = swept
+    launcher = ' '.join(torchrun(2, []))
+    result = sweep(corrupted, tmp_path, checkpoints, env={'LAUNCHER': launcher, 'SLURM_ARRAY_TASK_ID': '1'})
+    assert not (tmp_path / 'gaussian_noise').exists()  # task 1 is fog alone
+    for sub in ('fog', 'fog/baseline'):
+        a = json.load(open(out / sub / 'results.json'))
+        b = json.load(open(tmp_path / sub / 'results.json'))
+        assert a['accuracy_per_step'] == b['accuracy_per_step']
+    assert 'fog' in result.stdout
