@@ -1,4 +1,5 @@
 """Shared fixtures: a tiny model, tiny image folders and checkpoints in the released layouts."""
+import importlib
 import os
 import subprocess
 import sys
@@ -12,6 +13,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from models_mae import build_model  # noqa: E402
+from util.cli import parse_args_or_exit, run_main  # noqa: E402
 
 TINY = 'mae_vit_micro_patch4'  # 16x16 images, patch 4, 2 blocks of 32-d
 
@@ -93,3 +95,29 @@ def color_folder(tmp_path_factory):
     make_color_folder(root / 'train', ['class_a', 'class_b'], 16, seed=0)
     make_color_folder(root / 'val', ['class_a', 'class_b'], 8, seed=1)
     return str(root)
+
+
+def check_error_line(returncode, stdout, stderr, fragments):
+    lines = stderr.splitlines()
+    assert returncode == 2, stdout[-2000:] + stderr[-3000:]
+    assert len(lines) == 1, stderr[-3000:]
+    assert lines[0].startswith('error: ')
+    assert 'Traceback' not in stderr + stdout
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture
+def user_error(capfd):
+    """Run a command's script in this process, as its __main__ block does."""
+    def run(command, *fragments):
+        script = importlib.import_module(os.path.splitext(command[1])[0])
+        args = parse_args_or_exit(script.get_args_parser(), command[2:])
+        os.makedirs(args.output_dir, exist_ok=True)
+        capfd.readouterr()
+        with pytest.raises(SystemExit) as e:
+            run_main(script.main, args)
+        out, err = capfd.readouterr()
+        return check_error_line(e.value.code, out, err, fragments)
+    return run

@@ -4,7 +4,6 @@ A few cases run the scripts as a user does (a subprocess each); the rest call th
 run_main(main, args), in this process, which is much faster and checks the same exit code and stderr.
 """
 import hashlib
-import importlib
 import os
 import shutil
 import sys
@@ -13,9 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY, make_image_folder, run_script, tiny_model
+from conftest import TINY, check_error_line, make_image_folder, run_script, tiny_model
 from models_mae import build_model
-from util.cli import parse_args_or_exit, run_main
 
 
 def pretrain(data, out, *extra):
@@ -38,36 +36,10 @@ def with_option(command, flag, value):
     return command
 
 
-def check_error_line(returncode, stdout, stderr, fragments):
-    lines = stderr.splitlines()
-    assert returncode == 2, stdout[-2000:] + stderr[-3000:]
-    assert len(lines) == 1, stderr[-3000:]
-    assert lines[0].startswith('error: ')
-    assert 'Traceback' not in stderr + stdout
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
-
-
 def assert_user_error(command, *fragments):
     """Run the script in a subprocess."""
     result = run_script(command, check=False)
     return check_error_line(result.returncode, result.stdout, result.stderr, fragments)
-
-
-@pytest.fixture
-def user_error(capfd):
-    """Run a command's script in this process, as its __main__ block does."""
-    def run(command, *fragments):
-        script = importlib.import_module(os.path.splitext(command[1])[0])
-        args = parse_args_or_exit(script.get_args_parser(), command[2:])
-        os.makedirs(args.output_dir, exist_ok=True)
-        capfd.readouterr()
-        with pytest.raises(SystemExit) as e:
-            run_main(script.main, args)
-        out, err = capfd.readouterr()
-        return check_error_line(e.value.code, out, err, fragments)
-    return run
 
 
 @pytest.fixture
