@@ -5,6 +5,7 @@ the masked-reconstruction loss of views of that image alone, and classify its ev
 first step and after every step. Randomness comes from (seed, image index) only, so results do not
 depend on the number of processes or on resumption.
 """
+import json
 import math
 import os
 import signal
@@ -34,13 +35,13 @@ def trainable_parameters(model, finetune_mode):
     """The parameters adapted at test time; everything else is frozen.
 
     The head never receives a gradient from the reconstruction loss, so it is frozen outright
-    (the same result, less memory); the fixed sin-cos tables have requires_grad=False.
+    (the same result, less memory); the sin-cos tables are fixed.
     """
     if finetune_mode not in FINETUNE_MODES:
         raise UserError(f"unknown --finetune_mode {finetune_mode!r}; choices: {', '.join(FINETUNE_MODES)}")
     chosen = []
     for name, p in model.named_parameters():
-        train = p.requires_grad and not name.startswith(HEAD_PREFIXES)
+        train = not name.endswith('pos_embed') and not name.startswith(HEAD_PREFIXES)
         if finetune_mode in ('encoder', 'encoder_no_cls_no_msk'):
             train = train and not name.startswith('decoder')
         if finetune_mode == 'encoder_no_cls_no_msk':
@@ -79,9 +80,14 @@ def random_resized_crops(image, n, size, generator, scale=(0.2, 1.0), ratio=(3 /
                 top = torch.randint(0, height - h + 1, (1,), generator=generator).item()
                 left = torch.randint(0, width - w + 1, (1,), generator=generator).item()
                 break
-        else:  # fall back to a central crop, as torchvision does
-            h, w = height, width
-            top, left = 0, 0
+        else:  # fall back to a central crop of the nearest allowed aspect ratio, as torchvision does
+            if width / height < ratio[0]:
+                w, h = width, int(round(width / ratio[0]))
+            elif width / height > ratio[1]:
+                w, h = int(round(height * ratio[1])), height
+            else:
+                w, h = width, height
+            top, left = (height - h) // 2, (width - w) // 2
         view = TF.resized_crop(image, top, left, h, w, [size, size],
                                interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
         if torch.rand(1, generator=generator).item() < 0.5:
@@ -201,8 +207,9 @@ class BatchedTestTimeTrainer(TestTimeTrainer):
 
     def __init__(self, model, args, device):
         super().__init__(model, args, device)
-        if args.optimizer_type != 'sgd':
-            raise UserError("--parallel_images > 1 supports --optimizer_type sgd only")
+        if args.optimizer_type != 'sgd' or args.amp == 'fp16' or args.compile:
+            raise UserError("--parallel_images > 1 supports --optimizer_type sgd only, "
+                            "without --amp fp16 (no loss scaling there) or --compile")
         self.group_size = args.parallel_images
         trainable = {id(p) for p in self.params}
         self.names = [n for n, p in model.named_parameters() if id(p) in trainable]
@@ -267,12 +274,17 @@ class BatchedTestTimeTrainer(TestTimeTrainer):
 
 
 class StopRequested:
-    """Turns SIGTERM/SIGINT into a flag checked between images, so results are flushed first."""
+    """Turns SIGTERM/SIGINT into a flag checked between images, so results are flushed first;
+    the previous handlers come back when the block ends."""
 
-    def __init__(self):
+    def __enter__(self):
         self.signal = None
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handler)
+        self.previous = {sig: signal.signal(sig, self._handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
     def _handler(self, signum, frame):
         self.signal = signum
@@ -291,43 +303,46 @@ def groups_of(iterable, size):
 
 def run_test_time_training(trainer, loader, store, args, log_writer=None):
     """Adapt to every image the loader yields; records go to `store`, flushed every args.flush_every
-    images, on a stop signal and on any error, so that nothing finished is lost."""
-    stop = StopRequested()
-    done, correct_last, start = 0, 0, time.time()
-    try:
-        for group in groups_of(loader, trainer.group_size):
-            t0 = time.time()
-            group = [(index, label, eval_image.to(trainer.device, non_blocking=True).unsqueeze(0),
-                      raw.to(trainer.device, non_blocking=True) if raw.numel() else None)
-                     for index, label, eval_image, raw in group]
-            results = trainer.adapt_group(group)
-            seconds = (time.time() - t0) / len(group)
-            for (index, label, _, _), (preds, ces, mae_losses) in zip(group, results):
-                if not np.all(np.isfinite(mae_losses)):
-                    path = loader.dataset.samples[index][0]
-                    raise UserError(f"non-finite reconstruction loss on image {index} ({path}); "
-                                    f"stopping, {done} images of this run kept in {args.output_dir}")
-                store.add(index=index, label=label, pred=preds, ce_loss=ces, mae_loss=mae_losses,
-                          seconds=seconds)
-                done += 1
-                correct_last += int(preds[-1] == label)
-                if done % args.flush_every == 0:
-                    store.flush()
-                if done % args.print_freq == 0 or done == len(loader):
-                    rate = done / (time.time() - start)
-                    print(f"[{done}/{len(loader)}] accuracy after {args.steps_per_example} steps "
-                          f"{100 * correct_last / done:.2f}%  ({rate:.2f} images/s)", flush=True)
-                    if log_writer is not None:
-                        log_writer.add_scalar('ttt/running_accuracy_last_step', 100 * correct_last / done, done)
-            if stop.signal is not None:
-                break
-    finally:
-        store.flush()
+    images, on a stop signal and on any error, so that nothing finished is lost. Returns the count."""
+    with StopRequested() as stop:
+        try:
+            done = _adapt_all(trainer, loader, store, args, log_writer, stop)
+        finally:
+            store.flush()
     if stop.signal is not None:
         print(f"stopped by signal {stop.signal}; {done} images saved, rerun the same command to continue",
               flush=True)
         raise SystemExit(128 + stop.signal)
-    return done, time.time() - start
+    return done
+
+
+def _adapt_all(trainer, loader, store, args, log_writer, stop):
+    done, correct_last, start = 0, 0, time.time()
+    for group in groups_of(loader, trainer.group_size):
+        t0 = time.time()
+        group = [(index, label, eval_image.to(trainer.device, non_blocking=True).unsqueeze(0),
+                  raw.to(trainer.device, non_blocking=True) if raw.numel() else None)
+                 for index, label, eval_image, raw in group]
+        results = trainer.adapt_group(group)
+        seconds = (time.time() - t0) / len(group)
+        for (index, label, _, _), (preds, ces, mae_losses) in zip(group, results):
+            if not np.all(np.isfinite(mae_losses)):
+                path = loader.dataset.samples[index][0]
+                raise UserError(f"non-finite reconstruction loss on image {index} ({path}); "
+                                f"stopping, {done} images of this run kept in {args.output_dir}")
+            store.add(index=index, label=label, pred=preds, ce_loss=ces, mae_loss=mae_losses, seconds=seconds)
+            done += 1
+            correct_last += int(preds[-1] == label)
+            if done % args.flush_every == 0:
+                store.flush()
+            if done % args.print_freq == 0 or done == len(loader):
+                print(f"[{done}/{len(loader)}] accuracy after {args.steps_per_example} steps "
+                      f"{100 * correct_last / done:.2f}%  ({done / (time.time() - start):.2f} images/s)", flush=True)
+                if log_writer is not None:
+                    log_writer.add_scalar('ttt/running_accuracy_last_step', 100 * correct_last / done, done)
+        if stop.signal is not None:
+            break
+    return done
 
 
 @torch.no_grad()
@@ -335,15 +350,15 @@ def run_baseline(model, loader, store, device, amp_dtype=None):
     """Classify batches of eval crops without adaptation; one record per image."""
     model.eval()
     device = torch.device(device)
-    done, start = 0, time.time()
+    done = 0
     try:
         for indices, labels, images, _ in loader:
-            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            images = images.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 _, _, _, logits = model(images, mask_ratio=0, reconstruct=False)
-            logits = logits.float()
-            preds = logits.argmax(dim=1).cpu().numpy()
-            ces = F.cross_entropy(logits, labels, reduction='none').cpu().numpy()
+            logits = logits.float().cpu()
+            preds = logits.argmax(dim=1).numpy()
+            ces = F.cross_entropy(logits, labels, reduction='none').numpy()
             for i, index in enumerate(indices.tolist()):
                 store.add(index=index, label=int(labels[i]), pred=preds[i:i + 1], ce_loss=ces[i:i + 1],
                           mae_loss=np.zeros(0, np.float32), seconds=0.)
@@ -351,7 +366,7 @@ def run_baseline(model, loader, store, device, amp_dtype=None):
             store.flush()
     finally:
         store.flush()
-    return done, time.time() - start
+    return done
 
 
 def summarize(records, num_expected):
@@ -391,14 +406,15 @@ def add_test_time_args(parser):
 
 # flags that do not change per-image results: a rerun may change them and still continue
 RUN_ONLY_ARGS = {'output_dir', 'log_dir', 'device', 'num_workers', 'pin_mem', 'world_size', 'local_rank',
-                 'rank', 'gpu', 'distributed', 'dist_url', 'dist_on_itp', 'flush_every', 'print_freq',
-                 'data_path', 'resume_model', 'resume_finetune', 'lr'}
+                 'rank', 'gpu', 'distributed', 'dist_url', 'flush_every', 'print_freq',
+                 'data_path', 'resume_model', 'resume_finetune'}
 
 
 def run_config(args):
     config = {k: v for k, v in vars(args).items() if k not in RUN_ONLY_ARGS}
     config.update(data=os.path.abspath(args.data_path), resume_model=os.path.basename(args.resume_model),
-                  resume_finetune=os.path.basename(args.resume_finetune))
+                  resume_finetune=os.path.basename(args.resume_finetune),
+                  device_type=torch.device(args.device).type)  # CPU and CUDA generators draw other masks
     return config
 
 
@@ -434,6 +450,10 @@ def prepare_run(args):
     """
     from util import distributed
     from util.results import ResultStore, check_run_config, select_indices
+    if not args.output_dir:
+        raise UserError("--output_dir is required: results are saved there")
+    if args.flush_every < 1 or args.print_freq < 1 or (args.max_examples is not None and args.max_examples < 1):
+        raise UserError("--flush_every, --print_freq and --max_examples must be at least 1")
     distributed.init_distributed_mode(args)
     device = torch.device(args.device)
     set_precision(device, args.strict_fp32)
@@ -441,33 +461,33 @@ def prepare_run(args):
     indices = select_indices(len(dataset), args.max_examples, args.subset, args.subset_seed)
     model = build_test_model(args, device)
     os.makedirs(args.output_dir, exist_ok=True)
-    check_run_config(args.output_dir, run_config(args), distributed.is_main_process())
     store = ResultStore(args.output_dir, args.rank)
-    distributed.barrier()
-    todo = images_to_do(store, indices, args.rank, args.world_size)
-    distributed.barrier()  # every process has read what is done before anyone adds to it
-    return device, dataset, indices, model, store, todo
+    check_run_config(store, run_config(args), distributed.is_main_process())
+    # rank 0 decides what is left and tells the others, so all shard the same list
+    todo = [images_to_do(store, indices) if distributed.is_main_process() else None]
+    distributed.broadcast_object(todo)
+    todo = todo[0]
+    return device, dataset, indices, model, store, None if todo is None else todo[args.rank::args.world_size]
 
 
-def images_to_do(store, indices, rank, world_size):
-    """This process's share of the images not finished yet, or None when the run is finished."""
+def images_to_do(store, indices):
+    """The selected images not finished yet, or None when the run is complete and written."""
     done = store.done_indices()
     todo = [int(i) for i in indices if int(i) not in done]
-    if not todo and os.path.exists(os.path.join(store.output_dir, 'results.json')):
-        print(f"all {len(indices)} images already done: results in {store.output_dir}")
-        return None
+    results = os.path.join(store.output_dir, 'results.json')
+    if not todo and os.path.exists(results):
+        with open(results) as f:
+            if json.load(f).get('complete'):
+                print(f"all {len(indices)} images already done: results in {store.output_dir}")
+                return None
     print(f"{len(indices)} images selected, {len(indices) - len(todo)} already done, {len(todo)} to do")
-    return todo[rank::world_size]
+    return todo
 
 
 def write_outputs(args, store, dataset, indices, method, wall_time_s, images_this_run):
     """Merge every process's records and write the released files plus results.json."""
-    import json
     from util.io import atomic_open, write_json, write_text
     records = store.load()
-    selected = set(int(i) for i in indices)
-    keep = np.array([int(i) in selected for i in records['index']])
-    records = {k: v[keep] for k, v in records.items()}
     summary = summarize(records, len(indices))
     if summary['complete']:
         records['filename'] = np.array([os.path.relpath(dataset.samples[i][0], args.data_path)
@@ -481,8 +501,9 @@ def write_outputs(args, store, dataset, indices, method, wall_time_s, images_thi
         with atomic_open(os.path.join(args.output_dir, 'accuracy.npy'), 'wb') as f:
             np.save(f, (records['pred'][:, 0] == records['label']).astype(np.float64))
     else:
+        # released numbering: line i is the accuracy after i + 1 steps (step 0 is in results.json)
         write_text(os.path.join(args.output_dir, 'accuracy.txt'),
-                   args_line + '\n' + ''.join(f"{s}\t{a}\n" for s, a in enumerate(steps)))
+                   args_line + '\n' + ''.join(f"{i}\t{a}\n" for i, a in enumerate(steps[1:])))
     result = {'method': method, 'data_path': os.path.abspath(args.data_path), **summary,
               'steps_per_example': getattr(args, 'steps_per_example', 0),
               'wall_time_s': wall_time_s,

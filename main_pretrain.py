@@ -39,6 +39,8 @@ def get_args_parser():
 
 
 def main(args):
+    if not 0 < args.mask_ratio < 1:
+        raise UserError(f"--mask_ratio must be in (0, 1), got {args.mask_ratio}")
     distributed.init_distributed_mode(args)
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = True

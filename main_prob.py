@@ -88,8 +88,10 @@ def main(args):
     loss_scaler = torch.amp.GradScaler('cuda', enabled=device.type == 'cuda')
     criterion = (LabelSmoothingCrossEntropy(args.smoothing) if args.smoothing > 0
                  else torch.nn.CrossEntropyLoss())
-    resume_training(args, model_without_ddp, optimizer, loss_scaler)
+    resumed = resume_training(args, model_without_ddp, optimizer, loss_scaler)
     if args.eval:
+        if not resumed:
+            raise UserError("--eval needs a trained checkpoint: pass --resume, or an --output_dir holding one")
         evaluate(data_loader_val, model, device)
         return
 

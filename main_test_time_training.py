@@ -27,7 +27,8 @@ def get_args_parser():
     parser.add_argument('--finetune_mode', default='encoder', choices=FINETUNE_MODES)
     parser.add_argument('--optimizer_type', default='sgd', choices=['sgd', 'adam', 'adam_w'])
     parser.add_argument('--optimizer_momentum', default=0.9, type=float, help='SGD momentum')
-    parser.add_argument('--weight_decay', default=0.0, type=float, help='weight decay of adam_w')
+    parser.add_argument('--weight_decay', default=0.01, type=float,
+                        help="weight decay of adam_w (the released code used AdamW's default, 0.01)")
     parser.add_argument('--lr', default=None, type=float, help='absolute lr (default: blr * batch * accum / 256)')
     parser.add_argument('--blr', default=1e-2, type=float)
     parser.add_argument('--compile', action='store_true', help='torch.compile the model')
@@ -50,6 +51,7 @@ def main(args):
     device, dataset, indices, model, store, todo = prepare_run(args)
     print(f"lr per image: {args.lr:.3g} (independent of the number of processes)")
     if todo is None:
+        distributed.destroy()
         return
     trainer = (BatchedTestTimeTrainer if args.parallel_images > 1 else TestTimeTrainer)(model, args, device)
     test_set = TestTimeDataset(dataset.samples, todo, args.input_size, raw=not args.single_crop)
@@ -57,7 +59,7 @@ def main(args):
                                          pin_memory=device.type == 'cuda')
     log_writer = tensorboard_writer(args.log_dir)
     start = time.time()
-    done, _ = run_test_time_training(trainer, loader, store, args, log_writer)
+    done = run_test_time_training(trainer, loader, store, args, log_writer)
     distributed.barrier()
     if distributed.is_main_process():
         result = write_outputs(args, store, dataset, indices, 'ttt', time.time() - start, done * args.world_size)

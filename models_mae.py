@@ -208,7 +208,6 @@ def _builder(name, **sizes):
     def build(**kwargs):
         return MaskedAutoencoderViT(**{**sizes, **kwargs})
     build.__name__ = name
-    build.default_img_size = sizes.get('img_size', 224)
     return register_model(build)
 
 

@@ -23,12 +23,13 @@ def get_args_parser():
 def main(args):
     device, dataset, indices, model, store, todo = prepare_run(args)
     if todo is None:
+        distributed.destroy()
         return
     loader = torch.utils.data.DataLoader(TestTimeDataset(dataset.samples, todo, args.input_size),
                                          batch_size=args.batch_size, num_workers=args.num_workers,
                                          pin_memory=device.type == 'cuda')
     start = time.time()
-    done, _ = run_baseline(model, loader, store, device, AMP_DTYPES[args.amp])
+    done = run_baseline(model, loader, store, device, AMP_DTYPES[args.amp])
     distributed.barrier()
     if distributed.is_main_process():
         write_outputs(args, store, dataset, indices, 'baseline', time.time() - start, done * args.world_size)

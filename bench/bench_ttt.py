@@ -58,49 +58,56 @@ def main():
     size = model.patch_embed.img_size[0]
     base_cpu = copy.deepcopy(model)
     model.to(device)
-    folder = tempfile.mkdtemp()
-    samples = make_images(folder, bench.images + 1, bench.image_size)
-    rows = []
-    for amp in bench.amp:
-        args = get_args_parser().parse_args([
-            '--data_path', folder, '--resume_model', '-', '--resume_finetune', '-', '--model', bench.model,
-            '--batch_size', str(bench.batch_size), '--steps_per_example', str(bench.steps), '--single_crop',
-            '--norm_pix_loss', '--amp', amp, '--parallel_images', str(bench.parallel_images)]
-            + (['--compile'] if bench.compile else []))
-        args.input_size, args.lr = size, args.blr * args.batch_size / 256
-        trainer = (BatchedTestTimeTrainer if bench.parallel_images > 1 else TestTimeTrainer)(model, args, device)
-        dataset = TestTimeDataset(samples, range(len(samples)), size)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=2)
-
-        def run(items):
-            for group in groups_of(items, trainer.group_size):
-                trainer.adapt_group([(i, label, image.to(device).unsqueeze(0), None) for i, label, image, _ in group])
-
-        items = list(loader)
-        run(items[:trainer.group_size])  # warm-up (and compilation)
-        flops = count_flops(lambda: run(items[:1]))
-        reset_peak_memory(device)
-        _, seconds = timed(lambda: run(iter(loader)), device)  # decoding in workers is part of the time
-        per_image = seconds / len(samples)
-        dtype = {'none': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}[amp]
-        rate = matmul_tflops(device, dtype)
-        precision = {'none': 'fp32' if device.type == 'cpu' or bench.strict_fp32 else 'tf32'}.get(amp, amp)
-        mode = precision + (' compiled' if bench.compile else '')
-        mode += f' x{bench.parallel_images} images' if bench.parallel_images > 1 else ''
-        rows.append([mode, f"{per_image:.3f}",
-                     f"{1 / per_image:.2f}", f"{peak_memory_gib(device):.2f}", f"{flops / 1e12:.3g}",
-                     f"{rate:.1f}", f"{flops / rate / 1e12:.3g}"])
-        if bench.naive:
-            args.amp = 'none'
+    with tempfile.TemporaryDirectory() as folder:
+        samples = make_images(folder, bench.images + 1, bench.image_size)
+        rows = [measure(bench, model, samples, amp, device) for amp in bench.amp]
+        if bench.naive:  # the released-style loop, fp32 (TF32 on CUDA unless --strict_fp32)
+            args = ttt_args(bench, 'none', size)
             _, seconds = timed(lambda: [naive_adapt(base_cpu, p, label, i, args, device)
                                         for i, (p, label) in enumerate(samples)], device)
-            rows.append([f"naive loop ({precision})", f"{seconds / len(samples):.3f}",
+            rows.append(['naive loop (deep copy, decode per step)', f"{seconds / len(samples):.3f}",
                          f"{len(samples) / seconds:.2f}", '', '', '', ''])
     print(f"{device_name(device)}, {bench.model}, batch {bench.batch_size}, {bench.steps} steps, "
           f"{len(samples)} images per mode")
     print_table(['mode', 's/image', 'images/s', 'peak mem (GiB)', 'TFLOP/image', 'matmul TFLOP/s',
                  'floor s/image'], rows)
 
+
+def ttt_args(bench, amp, size):
+    args = get_args_parser().parse_args([
+        '--data_path', '-', '--resume_model', '-', '--resume_finetune', '-', '--model', bench.model,
+        '--batch_size', str(bench.batch_size), '--steps_per_example', str(bench.steps), '--single_crop',
+        '--norm_pix_loss', '--amp', amp, '--parallel_images', str(bench.parallel_images)]
+        + (['--compile'] if bench.compile else []))
+    args.input_size, args.lr = size, args.blr * args.batch_size / 256
+    return args
+
+
+def measure(bench, model, samples, amp, device):
+    """One table row: the default loop (or a flag's) over the images, decoding in workers included."""
+    size = model.patch_embed.img_size[0]
+    args = ttt_args(bench, amp, size)
+    trainer = (BatchedTestTimeTrainer if bench.parallel_images > 1 else TestTimeTrainer)(model, args, device)
+    loader = torch.utils.data.DataLoader(TestTimeDataset(samples, range(len(samples)), size),
+                                         batch_size=None, num_workers=2)
+
+    def run(items):
+        for group in groups_of(items, trainer.group_size):
+            trainer.adapt_group([(i, label, image.to(device).unsqueeze(0), None) for i, label, image, _ in group])
+
+    items = list(loader)
+    run(items[:trainer.group_size])  # warm-up (and compilation)
+    flops = count_flops(lambda: run(items[:1]))
+    reset_peak_memory(device)
+    _, seconds = timed(lambda: run(iter(loader)), device)
+    per_image = seconds / len(samples)
+    rate = matmul_tflops(device, {'none': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}[amp])
+    precision = {'none': 'fp32' if device.type == 'cpu' or bench.strict_fp32 else 'tf32'}.get(amp, amp)
+    mode = precision + (' compiled' if bench.compile else '')
+    mode += f' x{bench.parallel_images} images' if bench.parallel_images > 1 else ''
+    trainer.reset()  # the next mode starts from the same weights
+    return [mode, f"{per_image:.3f}", f"{1 / per_image:.2f}", f"{peak_memory_gib(device):.2f}",
+            f"{flops / 1e12:.3g}", f"{rate:.1f}", f"{flops / rate / 1e12:.3g}"]
 
 if __name__ == '__main__':
     main()

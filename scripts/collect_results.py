@@ -61,8 +61,8 @@ def read_run(folder, method):
                 if len(lines) != 1:
                     raise ValueError(f'expected one "accuracy loss" line after the args line, found {len(lines)}')
                 curve = {0: float(lines[0][0])}
-            else:  # lines "{step}\t{acc}"
-                curve = {int(step): float(acc) for step, acc in lines}
+            else:  # released numbering: line "{i}\t{acc}" is the accuracy after i + 1 steps
+                curve = {int(i) + 1: float(acc) for i, acc in lines}
                 if not curve:
                     raise ValueError('no "step<TAB>accuracy" lines after the args line')
         except (OSError, ValueError) as e:
@@ -107,6 +107,9 @@ def collect(root, step=None, allow_partial=False):
 
     ttt = {c: read_run(os.path.join(root, c), 'ttt') for c in columns}
     baseline = {c: read_run(os.path.join(root, c, 'baseline'), 'baseline') for c in columns}
+    for c, run in ttt.items():  # a released accuracy.txt has no step 0: it is the baseline's accuracy
+        if run and 0 not in run['curve'] and baseline[c] and baseline[c]['complete']:
+            run['curve'][0] = baseline[c]['curve'][0]
     last_steps = [max(r['curve']) for r in ttt.values() if r]
     if step is None:
         step = max(last_steps, default=0)

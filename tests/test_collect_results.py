@@ -48,12 +48,13 @@ def complete_root(tmp_path):
     root = tmp_path / 'sweep'
     ttt_json(root / 'gaussian_noise', [10.0, 20.0, 30.25])
     baseline_json(root / 'gaussian_noise' / 'baseline', 10.0)
-    released_ttt(root / 'fog', [(0, 40.0), (1, 44.5), (2, 45.0)])  # stored before shot_noise: order is standard
+    # released numbering: line i is after i + 1 steps; step 0 comes from the baseline (40.5)
+    released_ttt(root / 'fog', [(0, 44.5), (1, 45.0)])  # stored before shot_noise: order is standard
     released_baseline(root / 'fog' / 'baseline', 40.5)
     ttt_json(root / 'shot_noise', [5.0, 7.5, 12.0])
     baseline_json(root / 'shot_noise' / 'baseline', 4.75)
     # our runs write accuracy.txt too: results.json wins
-    released_ttt(root / 'shot_noise', [(0, 99.0), (1, 99.0), (2, 99.0)])
+    released_ttt(root / 'shot_noise', [(0, 99.0), (1, 99.0)])
     return root
 
 
@@ -77,7 +78,7 @@ def test_table_means_and_outputs(complete_root):
     assert rows['ttt']['cells']['fog']['source'] == 'accuracy.txt'
     assert rows['ttt']['cells']['shot_noise']['source'] == 'results.json'
     assert summary['mean_curve']['steps'] == [0, 1, 2]
-    assert summary['mean_curve']['accuracy'] == [55.0 / 3, 72.0 / 3, 87.25 / 3]
+    assert summary['mean_curve']['accuracy'] == [55.5 / 3, 72.0 / 3, 87.25 / 3]
 
     with open(complete_root / 'summary.csv') as f:
         from_csv = {(row['method'], row['corruption']): float(row['accuracy']) for row in csv.DictReader(f)}
@@ -92,16 +93,17 @@ def test_table_means_and_outputs(complete_root):
     assert not [f for f in os.listdir(complete_root) if f.endswith('.tmp')]
 
 
-def test_other_step_and_released_files_from_step_1(complete_root, tmp_path):
-    released_ttt(complete_root / 'snow', [(1, 1.5), (2, 2.5)])  # released runs may start at step 1
+def test_other_step_and_released_step_numbering(complete_root, tmp_path):
+    released_ttt(complete_root / 'snow', [(0, 1.5), (1, 2.5)])  # the released line 0 is after 1 step
     released_baseline(complete_root / 'snow' / 'baseline', 1.0)
     r = collect(complete_root, '--step', 1, '--out', tmp_path / 'step1')
     assert r.returncode == 0, r.stderr
     ttt = markdown_rows(r.stdout)[3]
     assert ttt == ['TTT-MAE (step 1)', '20.0', '7.5', '1.5\u2020', '44.5\u2020', '18.4']  # (20+7.5+1.5+44.5)/4
     summary = json.loads((tmp_path / 'step1.json').read_text())
-    assert summary['curves']['snow']['steps'] == [1, 2]
-    assert summary['mean_curve']['corruptions'] == ['gaussian_noise', 'shot_noise', 'fog']  # snow lacks step 0
+    assert summary['curves']['snow']['steps'] == [0, 1, 2]
+    assert summary['curves']['snow']['accuracy'] == [1.0, 1.5, 2.5]  # step 0: the baseline's
+    assert summary['mean_curve']['corruptions'] == ['gaussian_noise', 'shot_noise', 'snow', 'fog']
     assert (tmp_path / 'step1.png').exists() and not (complete_root / 'summary.json').exists()
 
 

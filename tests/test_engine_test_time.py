@@ -153,8 +153,9 @@ def test_step0_equals_baseline_batched_equals_one_at_a_time(checkpoints, test_fo
     assert results['complete'] and results['num_images'] == 10
     assert results['accuracy_per_step'][0] == baseline['accuracy']
     lines = open(tmp_path / 'ttt' / 'accuracy.txt').read().splitlines()
-    assert lines[0].startswith('Namespace(') and len(lines) == 5
-    assert [float(x.split('\t')[1]) for x in lines[1:]] == results['accuracy_per_step']
+    assert lines[0].startswith('Namespace(') and len(lines) == 4  # released: line i is after i + 1 steps
+    assert [x.split('\t') for x in lines[1:]] == [[str(i), str(a)] for i, a in
+                                                  enumerate(results['accuracy_per_step'][1:])]
     acc, loss = map(float, open(tmp_path / 'b7' / 'accuracy.txt').read().splitlines()[1].split())
     assert acc == baseline['accuracy']
     assert np.load(tmp_path / 'b7' / 'accuracy.npy').mean() * 100 == pytest.approx(acc)
@@ -291,3 +292,64 @@ def test_parallel_images_equal_one_at_a_time(test_folder, single_crop):
         assert preds.tolist() == ref_preds.tolist()
         np.testing.assert_allclose(ces, ref_ces, rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(losses, ref_losses, rtol=1e-4)
+
+
+def test_trainable_sets_do_not_depend_on_earlier_calls():
+    model = tiny_model()
+    encoder = {id(p) for p in ttt.trainable_parameters(model, 'encoder')}
+    everything = {id(p) for p in ttt.trainable_parameters(model, 'all')}
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[i] for i in everything - encoder} == {n for n in names.values() if n.startswith('decoder')
+                                                        and not n.endswith('pos_embed')}
+    assert not any(names[i].endswith('pos_embed') or names[i].startswith('classifier') for i in everything)
+    no_tokens = {names[id(p)] for p in ttt.trainable_parameters(model, 'encoder_no_cls_no_msk')}
+    assert {names[i] for i in encoder} - no_tokens == {'cls_token', 'mask_token'}
+
+
+def test_results_survive_a_kill_between_final_write_and_chunk_removal(tmp_path):
+    from util.results import ResultStore
+    store = ResultStore(str(tmp_path))
+    for i in range(3):
+        store.add(index=i, label=i, pred=np.array([i]), ce_loss=np.array([0.5]), mae_loss=np.zeros(0), seconds=0.)
+    store.flush()
+    records = store.load()
+    records['filename'] = np.array(['a', 'b', 'c'])
+    chunks = list((tmp_path / 'partial').glob('*.npz'))
+    with open(tmp_path / 'per_image.npz', 'wb') as f:  # as finalize() does, but "killed" before removing chunks
+        np.savez(f, **records)
+    assert chunks and all(c.exists() for c in chunks)
+    again = ResultStore(str(tmp_path)).load()
+    assert again['index'].tolist() == [0, 1, 2] and again['pred'].ravel().tolist() == [0, 1, 2]
+
+
+def test_a_failed_start_does_not_block_the_corrected_rerun(checkpoints, test_folder, tmp_path):
+    from util.results import ResultStore, check_run_config
+    store = ResultStore(str(tmp_path))
+    check_run_config(store, {'lr': 0.1}, True)  # the first run died before its first image
+    check_run_config(store, {'lr': 0.2}, True)  # no results yet: the new settings replace the old
+    store.add(index=0, label=0, pred=np.array([0]), ce_loss=np.array([0.]), mae_loss=np.zeros(0), seconds=0.)
+    store.flush()
+    with pytest.raises(UserError, match='lr: 0.2 -> 0.3'):
+        check_run_config(store, {'lr': 0.3}, True)
+
+
+def test_slurm_without_master_address_is_a_clear_error(monkeypatch):
+    from util.distributed import init_distributed_mode
+    for var in ('RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT'):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv('SLURM_PROCID', '0')
+    monkeypatch.setenv('SLURM_NTASKS', '2')
+    args = ttt_args()
+    args.device = 'cpu'
+    with pytest.raises(UserError, match='MASTER_ADDR'):
+        init_distributed_mode(args)
+
+
+def test_head_weights_in_the_mae_checkpoint_are_ignored(tmp_path, checkpoints):
+    """Our pre-training saves a (random, frozen) head; the probe's head must replace it whole."""
+    _, probe = checkpoints
+    mae_with_head = tiny_model(classifier_depth=3, seed=1).state_dict()
+    torch.save({'model': mae_with_head}, tmp_path / 'mae.pth')
+    state = combined_state_dict(str(tmp_path / 'mae.pth'), probe, 'vit_head')
+    assert not any(k.startswith('classifier_blocks.2') for k in state)
+    assert set(state) == set(tiny_model().state_dict())

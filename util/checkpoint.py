@@ -83,7 +83,8 @@ LINEAR_PROBE_KEYS = {'head.0.running_mean': 'bn.running_mean', 'head.0.running_v
 
 def combined_state_dict(resume_model, resume_finetune, head_type):
     """MAE checkpoint (encoder + decoder) plus the head of the probe checkpoint (SPEC section 2)."""
-    state = dict(model_state(load_checkpoint(resume_model, 'MAE checkpoint (--resume_model)')))
+    state = {k: v for k, v in model_state(load_checkpoint(resume_model, 'MAE checkpoint (--resume_model)')).items()
+             if not k.startswith(HEAD_PREFIXES)}  # a head saved by pre-training is never the trained one
     probe = model_state(load_checkpoint(resume_finetune, 'probe checkpoint (--resume_finetune)'))
     if head_type == 'vit_head':
         head = {k: v for k, v in probe.items() if k.startswith('classifier')}
@@ -142,10 +143,11 @@ def latest_checkpoint(output_dir):
 
 
 def resume_training(args, model, optimizer, scaler):
-    """Load --resume, or else the newest checkpoint in --output_dir; sets args.start_epoch."""
+    """Load --resume, or else the newest checkpoint in --output_dir; sets args.start_epoch.
+    Returns the path loaded, or None."""
     path = args.resume or (latest_checkpoint(args.output_dir) if args.output_dir else None)
     if not path:
-        return
+        return None
     checkpoint = load_checkpoint(path, 'checkpoint to resume (--resume)')
     load_state_dict_strict(model, model_state(checkpoint), path)
     if 'optimizer' in checkpoint and 'epoch' in checkpoint:
@@ -154,3 +156,4 @@ def resume_training(args, model, optimizer, scaler):
         if 'scaler' in checkpoint:
             scaler.load_state_dict(checkpoint['scaler'])
     print(f"Resumed from {path} (next epoch {args.start_epoch})")
+    return path

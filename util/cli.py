@@ -56,7 +56,6 @@ def add_run_args(parser):
     group.add_argument('--world_size', default=1, type=int, help='set by the launcher; kept for old scripts')
     # torch.distributed.launch passes --local-rank (new) or --local_rank (old); torchrun passes env vars
     group.add_argument('--local_rank', '--local-rank', dest='local_rank', default=-1, type=int)
-    group.add_argument('--dist_on_itp', action='store_true')
     group.add_argument('--dist_url', default='env://',
                        help='used only when the launcher did not set MASTER_ADDR/MASTER_PORT')
     return group

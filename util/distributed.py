@@ -5,6 +5,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from util.cli import UserError
+
 
 def init_distributed_mode(args):
     """Fill args.rank/world_size/gpu/distributed and start the process group when there is one.
@@ -31,6 +33,9 @@ def init_distributed_mode(args):
     if not args.distributed:
         return
     init_method = 'env://' if 'MASTER_ADDR' in env and 'MASTER_PORT' in env else args.dist_url
+    if init_method == 'env://' and not ('MASTER_ADDR' in env and 'MASTER_PORT' in env):
+        raise UserError(f"{args.world_size} processes but no MASTER_ADDR/MASTER_PORT: launch with torchrun, "
+                        f"or set them, or pass --dist_url file:///shared/path/init_file")
     backend = 'nccl' if use_cuda else 'gloo'
     print(f"| distributed init (rank {args.rank} of {args.world_size}, {backend}): {init_method}", flush=True)
     dist.init_process_group(backend=backend, init_method=init_method, world_size=args.world_size,
@@ -69,6 +74,12 @@ def is_main_process():
 def barrier():
     if is_dist_avail_and_initialized():
         dist.barrier()
+
+
+def broadcast_object(objects):
+    """Replace the list `objects` in place by rank 0's."""
+    if is_dist_avail_and_initialized():
+        dist.broadcast_object_list(objects, src=0)
 
 
 def all_reduce_mean(x):

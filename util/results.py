@@ -27,10 +27,11 @@ def select_indices(num_images, max_examples=None, subset='stride', subset_seed=0
     return np.sort(rng.choice(num_images, size=max_examples, replace=False))
 
 
-def check_run_config(output_dir, config, is_main):
-    """A rerun into the same folder must compute the same thing as the run it continues."""
+def check_run_config(store, config, is_main):
+    """A rerun into a folder holding results must compute the same thing as the run it continues."""
+    output_dir = store.output_dir
     path = os.path.join(output_dir, 'run_config.json')
-    if os.path.exists(path):
+    if os.path.exists(path) and store.has_results():
         with open(path) as f:
             saved = json.load(f)
         changed = sorted(k for k in set(saved) | set(config) if saved.get(k) != config.get(k))
@@ -65,9 +66,15 @@ class ResultStore:
                 raise UserError(f"cannot read result file {path}: {e}") from None
         if not parts:
             return None
-        merged = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        # per_image.npz also holds file names: merge the fields every part has (a kill may fall
+        # between writing per_image.npz and removing the chunks it came from)
+        keys = [k for k in parts[0] if all(k in p for p in parts)]
+        merged = {k: np.concatenate([p[k] for p in parts]) for k in keys}
         _, first = np.unique(merged['index'], return_index=True)
         return {k: v[first] for k, v in merged.items()}
+
+    def has_results(self):
+        return bool(self._files())
 
     def done_indices(self):
         records = self.load()
