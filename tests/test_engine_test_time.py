@@ -353,3 +353,11 @@ def test_head_weights_in_the_mae_checkpoint_are_ignored(tmp_path, checkpoints):
     state = combined_state_dict(str(tmp_path / 'mae.pth'), probe, 'vit_head')
     assert not any(k.startswith('classifier_blocks.2') for k in state)
     assert set(state) == set(tiny_model().state_dict())
+
+
+def test_mode_switching_only_where_a_module_depends_on_it():
+    model = tiny_model(head_type='linear', drop_path_rate=0.1)  # batch norm and drop path sit in the head only
+    assert ttt.mode_dependent_modules(model) == []
+    model.blocks[0].attn.attn_drop.p = 0.1
+    assert ttt.mode_dependent_modules(model) == ['blocks.0.attn.attn_drop']
+    assert ttt.TestTimeTrainer(model, ttt_args(), 'cpu').switch_modes
