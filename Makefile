@@ -1,0 +1,21 @@
+# make demo: the built-in example (scripts/demo.sh) in .venv, created from requirements.txt if missing
+# make test: the test suite in .venv
+# PYTHON=/path/to/python make demo   uses an existing environment instead of .venv
+VENV := .venv
+PYTHON ?= $(VENV)/bin/python
+
+.PHONY: demo test venv
+
+demo: venv
+	PYTHON=$(PYTHON) bash scripts/demo.sh
+
+test: venv
+	$(PYTHON) -m pytest -q tests
+
+# .venv is (re)installed when missing or older than requirements.txt; another PYTHON is used as it is
+venv: $(if $(filter $(VENV)/bin/python,$(PYTHON)),$(VENV)/.installed)
+
+$(VENV)/.installed: requirements.txt
+	test -x $(VENV)/bin/python || python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -r requirements.txt
+	touch $@
