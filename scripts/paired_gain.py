@@ -1,0 +1,142 @@
+"""Paired gain of TTT-MAE over the baseline, per corruption, with its standard error.
+
+Reads the folders scripts/collect_results.py reads: ROOT/<corruption>/per_image.npz (TTT) and
+ROOT/<corruption>/baseline/per_image.npz. Images are paired by index (and checked by file name and
+label): per image, d = correct after `--step` TTT steps - correct without adaptation, in {-1, 0, 1}.
+The gain is mean(d) in points and its standard error std(d, ddof=1) / sqrt(n). The mean row pairs
+images by file name across corruptions (same clean image), averages d per image over the corruptions
+and takes the standard error over images, so it is only given when every corruption holds the same
+images. Prints a Markdown table and writes PREFIX.md and PREFIX.json.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)
+
+import numpy as np  # noqa: E402
+
+from util.corruptions import CORRUPTIONS, EXTRA_CORRUPTIONS  # noqa: E402
+from util.io import write_json, write_text  # noqa: E402
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('root', help="the sweep's output root (ROOT/<corruption>/[baseline/])")
+    parser.add_argument('--step', default=None, type=int, help='TTT step compared (default: the last one)')
+    parser.add_argument('--out', default=None, help='output prefix (default: ROOT/paired_gain)')
+    return parser
+
+
+class UserError(Exception):
+    """Missing or inconsistent result files: one line on stderr, exit code 2."""
+
+
+def load(folder):
+    path = os.path.join(folder, 'per_image.npz')
+    if not os.path.exists(path):
+        raise UserError(f"{path} not found (is the run complete?)")
+    with np.load(path, allow_pickle=False) as f:
+        return {k: f[k] for k in f.files}
+
+
+def mean_se(d):
+    d = np.asarray(d, dtype=np.float64)
+    se = d.std(ddof=1) / math.sqrt(len(d)) if len(d) > 1 else float('nan')
+    return 100 * d.mean(), 100 * se
+
+
+def compare(folder, step):
+    """Per-corruption numbers and the per-image differences keyed by file name."""
+    ttt, base = load(folder), load(os.path.join(folder, 'baseline'))
+    if not np.array_equal(ttt['index'], base['index']):
+        raise UserError(f"{folder}: the TTT run and the baseline hold different images "
+                        f"({len(ttt['index'])} vs {len(base['index'])})")
+    for key in ('label', 'filename'):
+        if key in ttt and key in base and not np.array_equal(ttt[key], base[key]):
+            raise UserError(f"{folder}: {key}s of the TTT run and the baseline differ")
+    last = ttt['pred'].shape[1] - 1
+    s = last if step is None else step
+    if not 0 <= s <= last:
+        raise UserError(f"{folder}: no step {s} (the run has steps 0..{last})")
+    before = (base['pred'][:, 0] == base['label']).astype(np.int64)
+    after = (ttt['pred'][:, s] == ttt['label']).astype(np.int64)
+    step0 = (ttt['pred'][:, 0] == ttt['label']).astype(np.int64)
+    d = after - before
+    gain, se = mean_se(d)
+    row = {'num_images': int(len(d)), 'step': int(s), 'baseline': 100 * before.mean(),
+           'ttt': 100 * after.mean(), 'ttt_step0': 100 * step0.mean(), 'gain': gain, 'gain_se': se,
+           'fixed': int((d > 0).sum()), 'broken': int((d < 0).sum())}
+    names = ttt['filename'].tolist() if 'filename' in ttt else None
+    return row, d, names
+
+
+def collect(root, step=None):
+    if not os.path.isdir(root):
+        raise UserError(f"results folder not found: {root}")
+    folders = {e.name for e in os.scandir(root) if e.is_dir()}
+    columns = [c for c in CORRUPTIONS + EXTRA_CORRUPTIONS if c in folders]
+    if not columns:
+        raise UserError(f"{root} has no <corruption>/ result folders")
+    rows, diffs = {}, {}
+    for c in columns:
+        rows[c], d, names = compare(os.path.join(root, c), step)
+        diffs[c] = dict(zip(names, d)) if names is not None else None
+    steps = {r['step'] for r in rows.values()}
+    if len(steps) != 1:
+        raise UserError(f"the runs end at different steps {sorted(steps)}: pass --step")
+    mean = {'baseline': float(np.mean([r['baseline'] for r in rows.values()])),
+            'ttt': float(np.mean([r['ttt'] for r in rows.values()])), 'step': steps.pop(),
+            'num_corruptions': len(columns)}
+    same_images = all(diffs[c] is not None for c in columns) and len(
+        {frozenset(diffs[c]) for c in columns}) == 1
+    if same_images:
+        names = sorted(diffs[columns[0]])
+        per_image = np.mean([[diffs[c][n] for n in names] for c in columns], axis=0)
+        mean['gain'], mean['gain_se'] = mean_se(per_image)
+        mean['num_images'] = len(names)
+    else:
+        mean['gain'] = mean['ttt'] - mean['baseline']
+        mean['gain_se'] = None  # images differ between corruptions: no pairing across them
+    return {'root': root, 'columns': columns, 'rows': rows, 'mean': mean}
+
+
+def markdown(summary):
+    step = summary['mean']['step']
+    lines = [f'| corruption | images | no adaptation | TTT-MAE (step {step}) | paired gain ± SE | '
+             'fixed / broken |', '|---|---:|---:|---:|---:|---:|']
+    for c in summary['columns']:
+        r = summary['rows'][c]
+        lines.append(f"| {c} | {r['num_images']} | {r['baseline']:.1f} | {r['ttt']:.1f} | "
+                     f"{r['gain']:+.1f} ± {r['gain_se']:.1f} | {r['fixed']} / {r['broken']} |")
+    m = summary['mean']
+    se = '' if m['gain_se'] is None else f" ± {m['gain_se']:.1f}"
+    lines.append(f"| mean of {m['num_corruptions']} | {m.get('num_images', '')} | {m['baseline']:.1f} | "
+                 f"{m['ttt']:.1f} | {m['gain']:+.1f}{se} | |")
+    notes = ['Accuracy in %. Gain: per image, correct after TTT - correct before, averaged (points); '
+             'SE = sample std / sqrt(n). fixed / broken: images TTT turned right / wrong.']
+    if m['gain_se'] is not None:
+        notes.append('Mean row: per-image gain averaged over the corruptions (same clean images), SE over images.')
+    return '\n'.join(lines + [''] + notes) + '\n'
+
+
+def main(args):
+    summary = collect(args.root, args.step)
+    prefix = args.out or os.path.join(args.root, 'paired_gain')
+    table = markdown(summary)
+    print(table, end='')
+    write_text(prefix + '.md', table)
+    write_json(prefix + '.json', summary)
+    print(f"\nwrote {prefix}.md, {prefix}.json")
+
+
+if __name__ == '__main__':
+    args = get_args_parser().parse_args()
+    try:
+        main(args)
+    except UserError as e:
+        sys.stderr.write(f"error: {e}\n")
+        sys.exit(2)

@@ -1,0 +1,108 @@
+"""The built-in example end to end at tiny sizes: scripts/demo.sh, the script `make demo` runs."""
+import csv
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import run_script
+
+CORRUPTIONS = ['gaussian_noise', 'pixelate']
+STEPS = 2
+PER_CLASS = 2  # corrupted and evaluated test images per class
+TINY = {'DEMO_DIGITS': '20 5 5', 'DEMO_EVAL_PER_CLASS': str(PER_CLASS), 'DEMO_CORRUPTIONS': ' '.join(CORRUPTIONS),
+        'DEMO_PRETRAIN_EPOCHS': '2', 'DEMO_PRETRAIN_WARMUP': '1', 'DEMO_PRETRAIN_BATCH': '64',
+        'DEMO_PROBE_EPOCHS': '1', 'DEMO_PROBE_BATCH': '64', 'DEMO_TTT_STEPS': str(STEPS), 'DEMO_TTT_BATCH': '8',
+        'DEMO_THREADS': '1'}
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def stage_times(out):
+    with open(os.path.join(out, 'stage_times_test.tsv')) as f:
+        return {row['stage']: row for row in csv.DictReader(f, delimiter='\t')}
+
+
+@pytest.fixture(scope='module')
+def demo(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp('demo') / 'demo_out')
+    env = {**TINY, 'PYTHON': sys.executable, 'DEMO_OUT': out}
+    first = run_script(['bash', 'scripts/demo.sh'], env=env)
+    return out, env, first
+
+
+def test_every_stage_ran_and_wrote_its_outputs(demo):
+    out, _, first = demo
+    times = stage_times(out)
+    expected = ['digits', 'pretrain', 'probe', f'corrupt test ({10 * PER_CLASS * len(CORRUPTIONS)} images)',
+                'clean test baseline'] + [f'{c} {m}' for c in CORRUPTIONS for m in ('baseline', 'TTT-MAE')] \
+        + ['collect', 'paired gains', 'total']
+    assert list(times) == expected
+    assert all(t['status'] == 'ran' and float(t['seconds']) >= 0 for t in times.values())
+    assert read_json(f'{out}/digits/digits.json')['counts'] == {'train': 200, 'val': 50, 'test': 50}
+    for ckpt in ('pretrain/checkpoint-final.pth', 'probe/checkpoint-final.pth'):
+        assert os.path.isfile(os.path.join(out, ckpt))
+    for c in CORRUPTIONS:
+        folder = f'{out}/digits-c/test/{c}/5'
+        assert sorted(os.listdir(folder)) == [str(d) for d in range(10)]
+        assert all(len(os.listdir(f'{folder}/{d}')) == PER_CLASS for d in range(10))
+    assert read_json(f'{out}/clean_test/results.json')['num_images'] == 50
+    for name in ('summary.csv', 'summary.json', 'summary.png', 'paired_gain.md', 'paired_gain.json'):
+        assert os.path.getsize(f'{out}/results_test/{name}') > 0
+    assert '| mean of 2 |' in first.stdout
+
+
+def test_step0_of_ttt_is_the_baseline_on_the_same_images(demo):
+    out, _, _ = demo
+    for c in CORRUPTIONS:
+        ttt_json, base_json = read_json(f'{out}/results_test/{c}/results.json'), \
+            read_json(f'{out}/results_test/{c}/baseline/results.json')
+        assert ttt_json['complete'] and base_json['complete']
+        assert ttt_json['num_images'] == base_json['num_images'] == 10 * PER_CLASS
+        assert len(ttt_json['accuracy_per_step']) == STEPS + 1
+        assert ttt_json['accuracy_per_step'][0] == pytest.approx(base_json['accuracy'])
+        ttt, base = (np.load(f'{out}/results_test/{c}/{sub}per_image.npz') for sub in ('', 'baseline/'))
+        for key in ('index', 'label', 'filename'):
+            assert np.array_equal(ttt[key], base[key]), key
+        assert ttt['pred'].shape == (10 * PER_CLASS, STEPS + 1)
+        assert np.array_equal(ttt['pred'][:, 0], base['pred'][:, 0])
+        np.testing.assert_allclose(ttt['ce_loss'][:, 0], base['ce_loss'][:, 0], rtol=1e-4, atol=1e-5)
+
+
+def test_tables_report_the_runs_numbers(demo):
+    out, _, _ = demo
+    root = f'{out}/results_test'
+    with open(f'{root}/summary.csv') as f:
+        rows = {(r['method'], r['corruption']): r for r in csv.DictReader(f)}
+    gains = read_json(f'{root}/paired_gain.json')
+    assert gains['columns'] == CORRUPTIONS
+    for c in CORRUPTIONS:
+        ttt = read_json(f'{root}/{c}/results.json')['accuracy_per_step'][STEPS]
+        base = read_json(f'{root}/{c}/baseline/results.json')['accuracy']
+        assert float(rows[('baseline', c)]['accuracy']) == pytest.approx(base)
+        assert float(rows[('ttt', c)]['accuracy']) == pytest.approx(ttt)
+        g = gains['rows'][c]
+        assert (g['baseline'], g['ttt'], g['step']) == (pytest.approx(base), pytest.approx(ttt), STEPS)
+        t, b = np.load(f'{root}/{c}/per_image.npz'), np.load(f'{root}/{c}/baseline/per_image.npz')
+        d = (t['pred'][:, STEPS] == t['label']).astype(float) - (b['pred'][:, 0] == b['label'])
+        assert g['gain'] == pytest.approx(100 * d.mean())
+        assert g['gain_se'] == pytest.approx(100 * d.std(ddof=1) / np.sqrt(len(d)))
+        assert g['gain'] == pytest.approx(ttt - base)
+    mean = np.mean([gains['rows'][c]['gain'] for c in CORRUPTIONS])
+    assert gains['mean']['gain'] == pytest.approx(mean)  # same images in every corruption
+
+
+def test_rerun_skips_every_finished_stage(demo):
+    out, env, _ = demo
+    results = f'{out}/results_test/{CORRUPTIONS[0]}/results.json'
+    before = os.stat(results).st_mtime_ns
+    run_script(['bash', 'scripts/demo.sh'], env=env)
+    times = stage_times(out)
+    ran = [name for name, t in times.items() if t['status'] == 'ran']
+    assert ran == ['collect', 'paired gains', 'total']
+    assert os.stat(results).st_mtime_ns == before
