@@ -19,6 +19,7 @@ import sys
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
+from util.cli import UserError, run_main  # noqa: E402
 from util.corruptions import CORRUPTIONS, EXTRA_CORRUPTIONS  # noqa: E402
 from util.io import atomic_path, write_json, write_text  # noqa: E402
 
@@ -31,10 +32,6 @@ def get_args_parser():
     parser.add_argument('--allow_partial', action='store_true',
                         help='average partial runs too (the mean is then flagged)')
     return parser
-
-
-class UserError(Exception):
-    """Bad arguments or result files: one line on stderr, exit code 2."""
 
 
 def read_run(folder, method):
@@ -234,9 +231,4 @@ def main(args):
 
 
 if __name__ == '__main__':
-    args = get_args_parser().parse_args()
-    try:
-        main(args)
-    except UserError as e:
-        sys.stderr.write(f"error: {e}\n")
-        sys.exit(2)
+    run_main(main, get_args_parser().parse_args())

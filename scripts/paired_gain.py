@@ -19,6 +19,7 @@ sys.path.insert(0, REPO_ROOT)
 
 import numpy as np  # noqa: E402
 
+from util.cli import UserError, run_main  # noqa: E402
 from util.corruptions import CORRUPTIONS, EXTRA_CORRUPTIONS  # noqa: E402
 from util.io import write_json, write_text  # noqa: E402
 
@@ -29,10 +30,6 @@ def get_args_parser():
     parser.add_argument('--step', default=None, type=int, help='TTT step compared (default: the last one)')
     parser.add_argument('--out', default=None, help='output prefix (default: ROOT/paired_gain)')
     return parser
-
-
-class UserError(Exception):
-    """Missing or inconsistent result files: one line on stderr, exit code 2."""
 
 
 def load(folder):
@@ -134,9 +131,4 @@ def main(args):
 
 
 if __name__ == '__main__':
-    args = get_args_parser().parse_args()
-    try:
-        main(args)
-    except UserError as e:
-        sys.stderr.write(f"error: {e}\n")
-        sys.exit(2)
+    run_main(main, get_args_parser().parse_args())
