@@ -52,13 +52,16 @@ def trainable_parameters(model, finetune_mode):
     return chosen
 
 
-def build_optimizer(params, args):
+def build_optimizer(params, args, foreach=True):
+    # foreach: one multi-tensor kernel per update instead of one per parameter; the same elementwise
+    # arithmetic, bitwise equal to the per-parameter loop (tested). torch picks it by itself on CUDA only.
     if args.optimizer_type == 'sgd':
-        return torch.optim.SGD(params, lr=args.lr, momentum=args.optimizer_momentum)
+        return torch.optim.SGD(params, lr=args.lr, momentum=args.optimizer_momentum, foreach=foreach)
     if args.optimizer_type == 'adam':
-        return torch.optim.Adam(params, lr=args.lr, betas=(0.9, 0.95))
+        return torch.optim.Adam(params, lr=args.lr, betas=(0.9, 0.95), foreach=foreach)
     if args.optimizer_type == 'adam_w':
-        return torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
+        return torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay,
+                                 foreach=foreach)
     raise UserError(f"unknown --optimizer_type {args.optimizer_type!r}; choices: sgd, adam, adam_w")
 
 

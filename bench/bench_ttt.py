@@ -48,7 +48,8 @@ def main():
     parser.add_argument('--amp', nargs='+', default=['none'], choices=['none', 'bf16', 'fp16'])
     parser.add_argument('--strict_fp32', action='store_true')
     parser.add_argument('--compile', action='store_true')
-    parser.add_argument('--parallel_images', default=1, type=int, help='images adapted at once (vmap)')
+    parser.add_argument('--parallel_images', nargs='+', default=[1], type=int,
+                        help='images adapted at once (vmap); one row per value')
     parser.add_argument('--naive', action='store_true', help='also time the deep-copy / decode-per-step loop')
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     bench = parser.parse_args()
@@ -60,9 +61,10 @@ def main():
     model.to(device)
     with tempfile.TemporaryDirectory() as folder:
         samples = make_images(folder, bench.images + 1, bench.image_size)
-        rows = [measure(bench, model, samples, amp, device) for amp in bench.amp]
+        rows = [measure(bench, model, samples, amp, parallel, device)
+                for amp in bench.amp for parallel in bench.parallel_images]
         if bench.naive:  # the released-style loop, fp32 (TF32 on CUDA unless --strict_fp32)
-            args = ttt_args(bench, 'none', size)
+            args = ttt_args(bench, 'none', 1, size)
             _, seconds = timed(lambda: [naive_adapt(base_cpu, p, label, i, args, device)
                                         for i, (p, label) in enumerate(samples)], device)
             rows.append(['naive loop (deep copy, decode per step)', f"{seconds / len(samples):.3f}",
@@ -73,21 +75,21 @@ def main():
                  'floor s/image'], rows)
 
 
-def ttt_args(bench, amp, size):
+def ttt_args(bench, amp, parallel, size):
     args = get_args_parser().parse_args([
         '--data_path', '-', '--resume_model', '-', '--resume_finetune', '-', '--model', bench.model,
         '--batch_size', str(bench.batch_size), '--steps_per_example', str(bench.steps), '--single_crop',
-        '--norm_pix_loss', '--amp', amp, '--parallel_images', str(bench.parallel_images)]
+        '--norm_pix_loss', '--amp', amp, '--parallel_images', str(parallel)]
         + (['--compile'] if bench.compile else []))
     args.input_size, args.lr = size, args.blr * args.batch_size / 256
     return args
 
 
-def measure(bench, model, samples, amp, device):
+def measure(bench, model, samples, amp, parallel, device):
     """One table row: the default loop (or a flag's) over the images, decoding in workers included."""
     size = model.patch_embed.img_size[0]
-    args = ttt_args(bench, amp, size)
-    trainer = (BatchedTestTimeTrainer if bench.parallel_images > 1 else TestTimeTrainer)(model, args, device)
+    args = ttt_args(bench, amp, parallel, size)
+    trainer = (BatchedTestTimeTrainer if parallel > 1 else TestTimeTrainer)(model, args, device)
     loader = torch.utils.data.DataLoader(TestTimeDataset(samples, range(len(samples)), size),
                                          batch_size=None, num_workers=2)
 
@@ -104,7 +106,7 @@ def measure(bench, model, samples, amp, device):
     rate = matmul_tflops(device, {'none': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}[amp])
     precision = {'none': 'fp32' if device.type == 'cpu' or bench.strict_fp32 else 'tf32'}.get(amp, amp)
     mode = precision + (' compiled' if bench.compile else '')
-    mode += f' x{bench.parallel_images} images' if bench.parallel_images > 1 else ''
+    mode += f' x{parallel} images' if parallel > 1 else ''
     trainer.reset()  # the next mode starts from the same weights
     return [mode, f"{per_image:.3f}", f"{1 / per_image:.2f}", f"{peak_memory_gib(device):.2f}",
             f"{flops / 1e12:.3g}", f"{rate:.1f}", f"{flops / rate / 1e12:.3g}"]

@@ -1,6 +1,8 @@
 """The released code's way of running test-time training, kept as a reference for tests and benchmarks:
-for every image, rebuild the model from a host copy of the weights, build a new optimiser, and decode
-and transform the image again for every step. Same masks as engine_test_time (from (seed, index))."""
+for every image, rebuild the model from a host copy of the weights, build a new optimiser (torch's
+default per-parameter update on CPU), decode and transform the image again for every step and stack
+`batch_size` host-side copies of it (the released loader's single-crop batch). Same masks as
+engine_test_time (from (seed, index))."""
 import copy
 
 import torch
@@ -14,7 +16,7 @@ from util.seed import derive_seed
 def naive_adapt(base_model_cpu, path, label, index, args, device):
     """Returns (predictions per step, MAE loss per step) for one image, single-crop views."""
     model = copy.deepcopy(base_model_cpu).to(device)
-    optimizer = build_optimizer(trainable_parameters(model, args.finetune_mode), args)
+    optimizer = build_optimizer(trainable_parameters(model, args.finetune_mode), args, foreach=None)
     transform = eval_transform(args.input_size)
     num_patches = model.patch_embed.num_patches
     gen = torch.Generator(device=device).manual_seed(derive_seed(args.seed, index, 1))
@@ -33,8 +35,8 @@ def naive_adapt(base_model_cpu, path, label, index, args, device):
     for step in range(args.steps_per_example):
         step_loss = 0.
         for micro in range(args.accum_iter):
-            image = transform(load_rgb(path)).unsqueeze(0).to(device)
-            views = image.expand(args.batch_size, -1, -1, -1)
+            image = transform(load_rgb(path))
+            views = torch.stack([image for _ in range(args.batch_size)]).to(device)
             loss = model(views, mask_ratio=args.mask_ratio, input_mask=masks[step, micro])[0]['mae']
             (loss / args.accum_iter).backward()
             step_loss += loss.item() / args.accum_iter

@@ -82,8 +82,25 @@ def test_two_steps_equal_hand_computed_sgd_with_momentum(test_folder):
         torch.testing.assert_close(adapted[n], params[n], rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize('optimizer', ['sgd', 'adam', 'adam_w'])
+def test_multi_tensor_optimizer_is_bitwise_the_per_parameter_one(test_folder, optimizer):
+    """build_optimizer's foreach update == torch's default per-parameter loop on CPU, bit for bit."""
+    args = ttt_args('--optimizer_type', optimizer, '--steps_per_example', '4')
+    path, label = ImageFolder(test_folder).samples[0]
+    adapted = []
+    for foreach in (True, None):
+        model = tiny_model(norm_pix_loss=True)
+        trainer = ttt.TestTimeTrainer(model, args, 'cpu')
+        trainer.optimizer = ttt.build_optimizer(trainer.params, args, foreach=foreach)
+        trainer.adapt(0, label, eval_image(path))
+        adapted.append([p.detach().clone() for p in trainer.params])
+    assert all(torch.equal(a, b) for a, b in zip(*adapted))
+    assert not torch.equal(adapted[0][0], trainer.start_params[0])  # the weights did move
+
+
 def test_fast_loop_equals_naive_loop(test_folder):
-    """In-place reset + decode once == deep-copy the model, new optimiser, decode every step."""
+    """In-place reset + decode once + multi-tensor update == deep-copy the model, new per-parameter
+    optimiser, decode every step."""
     args = ttt_args('--accum_iter', '2')
     model = tiny_model(norm_pix_loss=True)
     base_cpu = copy.deepcopy(model)
