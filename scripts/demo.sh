@@ -20,6 +20,7 @@
 #   DEMO_DIGITS            train/val/test images per class (default: "300 100 100")
 #   DEMO_EVAL_PER_CLASS    images per class corrupted and evaluated (default: 30, so 300 per corruption)
 #   DEMO_PRETRAIN_EPOCHS, DEMO_PRETRAIN_WARMUP, DEMO_PRETRAIN_BATCH, DEMO_PRETRAIN_BLR
+#   DEMO_NORM_PIX          1: MAE loss on per-patch normalised pixels (--norm_pix_loss); 0: raw pixels
 #   DEMO_PROBE_EPOCHS, DEMO_PROBE_WARMUP, DEMO_PROBE_BATCH, DEMO_PROBE_BLR
 #   DEMO_TTT_STEPS, DEMO_TTT_BATCH, DEMO_TTT_LR, DEMO_TTT_MASK_RATIO, DEMO_TTT_MAX_EXAMPLES,
 #   DEMO_TTT_PARALLEL (--parallel_images)
@@ -46,6 +47,7 @@ PRETRAIN_EPOCHS=${DEMO_PRETRAIN_EPOCHS:-80}
 PRETRAIN_WARMUP=${DEMO_PRETRAIN_WARMUP:-5}
 PRETRAIN_BATCH=${DEMO_PRETRAIN_BATCH:-128}
 PRETRAIN_BLR=${DEMO_PRETRAIN_BLR:-3e-3}
+NORM_PIX=${DEMO_NORM_PIX:-1}
 PROBE_EPOCHS=${DEMO_PROBE_EPOCHS:-10}
 PROBE_WARMUP=${DEMO_PROBE_WARMUP:-1}
 PROBE_BATCH=${DEMO_PROBE_BATCH:-128}
@@ -64,8 +66,8 @@ CORRUPTED=$OUT/digits-c/$SPLIT
 PRETRAIN=$OUT/pretrain
 PROBE=$OUT/probe
 TIMES=$OUT/stage_times_$SPLIT.tsv
-MODEL_FLAGS=(--model mae_vit_tiny_patch4 --input_size 32 --norm_pix_loss --head_type vit_head
-             --num_classes 10 --device cpu)
+MODEL_FLAGS=(--model mae_vit_tiny_patch4 --input_size 32 --head_type vit_head --num_classes 10 --device cpu)
+[[ $NORM_PIX == 1 ]] && MODEL_FLAGS+=(--norm_pix_loss)
 EVAL_FLAGS=(--resume_model "$PRETRAIN/checkpoint-final.pth" --resume_finetune "$PROBE/checkpoint-final.pth"
             --dataset_name digits --num_workers 0 ${TTT_MAX_EXAMPLES:+--max_examples "$TTT_MAX_EXAMPLES"})
 
