@@ -29,6 +29,7 @@ def get_args_parser():
     parser.add_argument('root', help="the sweep's output root (ROOT/<corruption>/[baseline/])")
     parser.add_argument('--step', default=None, type=int, help='TTT step to tabulate (default: the last one)')
     parser.add_argument('--out', default=None, help='output prefix (default: ROOT/summary)')
+    parser.add_argument('--title', default=None, help="the figure's title (default: 'ImageNet-C: <ROOT folder name>')")
     parser.add_argument('--allow_partial', action='store_true',
                         help='average partial runs too (the mean is then flagged)')
     return parser
@@ -184,7 +185,7 @@ def to_csv(summary):
     return buf.getvalue()
 
 
-def plot(summary, path):
+def plot(summary, path, title):
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
@@ -210,12 +211,12 @@ def plot(summary, path):
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel('TTT step (0 = before adaptation; squares: baseline)')
     ax.set_ylabel('top-1 accuracy (%)')
-    ax.set_title(f"ImageNet-C: {os.path.basename(os.path.abspath(summary['root']))}")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc='center left', bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format='png', dpi=120)
+        fig.savefig(tmp, format='png', dpi=120, metadata={'Title': title})
     plt.close(fig)
 
 
@@ -226,7 +227,8 @@ def main(args):
     print(table, end='')
     write_text(prefix + '.csv', to_csv(summary))
     write_json(prefix + '.json', summary)
-    plot(summary, prefix + '.png')
+    title = args.title or f"ImageNet-C: {os.path.basename(os.path.abspath(args.root))}"
+    plot(summary, prefix + '.png', title)
     print(f"\nwrote {prefix}.csv, {prefix}.json, {prefix}.png")
 
 

@@ -89,6 +89,7 @@ def test_table_means_and_outputs(complete_root):
     png = complete_root / 'summary.png'
     assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
     with Image.open(png) as img:
+        assert img.info['Title'] == f'ImageNet-C: {complete_root.name}'
         img.verify()
     assert not [f for f in os.listdir(complete_root) if f.endswith('.tmp')]
 
@@ -96,7 +97,7 @@ def test_table_means_and_outputs(complete_root):
 def test_other_step_and_released_step_numbering(complete_root, tmp_path):
     released_ttt(complete_root / 'snow', [(0, 1.5), (1, 2.5)])  # the released line 0 is after 1 step
     released_baseline(complete_root / 'snow' / 'baseline', 1.0)
-    r = collect(complete_root, '--step', 1, '--out', tmp_path / 'step1')
+    r = collect(complete_root, '--step', 1, '--out', tmp_path / 'step1', '--title', 'Digits-C, severity 5')
     assert r.returncode == 0, r.stderr
     ttt = markdown_rows(r.stdout)[3]
     assert ttt == ['TTT-MAE (step 1)', '20.0', '7.5', '1.5\u2020', '44.5\u2020', '18.4']  # (20+7.5+1.5+44.5)/4
@@ -104,7 +105,9 @@ def test_other_step_and_released_step_numbering(complete_root, tmp_path):
     assert summary['curves']['snow']['steps'] == [0, 1, 2]
     assert summary['curves']['snow']['accuracy'] == [1.0, 1.5, 2.5]  # step 0: the baseline's
     assert summary['mean_curve']['corruptions'] == ['gaussian_noise', 'shot_noise', 'snow', 'fog']
-    assert (tmp_path / 'step1.png').exists() and not (complete_root / 'summary.json').exists()
+    with Image.open(tmp_path / 'step1.png') as img:
+        assert img.info['Title'] == 'Digits-C, severity 5'
+    assert not (complete_root / 'summary.json').exists()
 
 
 def test_partial_and_missing_runs_are_flagged_not_averaged(complete_root):
