@@ -10,28 +10,20 @@ from engine_pretrain import train_one_epoch
 from models_mae import build_model
 from util import distributed
 from util.checkpoint import HEAD_PREFIXES, checkpoint_path, resume_training, save_checkpoint
-from util.cli import add_data_args, add_model_args, add_run_args, parse_args_or_exit, run_main, UserError
+from util.cli import (add_data_args, add_model_args, add_run_args, add_training_args, parse_args_or_exit, run_main,
+                      UserError)
 from util.datasets import ImageFolder, make_loader, train_transform
 from util.logger import append_json_line, tensorboard_writer
+from util.lr_sched import set_lr_from_blr
 from util.seed import derive_seed, seed_all
 from timm.optim import param_groups_weight_decay
 
 
 def get_args_parser():
     parser = argparse.ArgumentParser('MAE pre-training', add_help=True)
-    parser.add_argument('--batch_size', default=64, type=int, help='batch size per GPU')
-    parser.add_argument('--epochs', default=400, type=int)
-    parser.add_argument('--accum_iter', default=1, type=int, help='gradient accumulation steps')
+    add_training_args(parser, batch_size=64, epochs=400, warmup_epochs=40)
     parser.add_argument('--mask_ratio', default=0.75, type=float, help='fraction of patches removed')
-    parser.add_argument('--weight_decay', type=float, default=0.05)
-    parser.add_argument('--lr', type=float, default=None, help='absolute lr (default: blr * eff. batch / 256)')
-    parser.add_argument('--blr', type=float, default=1e-3, help='base lr: lr = blr * total batch size / 256')
-    parser.add_argument('--min_lr', type=float, default=0., help='lower lr bound of the cosine schedule')
-    parser.add_argument('--warmup_epochs', type=int, default=40)
     parser.add_argument('--save_ckpt_freq', type=int, default=20, help='save a checkpoint every N epochs')
-    parser.add_argument('--resume', default='', help='checkpoint to resume (default: newest in output_dir)')
-    parser.add_argument('--start_epoch', default=0, type=int)
-    parser.add_argument('--print_freq', default=20, type=int)
     add_model_args(parser)
     add_data_args(parser)
     add_run_args(parser)
@@ -60,18 +52,8 @@ def main(args):
     for name, p in model.named_parameters():
         if name.startswith(HEAD_PREFIXES):
             p.requires_grad = False
-    model.to(device)
-    model_without_ddp = model
-    if args.distributed:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[args.gpu] if device.type == 'cuda' else None)
-        model_without_ddp = model.module
-
-    eff_batch_size = args.batch_size * args.accum_iter * args.world_size
-    if args.lr is None:
-        args.lr = args.blr * eff_batch_size / 256
-    print(f"base lr: {args.lr * 256 / eff_batch_size:.2e}, actual lr: {args.lr:.2e}, "
-          f"effective batch size: {eff_batch_size}")
+    model, model_without_ddp = distributed.wrap_model(model.to(device), args, device)
+    set_lr_from_blr(args)
     param_groups = param_groups_weight_decay(model_without_ddp, args.weight_decay)
     optimizer = torch.optim.AdamW(param_groups, lr=args.lr, betas=(0.9, 0.95))
     loss_scaler = torch.amp.GradScaler('cuda', enabled=device.type == 'cuda')

@@ -12,30 +12,22 @@ from engine_prob import evaluate, train_one_epoch
 from models_mae import build_model
 from util import distributed
 from util.checkpoint import HEAD_PREFIXES, checkpoint_path, load_finetune_for_probe, resume_training, save_checkpoint
-from util.cli import add_data_args, add_model_args, add_run_args, parse_args_or_exit, run_main, UserError
+from util.cli import (add_data_args, add_model_args, add_run_args, add_training_args, parse_args_or_exit, run_main,
+                      UserError)
 from util.datasets import ImageFolder, eval_transform, make_loader, train_transform
 from util.logger import append_json_line, tensorboard_writer
+from util.lr_sched import set_lr_from_blr
 from util.seed import derive_seed, seed_all
 
 
 def get_args_parser():
     parser = argparse.ArgumentParser('Probing: train a classification head on frozen MAE features')
-    parser.add_argument('--batch_size', default=32, type=int, help='batch size per GPU')
-    parser.add_argument('--epochs', default=20, type=int)
-    parser.add_argument('--accum_iter', default=1, type=int, help='gradient accumulation steps')
+    add_training_args(parser, batch_size=32, epochs=20, warmup_epochs=5)
     parser.add_argument('--finetune', default='', help='pre-trained MAE checkpoint for the encoder')
     parser.add_argument('--drop_path', type=float, default=0.0, help='drop path rate of the ViT head')
     parser.add_argument('--smoothing', type=float, default=0.1, help='label smoothing')
-    parser.add_argument('--weight_decay', type=float, default=0.05)
-    parser.add_argument('--lr', type=float, default=None, help='absolute lr (default: blr * eff. batch / 256)')
-    parser.add_argument('--blr', type=float, default=1e-3, help='base lr: lr = blr * total batch size / 256')
-    parser.add_argument('--min_lr', type=float, default=0.)
-    parser.add_argument('--warmup_epochs', type=int, default=5)
     parser.add_argument('--dist_eval', action='store_true', help='shard evaluation over the processes')
     parser.add_argument('--eval', action='store_true', help='evaluate the resumed checkpoint only')
-    parser.add_argument('--resume', default='', help='checkpoint to resume (default: newest in output_dir)')
-    parser.add_argument('--start_epoch', default=0, type=int)
-    parser.add_argument('--print_freq', default=20, type=int)
     add_model_args(parser)
     add_data_args(parser)
     add_run_args(parser)
@@ -51,7 +43,8 @@ def main(args):
                         head_type=args.head_type, classifier_depth=args.classifier_depth,
                         num_classes=args.num_classes, no_decoder=True, drop_path_rate=args.drop_path)
     args.input_size = model.patch_embed.img_size[0]
-    dataset_train = ImageFolder(os.path.join(args.data_path, 'train'), transform=train_transform(args.input_size, scale=(0.08, 1.0)))
+    dataset_train = ImageFolder(os.path.join(args.data_path, 'train'),
+                                transform=train_transform(args.input_size, scale=(0.08, 1.0)))
     dataset_val = ImageFolder(os.path.join(args.data_path, 'val'), transform=eval_transform(args.input_size))
     largest_label = max(dataset_train.class_to_idx.values())
     if largest_label >= args.num_classes:
@@ -72,17 +65,8 @@ def main(args):
     for name, p in model.named_parameters():
         if not name.startswith(HEAD_PREFIXES):
             p.requires_grad = False
-    model.to(device)
-    model_without_ddp = model
-    if args.distributed:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[args.gpu] if device.type == 'cuda' else None)
-        model_without_ddp = model.module
-
-    eff_batch_size = args.batch_size * args.accum_iter * args.world_size
-    if args.lr is None:
-        args.lr = args.blr * eff_batch_size / 256
-    print(f"actual lr: {args.lr:.2e}, effective batch size: {eff_batch_size}")
+    model, model_without_ddp = distributed.wrap_model(model.to(device), args, device)
+    set_lr_from_blr(args)
     optimizer = torch.optim.AdamW(param_groups_weight_decay(model_without_ddp, args.weight_decay),
                                   lr=args.lr, betas=(0.9, 0.999))
     loss_scaler = torch.amp.GradScaler('cuda', enabled=device.type == 'cuda')

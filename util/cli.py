@@ -35,6 +35,22 @@ def add_model_args(parser, default_model='mae_vit_large_patch16'):
     return group
 
 
+def add_training_args(parser, batch_size, epochs, warmup_epochs):
+    """Optimisation and schedule flags shared by pre-training and probing (MAE's names and meanings)."""
+    group = parser.add_argument_group('training')
+    group.add_argument('--batch_size', default=batch_size, type=int, help='batch size per GPU')
+    group.add_argument('--epochs', default=epochs, type=int)
+    group.add_argument('--accum_iter', default=1, type=int, help='gradient accumulation steps')
+    group.add_argument('--weight_decay', type=float, default=0.05)
+    group.add_argument('--lr', type=float, default=None, help='absolute lr (default: blr * eff. batch / 256)')
+    group.add_argument('--blr', type=float, default=1e-3, help='base lr: lr = blr * total batch size / 256')
+    group.add_argument('--min_lr', type=float, default=0., help='lower lr bound of the cosine schedule')
+    group.add_argument('--warmup_epochs', type=int, default=warmup_epochs)
+    group.add_argument('--resume', default='', help='checkpoint to resume (default: newest in output_dir)')
+    group.add_argument('--start_epoch', default=0, type=int)
+    group.add_argument('--print_freq', default=20, type=int)
+
+
 def add_data_args(parser):
     group = parser.add_argument_group('data')
     group.add_argument('--data_path', required=True, type=str, help='dataset root')

@@ -94,3 +94,11 @@ def all_reduce_mean(x):
 def destroy():
     if is_dist_avail_and_initialized():
         dist.destroy_process_group()
+
+
+def wrap_model(model, args, device):
+    """(model to train, the bare model): DistributedDataParallel when several processes run."""
+    if not args.distributed:
+        return model, model
+    ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[args.gpu] if device.type == 'cuda' else None)
+    return ddp, ddp.module

@@ -16,3 +16,12 @@ def adjust_learning_rate(optimizer, epoch, args):
     for param_group in optimizer.param_groups:
         param_group["lr"] = lr * param_group.get("lr_scale", 1.)
     return lr
+
+
+def set_lr_from_blr(args):
+    """--lr, or --blr scaled by the total batch over all processes and accumulation steps (MAE's rule)."""
+    eff_batch_size = args.batch_size * args.accum_iter * args.world_size
+    if args.lr is None:
+        args.lr = args.blr * eff_batch_size / 256
+    print(f"base lr: {args.lr * 256 / eff_batch_size:.2e}, actual lr: {args.lr:.2e}, "
+          f"effective batch size: {eff_batch_size}")
