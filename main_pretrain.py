@@ -13,7 +13,7 @@ from util.checkpoint import HEAD_PREFIXES, checkpoint_path, resume_training, sav
 from util.cli import (add_data_args, add_model_args, add_run_args, add_training_args, parse_args_or_exit, run_main,
                       UserError)
 from util.datasets import ImageFolder, make_loader, train_transform
-from util.logger import append_json_line, tensorboard_writer
+from util.logger import append_json_line, keep_log_before, tensorboard_writer
 from util.lr_sched import set_lr_from_blr
 from util.seed import derive_seed, seed_all
 from timm.optim import param_groups_weight_decay
@@ -58,6 +58,10 @@ def main(args):
     optimizer = torch.optim.AdamW(param_groups, lr=args.lr, betas=(0.9, 0.95))
     loss_scaler = torch.amp.GradScaler('cuda', enabled=device.type == 'cuda')
     resume_training(args, model_without_ddp, optimizer, loss_scaler)
+    log_path = os.path.join(args.output_dir, 'log.txt') if args.output_dir else None
+    if log_path:
+        os.makedirs(args.output_dir, exist_ok=True)
+    keep_log_before(log_path, args.start_epoch)  # epochs after the checkpoint are redone
     log_writer = tensorboard_writer(args.log_dir)
 
     print(f"Start training for {args.epochs} epochs")
@@ -69,6 +73,8 @@ def main(args):
         train_stats = train_one_epoch(model, data_loader_train, optimizer, device, epoch, loss_scaler,
                                       log_writer=log_writer, args=args)
         if args.output_dir and distributed.is_main_process():
+            # the log line before the checkpoint: a rerun drops lines past its checkpoint (see above)
+            append_json_line(log_path, {**{f'train_{k}': v for k, v in train_stats.items()}, 'epoch': epoch})
             # 'final' first: a run killed between the two saves resumes from the epoch before and
             # redoes this one, rather than resuming past the end with no checkpoint-final.pth
             if epoch + 1 == args.epochs:
@@ -77,8 +83,6 @@ def main(args):
             if (epoch + 1) % args.save_ckpt_freq == 0 or epoch + 1 == args.epochs:
                 save_checkpoint(checkpoint_path(args.output_dir, epoch), model_without_ddp, optimizer,
                                 epoch, loss_scaler, args)
-            append_json_line(os.path.join(args.output_dir, 'log.txt'),
-                             {**{f'train_{k}': v for k, v in train_stats.items()}, 'epoch': epoch})
         if log_writer is not None:
             log_writer.flush()
         distributed.barrier()
@@ -87,7 +91,4 @@ def main(args):
 
 
 if __name__ == '__main__':
-    args = parse_args_or_exit(get_args_parser())
-    if args.output_dir:
-        os.makedirs(args.output_dir, exist_ok=True)
-    run_main(main, args)
+    run_main(main, parse_args_or_exit(get_args_parser()))

@@ -15,7 +15,7 @@ from util.checkpoint import HEAD_PREFIXES, checkpoint_path, load_finetune_for_pr
 from util.cli import (add_data_args, add_model_args, add_run_args, add_training_args, parse_args_or_exit, run_main,
                       UserError)
 from util.datasets import ImageFolder, eval_transform, make_loader, train_transform
-from util.logger import append_json_line, tensorboard_writer
+from util.logger import append_json_line, keep_log_before, tensorboard_writer
 from util.lr_sched import set_lr_from_blr
 from util.seed import derive_seed, seed_all
 
@@ -73,12 +73,16 @@ def main(args):
     criterion = (LabelSmoothingCrossEntropy(args.smoothing) if args.smoothing > 0
                  else torch.nn.CrossEntropyLoss())
     resumed = resume_training(args, model_without_ddp, optimizer, loss_scaler)
+    log_path = os.path.join(args.output_dir, 'log.txt') if args.output_dir else None
+    if log_path:
+        os.makedirs(args.output_dir, exist_ok=True)
     if args.eval:
         if not resumed:
             raise UserError("--eval needs a trained checkpoint: pass --resume, or an --output_dir holding one")
         evaluate(data_loader_val, model, device)
         return
 
+    keep_log_before(log_path, args.start_epoch)  # epochs after the checkpoint are redone
     log_writer = tensorboard_writer(args.log_dir)
     print(f"Start training for {args.epochs} epochs")
     start_time = time.time()
@@ -88,12 +92,6 @@ def main(args):
         data_loader_train.sampler.set_epoch(epoch)
         train_stats = train_one_epoch(model, criterion, data_loader_train, optimizer, device, epoch,
                                       loss_scaler, log_writer=log_writer, args=args)
-        if args.output_dir and distributed.is_main_process():
-            if epoch + 1 == args.epochs:  # before checkpoint-{epoch}: see main_pretrain.py
-                save_checkpoint(checkpoint_path(args.output_dir, 'final'), model_without_ddp, optimizer,
-                                epoch, loss_scaler, args)
-            save_checkpoint(checkpoint_path(args.output_dir, epoch), model_without_ddp, optimizer,
-                            epoch, loss_scaler, args)
         test_stats = evaluate(data_loader_val, model, device, synchronize=args.dist_eval)
         max_accuracy = max(max_accuracy, test_stats['acc1'])
         print(f"Accuracy on {len(dataset_val)} validation images: {test_stats['acc1']:.1f}% "
@@ -102,17 +100,18 @@ def main(args):
             for k in ('acc1', 'acc5', 'loss'):
                 log_writer.add_scalar(f'perf/test_{k}', test_stats[k], epoch)
             log_writer.flush()
-        if args.output_dir:
-            append_json_line(os.path.join(args.output_dir, 'log.txt'),
-                             {**{f'train_{k}': v for k, v in train_stats.items()},
-                              **{f'test_{k}': v for k, v in test_stats.items()}, 'epoch': epoch})
+        if args.output_dir and distributed.is_main_process():  # log line, then checkpoints: see main_pretrain.py
+            append_json_line(log_path, {**{f'train_{k}': v for k, v in train_stats.items()},
+                                        **{f'test_{k}': v for k, v in test_stats.items()}, 'epoch': epoch})
+            if epoch + 1 == args.epochs:
+                save_checkpoint(checkpoint_path(args.output_dir, 'final'), model_without_ddp, optimizer,
+                                epoch, loss_scaler, args)
+            save_checkpoint(checkpoint_path(args.output_dir, epoch), model_without_ddp, optimizer,
+                            epoch, loss_scaler, args)
         distributed.barrier()
     print(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
     distributed.destroy()
 
 
 if __name__ == '__main__':
-    args = parse_args_or_exit(get_args_parser())
-    if args.output_dir:
-        os.makedirs(args.output_dir, exist_ok=True)
-    run_main(main, args)
+    run_main(main, parse_args_or_exit(get_args_parser()))

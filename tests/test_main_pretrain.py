@@ -185,6 +185,19 @@ def test_single_process_tensorboard_and_log(image_folder, tmp_path):
     again = run_script([sys.executable, *pretrain_args(image_folder, out, 3)])
     assert 'Resumed from' in again.stdout and 'Epoch: [' not in again.stdout
     assert len((out / 'log.txt').read_text().splitlines()) == 3
+    # killed after epoch 2's log line, before its checkpoints, and mid-way through a further line:
+    # the rerun redoes epoch 2 and keeps one line per epoch
+    final = torch.load(out / 'checkpoint-final.pth', weights_only=False)['model']
+    (out / 'checkpoint-2.pth').unlink()
+    (out / 'checkpoint-final.pth').unlink()
+    with open(out / 'log.txt', 'a') as f:
+        f.write('{"train_loss": 0.5, "ep')
+    redone = run_script([sys.executable, *pretrain_args(image_folder, out, 3)])
+    assert 'Epoch: [2]' in redone.stdout and 'Epoch: [1]' not in redone.stdout
+    records = [json.loads(line) for line in (out / 'log.txt').read_text().splitlines()]
+    assert [r['epoch'] for r in records] == [0, 1, 2]
+    again = torch.load(out / 'checkpoint-final.pth', weights_only=False)['model']
+    assert all(torch.equal(again[k], final[k]) for k in final)
 
 
 def test_final_checkpoint_is_saved_before_the_last_numbered_one(image_folder, tmp_path, monkeypatch):

@@ -86,13 +86,14 @@ def test_rerun_resumes_and_redoes_nothing(vit_probe):
 
 
 def test_interrupted_probe_resumes_to_the_same_head(vit_probe, tmp_path):
-    """A run stopped after epoch 1 and rerun ends with the uninterrupted run's weights."""
+    """A run killed in epoch 2 and rerun ends with the uninterrupted run's weights and log epochs."""
     done, command, _ = vit_probe
     out = tmp_path / 'probe'
     out.mkdir()
     for e in (0, 1):
         shutil.copy(done / f'checkpoint-{e}.pth', out)
-    (out / 'log.txt').write_text(''.join(line + '\n' for line in (done / 'log.txt').read_text().splitlines()[:2]))
+    # killed after epoch 2's log line, before its checkpoint: the rerun redoes epoch 2, one line per epoch
+    (out / 'log.txt').write_text(''.join(line + '\n' for line in (done / 'log.txt').read_text().splitlines()[:3]))
     resumed = run_script([str(out) if a == str(done) else a for a in command])
     assert f'Resumed from {out}/checkpoint-1.pth (next epoch 2)' in resumed.stdout
     assert 'Epoch: [0]' not in resumed.stdout and 'Epoch: [1]' not in resumed.stdout

@@ -6,6 +6,7 @@ import time
 from collections import defaultdict
 
 from util.distributed import all_reduce_mean, is_main_process
+from util.io import write_text
 
 
 class MetricLogger:
@@ -56,3 +57,21 @@ def append_json_line(path, record):
             f.write(json.dumps(record) + '\n')
             f.flush()
             os.fsync(f.fileno())
+
+
+def keep_log_before(path, epoch):
+    """On resume: drop the log.txt lines of epochs >= epoch, which a killed run wrote after the
+    checkpoint now resumed from (and a torn last line), so each epoch keeps exactly one line."""
+    if not is_main_process() or not path or not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.read().splitlines()
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line)['epoch'] < epoch:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            pass
+    if len(kept) != len(lines):
+        write_text(path, ''.join(line + '\n' for line in kept))
