@@ -67,24 +67,21 @@ complete() {  # is $1/results.json there with "complete": true?
     [[ -f $1/results.json ]] && "$PY" -c 'import json, sys; sys.exit(json.load(open(sys.argv[1])).get("complete") is not True)' "$1/results.json"
 }
 
+run() {  # run LABEL SCRIPT OUTPUT_DIR FLAGS...: one run on corruption $c, skipped when already complete
+    local label=$1 script=$2 out=$3
+    shift 3
+    if complete "$out"; then
+        echo "== $c: $label already complete"
+        return
+    fi
+    echo "== $c: $label"
+    "${LAUNCH[@]}" "$REPO/$script" --data_path "$DATA_ROOT/$c/$SEVERITY" --resume_model "$RESUME_MODEL" \
+        --resume_finetune "$RESUME_FINETUNE" --output_dir "$out" "$@" ${EXTRA[@]+"${EXTRA[@]}"}
+}
+
 for c in "${LIST[@]}"; do
-    data=$DATA_ROOT/$c/$SEVERITY
-    if complete "$OUTPUT_ROOT/$c/baseline"; then
-        echo "== $c: baseline already complete"
-    else
-        echo "== $c: baseline"
-        "${LAUNCH[@]}" "$REPO/test_without_adaptation.py" --data_path "$data" \
-            --resume_model "$RESUME_MODEL" --resume_finetune "$RESUME_FINETUNE" \
-            --output_dir "$OUTPUT_ROOT/$c/baseline" "${MODEL_FLAGS[@]}" ${EXTRA[@]+"${EXTRA[@]}"}
-    fi
-    if complete "$OUTPUT_ROOT/$c"; then
-        echo "== $c: TTT already complete"
-    else
-        echo "== $c: TTT-MAE"
-        "${LAUNCH[@]}" "$REPO/main_test_time_training.py" --data_path "$data" \
-            --resume_model "$RESUME_MODEL" --resume_finetune "$RESUME_FINETUNE" \
-            --output_dir "$OUTPUT_ROOT/$c/" "${MODEL_FLAGS[@]}" "${TTT_FLAGS[@]}" ${EXTRA[@]+"${EXTRA[@]}"}
-    fi
+    run baseline test_without_adaptation.py "$OUTPUT_ROOT/$c/baseline" "${MODEL_FLAGS[@]}"
+    run TTT-MAE main_test_time_training.py "$OUTPUT_ROOT/$c/" "${MODEL_FLAGS[@]}" "${TTT_FLAGS[@]}"
 done
 
 "$PY" "$REPO/scripts/collect_results.py" "$OUTPUT_ROOT"
