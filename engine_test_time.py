@@ -53,8 +53,8 @@ def trainable_parameters(model, finetune_mode):
 
 
 def build_optimizer(params, args, foreach=True):
-    # foreach: one multi-tensor kernel per update instead of one per parameter; the same elementwise
-    # arithmetic, bitwise equal to the per-parameter loop (tested). torch picks it by itself on CUDA only.
+    # foreach: one call per update for all weights (on CPU a C++ loop over the same per-tensor kernels,
+    # so less Python per step), bitwise the per-parameter loop (tested); torch's default on CUDA already.
     if args.optimizer_type == 'sgd':
         return torch.optim.SGD(params, lr=args.lr, momentum=args.optimizer_momentum, foreach=foreach)
     if args.optimizer_type == 'adam':

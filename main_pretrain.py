@@ -31,6 +31,8 @@ def get_args_parser():
 
 
 def main(args):
+    if args.output_dir:
+        os.makedirs(args.output_dir, exist_ok=True)
     if not 0 < args.mask_ratio < 1:
         raise UserError(f"--mask_ratio must be in (0, 1), got {args.mask_ratio}")
     distributed.init_distributed_mode(args)
@@ -59,8 +61,6 @@ def main(args):
     loss_scaler = torch.amp.GradScaler('cuda', enabled=device.type == 'cuda')
     resume_training(args, model_without_ddp, optimizer, loss_scaler)
     log_path = os.path.join(args.output_dir, 'log.txt') if args.output_dir else None
-    if log_path:
-        os.makedirs(args.output_dir, exist_ok=True)
     keep_log_before(log_path, args.start_epoch)  # epochs after the checkpoint are redone
     log_writer = tensorboard_writer(args.log_dir)
 

@@ -35,6 +35,8 @@ def get_args_parser():
 
 
 def main(args):
+    if args.output_dir:
+        os.makedirs(args.output_dir, exist_ok=True)
     distributed.init_distributed_mode(args)
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = True
@@ -74,8 +76,6 @@ def main(args):
                  else torch.nn.CrossEntropyLoss())
     resumed = resume_training(args, model_without_ddp, optimizer, loss_scaler)
     log_path = os.path.join(args.output_dir, 'log.txt') if args.output_dir else None
-    if log_path:
-        os.makedirs(args.output_dir, exist_ok=True)
     if args.eval:
         if not resumed:
             raise UserError("--eval needs a trained checkpoint: pass --resume, or an --output_dir holding one")
@@ -100,7 +100,8 @@ def main(args):
             for k in ('acc1', 'acc5', 'loss'):
                 log_writer.add_scalar(f'perf/test_{k}', test_stats[k], epoch)
             log_writer.flush()
-        if args.output_dir and distributed.is_main_process():  # log line, then checkpoints: see main_pretrain.py
+        # log line, then checkpoints (see main_pretrain.py); a kill during evaluation redoes the epoch
+        if args.output_dir and distributed.is_main_process():
             append_json_line(log_path, {**{f'train_{k}': v for k, v in train_stats.items()},
                                         **{f'test_{k}': v for k, v in test_stats.items()}, 'epoch': epoch})
             if epoch + 1 == args.epochs:

@@ -53,6 +53,8 @@ def main():
     parser.add_argument('--naive', action='store_true', help='also time the deep-copy / decode-per-step loop')
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     bench = parser.parse_args()
+    if max(bench.parallel_images) > 1 and ('fp16' in bench.amp or bench.compile):
+        parser.error('--parallel_images > 1 runs without --amp fp16 and --compile (see main_test_time_training.py)')
     device = torch.device(bench.device)
     set_precision(device, bench.strict_fp32)
     model = build_model(bench.model, norm_pix_loss=True)

@@ -6,7 +6,6 @@ engine_test_time (from (seed, index))."""
 import copy
 
 import torch
-import torch.nn.functional as F
 
 from engine_test_time import build_optimizer, trainable_parameters
 from util.datasets import eval_transform, load_rgb

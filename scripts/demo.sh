@@ -20,7 +20,8 @@
 #   DEMO_DIGITS            train/val/test images per class (default: "300 100 100")
 #   DEMO_EVAL_PER_CLASS    images per class corrupted and evaluated (default: 30, so 300 per corruption)
 #   DEMO_PRETRAIN_EPOCHS, DEMO_PRETRAIN_WARMUP, DEMO_PRETRAIN_BATCH, DEMO_PRETRAIN_BLR
-#   DEMO_NORM_PIX          1: MAE loss on per-patch normalised pixels (--norm_pix_loss); 0: raw pixels
+#   DEMO_NORM_PIX          0 (default): MAE loss on raw pixels; 1: per-patch normalised pixels (--norm_pix_loss).
+#                          Pre-training is skipped when $DEMO_OUT holds its checkpoint: change DEMO_OUT too.
 #   DEMO_PROBE_EPOCHS, DEMO_PROBE_WARMUP, DEMO_PROBE_BATCH, DEMO_PROBE_BLR
 #   DEMO_TTT_STEPS, DEMO_TTT_BATCH, DEMO_TTT_LR, DEMO_TTT_MASK_RATIO, DEMO_TTT_MAX_EXAMPLES,
 #   DEMO_TTT_PARALLEL (--parallel_images)
@@ -48,6 +49,7 @@ PRETRAIN_WARMUP=${DEMO_PRETRAIN_WARMUP:-5}
 PRETRAIN_BATCH=${DEMO_PRETRAIN_BATCH:-128}
 PRETRAIN_BLR=${DEMO_PRETRAIN_BLR:-3e-3}
 NORM_PIX=${DEMO_NORM_PIX:-0}
+[[ $NORM_PIX == 0 || $NORM_PIX == 1 ]] || { echo "error: DEMO_NORM_PIX must be 0 or 1, got '$NORM_PIX'" >&2; exit 2; }
 PROBE_EPOCHS=${DEMO_PROBE_EPOCHS:-10}
 PROBE_WARMUP=${DEMO_PROBE_WARMUP:-1}
 PROBE_BATCH=${DEMO_PROBE_BATCH:-128}

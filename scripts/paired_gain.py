@@ -9,7 +9,6 @@ and takes the standard error over images, so it is only given when every corrupt
 images. Prints a Markdown table and writes PREFIX.md and PREFIX.json.
 """
 import argparse
-import json
 import math
 import os
 import sys

@@ -4,7 +4,6 @@ A few cases run the scripts as a user does (a subprocess each); the rest call th
 run_main(main, args), in this process, which is much faster and checks the same exit code and stderr.
 """
 import hashlib
-import os
 import shutil
 import sys
 from pathlib import Path

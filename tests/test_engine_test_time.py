@@ -10,7 +10,6 @@ import time
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from conftest import REPO, TINY, check_error_line, make_image_folder, run_script, tiny_model, torchrun
 from bench.naive_ttt import naive_adapt
@@ -87,11 +86,13 @@ def test_multi_tensor_optimizer_is_bitwise_the_per_parameter_one(test_folder, op
     """build_optimizer's foreach update == torch's default per-parameter loop on CPU, bit for bit."""
     args = ttt_args('--optimizer_type', optimizer, '--steps_per_example', '4')
     path, label = ImageFolder(test_folder).samples[0]
+    assert ttt.TestTimeTrainer(tiny_model(), args, 'cpu').optimizer.defaults['foreach'] is True
     adapted = []
     for foreach in (True, None):
         model = tiny_model(norm_pix_loss=True)
         trainer = ttt.TestTimeTrainer(model, args, 'cpu')
         trainer.optimizer = ttt.build_optimizer(trainer.params, args, foreach=foreach)
+        assert trainer.optimizer.defaults['foreach'] is foreach
         trainer.adapt(0, label, eval_image(path))
         adapted.append([p.detach().clone() for p in trainer.params])
     assert all(torch.equal(a, b) for a, b in zip(*adapted))

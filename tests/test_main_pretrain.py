@@ -145,18 +145,21 @@ def test_launch_killed_and_resumed_equals_uninterrupted(torchrun_run, image_fold
     assert f'Resumed from {out}/checkpoint-{newest}.pth (next epoch {newest + 1})' in rerun.stdout
     assert 'Epoch: [0]' not in rerun.stdout  # epochs before the checkpoint are not redone
     assert_same_weights(final_model(out), final_model(reference))
+    records = [json.loads(line) for line in (out / 'log.txt').read_text().splitlines()]
+    assert [r['epoch'] for r in records] == list(range(EPOCHS))  # one line per epoch, written by rank 0
 
 
 def test_slurm_two_processes_equal_torchrun(torchrun_run, image_folder, tmp_path):
     reference, _ = torchrun_run
     out = tmp_path / 'slurm'
-    args = [sys.executable, *pretrain_args(image_folder, out, EPOCHS, '--dist_url', f'file://{tmp_path}/init')]
+    # the README's --dist_url file://$OUTPUT_DIR/$TIME: the store's folder does not exist yet
+    args = [sys.executable, *pretrain_args(image_folder, out, EPOCHS, '--dist_url', f'file://{out}/1700000000000')]
     env = {**os.environ, 'OMP_NUM_THREADS': '1', 'SLURM_NTASKS': '2'}
     procs = [subprocess.Popen(args, cwd=REPO, env={**env, 'SLURM_PROCID': str(rank)}, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
-    assert f'distributed init (rank 0 of 2, gloo): file://{tmp_path}/init' in outputs[0]
+    assert f'distributed init (rank 0 of 2, gloo): file://{out}/1700000000000' in outputs[0]
     assert_same_weights(final_model(out), final_model(reference))
 
 

@@ -1,5 +1,4 @@
 """Command-line plumbing shared by the entry scripts: argument groups and clean user errors."""
-import argparse
 import sys
 
 import torch

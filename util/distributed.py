@@ -36,6 +36,8 @@ def init_distributed_mode(args):
     if init_method == 'env://' and not ('MASTER_ADDR' in env and 'MASTER_PORT' in env):
         raise UserError(f"{args.world_size} processes but no MASTER_ADDR/MASTER_PORT: launch with torchrun, "
                         f"or set them, or pass --dist_url file:///shared/path/init_file")
+    if init_method.startswith('file://'):  # a FileStore in a missing folder waits forever, silently
+        os.makedirs(os.path.dirname(init_method[len('file://'):]) or '.', exist_ok=True)
     backend = 'nccl' if use_cuda else 'gloo'
     print(f"| distributed init (rank {args.rank} of {args.world_size}, {backend}): {init_method}", flush=True)
     dist.init_process_group(backend=backend, init_method=init_method, world_size=args.world_size,

@@ -60,8 +60,9 @@ def append_json_line(path, record):
 
 
 def keep_log_before(path, epoch):
-    """On resume: drop the log.txt lines of epochs >= epoch, which a killed run wrote after the
-    checkpoint now resumed from (and a torn last line), so each epoch keeps exactly one line."""
+    """On resume: keep only the log.txt lines of epochs < epoch. Later lines were written by a killed
+    run after the checkpoint now resumed from, and their epochs are redone; unreadable lines (a line
+    torn by the kill) go too. A fresh start (epoch 0) empties the file."""
     if not is_main_process() or not path or not os.path.exists(path):
         return
     with open(path) as f:
