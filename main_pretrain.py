@@ -31,10 +31,10 @@ def get_args_parser():
 
 
 def main(args):
-    if args.output_dir:
-        os.makedirs(args.output_dir, exist_ok=True)
     if not 0 < args.mask_ratio < 1:
         raise UserError(f"--mask_ratio must be in (0, 1), got {args.mask_ratio}")
+    if args.output_dir:
+        os.makedirs(args.output_dir, exist_ok=True)
     distributed.init_distributed_mode(args)
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = True

@@ -22,6 +22,7 @@ sys.path.insert(0, REPO_ROOT)
 from util.cli import UserError, run_main  # noqa: E402
 from util.corruptions import CORRUPTIONS, EXTRA_CORRUPTIONS  # noqa: E402
 from util.io import atomic_path, write_json, write_text  # noqa: E402
+from util.results import sweep_corruptions  # noqa: E402
 
 
 def get_args_parser():
@@ -93,15 +94,7 @@ def mean_cell(cells, allow_partial):
 
 def collect(root, step=None, allow_partial=False):
     """Everything the outputs show, as one JSON-ready dict."""
-    if not os.path.isdir(root):
-        raise UserError(f"results folder not found: {root}")
-    folders = sorted(e.name for e in os.scandir(root) if e.is_dir())
-    columns = [c for c in CORRUPTIONS + EXTRA_CORRUPTIONS if c in folders]
-    if not columns:
-        raise UserError(f"{root} has no <corruption>/ result folders (e.g. {root}/{CORRUPTIONS[0]}/)")
-    others = [f for f in folders if f not in columns]
-    if others:
-        print(f"note: ignoring folders that are not corruption names: {', '.join(others)}", file=sys.stderr)
+    columns = sweep_corruptions(root)
 
     ttt = {c: read_run(os.path.join(root, c), 'ttt') for c in columns}
     baseline = {c: read_run(os.path.join(root, c, 'baseline'), 'baseline') for c in columns}

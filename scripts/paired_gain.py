@@ -19,8 +19,8 @@ sys.path.insert(0, REPO_ROOT)
 import numpy as np  # noqa: E402
 
 from util.cli import UserError, run_main  # noqa: E402
-from util.corruptions import CORRUPTIONS, EXTRA_CORRUPTIONS  # noqa: E402
 from util.io import write_json, write_text  # noqa: E402
+from util.results import sweep_corruptions  # noqa: E402
 
 
 def get_args_parser():
@@ -71,12 +71,7 @@ def compare(folder, step):
 
 
 def collect(root, step=None):
-    if not os.path.isdir(root):
-        raise UserError(f"results folder not found: {root}")
-    folders = {e.name for e in os.scandir(root) if e.is_dir()}
-    columns = [c for c in CORRUPTIONS + EXTRA_CORRUPTIONS if c in folders]
-    if not columns:
-        raise UserError(f"{root} has no <corruption>/ result folders")
+    columns = sweep_corruptions(root)
     rows, diffs = {}, {}
     for c in columns:
         rows[c], d, names = compare(os.path.join(root, c), step)

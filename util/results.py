@@ -7,11 +7,13 @@ any number of processes skips them. The merge sorts records by image index.
 import glob
 import json
 import os
+import sys
 import time
 
 import numpy as np
 
 from util.cli import UserError
+from util.corruptions import CORRUPTIONS, EXTRA_CORRUPTIONS
 from util.io import atomic_open, write_json
 
 
@@ -100,3 +102,17 @@ class ResultStore:
             os.remove(path)
         if os.path.isdir(self.partial_dir) and not os.listdir(self.partial_dir):
             os.rmdir(self.partial_dir)
+
+
+def sweep_corruptions(root):
+    """The corruption folders of a sweep's results root (ROOT/<corruption>/), in the standard order."""
+    if not os.path.isdir(root):
+        raise UserError(f"results folder not found: {root}")
+    folders = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    columns = [c for c in CORRUPTIONS + EXTRA_CORRUPTIONS if c in folders]
+    if not columns:
+        raise UserError(f"{root} has no <corruption>/ result folders (e.g. {root}/{CORRUPTIONS[0]}/)")
+    others = [f for f in folders if f not in columns]
+    if others:
+        print(f"note: ignoring folders that are not corruption names: {', '.join(others)}", file=sys.stderr)
+    return columns
