@@ -25,7 +25,7 @@ def get_args_parser():
     parser.add_argument('--mask_ratio', default=0.75, type=float, help='fraction of patches removed')
     parser.add_argument('--save_ckpt_freq', type=int, default=20, help='save a checkpoint every N epochs')
     add_model_args(parser)
-    add_data_args(parser)
+    add_data_args(parser, min_crop_scale=0.2)  # MAE's pre-training recipe
     add_run_args(parser)
     return parser
 
@@ -43,7 +43,8 @@ def main(args):
                         head_type=args.head_type, classifier_depth=args.classifier_depth,
                         num_classes=args.num_classes)
     args.input_size = model.patch_embed.img_size[0]
-    dataset_train = ImageFolder(os.path.join(args.data_path, 'train'), transform=train_transform(args.input_size))
+    dataset_train = ImageFolder(os.path.join(args.data_path, 'train'),
+                                transform=train_transform(args.input_size, args.min_crop_scale, args.hflip))
     print(f"{len(dataset_train)} training images in {len(dataset_train.classes)} classes")
     if len(dataset_train) < args.batch_size * args.world_size:
         raise UserError(f"{len(dataset_train)} training images is fewer than one batch "

@@ -29,7 +29,7 @@ def get_args_parser():
     parser.add_argument('--dist_eval', action='store_true', help='shard evaluation over the processes')
     parser.add_argument('--eval', action='store_true', help='evaluate the resumed checkpoint only')
     add_model_args(parser)
-    add_data_args(parser)
+    add_data_args(parser, min_crop_scale=0.08)  # MAE's linear-probe recipe
     add_run_args(parser)
     return parser
 
@@ -46,7 +46,7 @@ def main(args):
                         num_classes=args.num_classes, no_decoder=True, drop_path_rate=args.drop_path)
     args.input_size = model.patch_embed.img_size[0]
     dataset_train = ImageFolder(os.path.join(args.data_path, 'train'),
-                                transform=train_transform(args.input_size, scale=(0.08, 1.0)))
+                                transform=train_transform(args.input_size, args.min_crop_scale, args.hflip))
     dataset_val = ImageFolder(os.path.join(args.data_path, 'val'), transform=eval_transform(args.input_size))
     largest_label = max(dataset_train.class_to_idx.values())
     if largest_label >= args.num_classes:

@@ -23,6 +23,8 @@
 #   DEMO_NORM_PIX          0 (default): MAE loss on raw pixels; 1: per-patch normalised pixels (--norm_pix_loss).
 #                          Pre-training is skipped when $DEMO_OUT holds its checkpoint: change DEMO_OUT too.
 #   DEMO_PROBE_EPOCHS, DEMO_PROBE_WARMUP, DEMO_PROBE_BATCH, DEMO_PROBE_BLR
+#   DEMO_PRETRAIN_MIN_SCALE, DEMO_PROBE_MIN_SCALE  smallest RandomResizedCrop area (--min_crop_scale)
+#   DEMO_HFLIP             1: random horizontal flips in pre-training and probing; 0: none (--no_hflip)
 #   DEMO_TTT_STEPS, DEMO_TTT_BATCH, DEMO_TTT_LR, DEMO_TTT_MASK_RATIO, DEMO_TTT_MAX_EXAMPLES,
 #   DEMO_TTT_PARALLEL (--parallel_images)
 #   DEMO_REPORT_STEP       the TTT step tabulated (default: DEMO_TTT_STEPS)
@@ -50,6 +52,10 @@ PRETRAIN_BATCH=${DEMO_PRETRAIN_BATCH:-128}
 PRETRAIN_BLR=${DEMO_PRETRAIN_BLR:-3e-3}
 NORM_PIX=${DEMO_NORM_PIX:-0}
 [[ $NORM_PIX == 0 || $NORM_PIX == 1 ]] || { echo "error: DEMO_NORM_PIX must be 0 or 1, got '$NORM_PIX'" >&2; exit 2; }
+PRETRAIN_MIN_SCALE=${DEMO_PRETRAIN_MIN_SCALE:-0.2}
+PROBE_MIN_SCALE=${DEMO_PROBE_MIN_SCALE:-0.08}
+HFLIP=${DEMO_HFLIP:-1}
+[[ $HFLIP == 0 || $HFLIP == 1 ]] || { echo "error: DEMO_HFLIP must be 0 or 1, got '$HFLIP'" >&2; exit 2; }
 PROBE_EPOCHS=${DEMO_PROBE_EPOCHS:-10}
 PROBE_WARMUP=${DEMO_PROBE_WARMUP:-1}
 PROBE_BATCH=${DEMO_PROBE_BATCH:-128}
@@ -70,6 +76,8 @@ PROBE=$OUT/probe
 TIMES=$OUT/stage_times_$SPLIT.tsv
 MODEL_FLAGS=(--model mae_vit_tiny_patch4 --input_size 32 --head_type vit_head --num_classes 10 --device cpu)
 [[ $NORM_PIX == 1 ]] && MODEL_FLAGS+=(--norm_pix_loss)
+AUGMENT_FLAGS=()
+[[ $HFLIP == 0 ]] && AUGMENT_FLAGS+=(--no_hflip)
 EVAL_FLAGS=(--resume_model "$PRETRAIN/checkpoint-final.pth" --resume_finetune "$PROBE/checkpoint-final.pth"
             --dataset_name digits --num_workers 0 ${TTT_MAX_EXAMPLES:+--max_examples "$TTT_MAX_EXAMPLES"})
 
@@ -102,12 +110,14 @@ stage digits exists "$DIGITS/digits.json" \
 stage pretrain exists "$PRETRAIN/checkpoint-final.pth" \
     "$PY" main_pretrain.py --data_path "$DIGITS" --output_dir "$PRETRAIN" "${MODEL_FLAGS[@]}" \
     --batch_size "$PRETRAIN_BATCH" --epochs "$PRETRAIN_EPOCHS" --warmup_epochs "$PRETRAIN_WARMUP" \
-    --blr "$PRETRAIN_BLR" --mask_ratio 0.75 --save_ckpt_freq 10 --num_workers 0 --print_freq 100
+    --blr "$PRETRAIN_BLR" --min_crop_scale "$PRETRAIN_MIN_SCALE" "${AUGMENT_FLAGS[@]}" --mask_ratio 0.75 \
+    --save_ckpt_freq 10 --num_workers 0 --print_freq 100
 
 stage probe exists "$PROBE/checkpoint-final.pth" \
     "$PY" main_prob.py --data_path "$DIGITS" --output_dir "$PROBE" "${MODEL_FLAGS[@]}" \
     --finetune "$PRETRAIN/checkpoint-final.pth" --batch_size "$PROBE_BATCH" --epochs "$PROBE_EPOCHS" \
-    --warmup_epochs "$PROBE_WARMUP" --blr "$PROBE_BLR" --weight_decay 0.05 --num_workers 0 --print_freq 100
+    --warmup_epochs "$PROBE_WARMUP" --blr "$PROBE_BLR" --min_crop_scale "$PROBE_MIN_SCALE" "${AUGMENT_FLAGS[@]}" \
+    --weight_decay 0.05 --num_workers 0 --print_freq 100
 
 expected=0
 for c in $CORRUPTIONS; do expected=$((expected + 10 * EVAL_PER_CLASS)); done

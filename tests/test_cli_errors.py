@@ -147,3 +147,8 @@ def test_non_finite_loss_stops_and_keeps_the_checkpoint(image_folder, tmp_path):
     assert hashlib.sha256(ckpt.read_bytes()).hexdigest() == digest
     assert (out / 'log.txt').read_text() == log
     assert not (out / 'checkpoint-1.pth').exists()
+
+
+def test_crop_scale_out_of_range(user_error, image_folder, tmp_path):
+    user_error(pretrain(image_folder, tmp_path / 'out', '--min_crop_scale', '0'), '--min_crop_scale', '0.0')
+    user_error(probe(image_folder, tmp_path / 'out2', '--min_crop_scale', '1.5'), '--min_crop_scale', '1.5')

@@ -50,9 +50,15 @@ def add_training_args(parser, batch_size, epochs, warmup_epochs):
     group.add_argument('--print_freq', default=20, type=int)
 
 
-def add_data_args(parser):
+def add_data_args(parser, min_crop_scale=None):
+    """Data flags; with min_crop_scale, also the training augmentation's (default: that scale + flips)."""
     group = parser.add_argument_group('data')
     group.add_argument('--data_path', required=True, type=str, help='dataset root')
+    if min_crop_scale is not None:
+        group.add_argument('--min_crop_scale', default=min_crop_scale, type=float,
+                           help='smallest area fraction of a RandomResizedCrop (default: %(default)s)')
+        group.add_argument('--no_hflip', action='store_false', dest='hflip',
+                           help='no random horizontal flips (e.g. for digits or text)')
     group.add_argument('--num_workers', default=10, type=int)
     group.add_argument('--pin_mem', action='store_true', default=True,
                        help='pin CPU memory in the DataLoader for faster transfer to the GPU')

@@ -75,11 +75,13 @@ def eval_transform(input_size):
         transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
-def train_transform(input_size, scale=(0.2, 1.0)):
+def train_transform(input_size, min_scale=0.2, hflip=True):
     """RandomResizedCrop(bicubic) + horizontal flip + normalise (MAE's pre-training recipe)."""
+    if not 0 < min_scale <= 1:
+        raise UserError(f"--min_crop_scale must be in (0, 1], got {min_scale}")
     return transforms.Compose([
-        transforms.RandomResizedCrop(input_size, scale=scale, interpolation=InterpolationMode.BICUBIC),
-        transforms.RandomHorizontalFlip(),
+        transforms.RandomResizedCrop(input_size, scale=(min_scale, 1.0), interpolation=InterpolationMode.BICUBIC),
+        *([transforms.RandomHorizontalFlip()] if hflip else []),
         transforms.ToTensor(),
         transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
