@@ -221,10 +221,11 @@ mae_vit_large_patch16 = _builder('mae_vit_large_patch16', patch_size=16, embed_d
                                  **_VIT_HEAD, **_DECODER)
 mae_vit_huge_patch14 = _builder('mae_vit_huge_patch14', patch_size=14, embed_dim=1280, depth=32, num_heads=16,
                                 **_VIT_HEAD, **_DECODER)
-# CPU-sized models for 32x32 images (tests, the built-in digits example)
-mae_vit_tiny_patch4 = _builder('mae_vit_tiny_patch4', img_size=32, patch_size=4, embed_dim=128, depth=4,
-                               num_heads=4, decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4,
-                               classifier_embed_dim=64, classifier_depth=1, classifier_num_heads=4, mlp_ratio=4)
+# CPU-sized models for small images (tests, the built-in digits example)
+_TINY = dict(embed_dim=128, depth=4, num_heads=4, decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4,
+             classifier_embed_dim=64, classifier_depth=1, classifier_num_heads=4, mlp_ratio=4)
+mae_vit_tiny_patch4 = _builder('mae_vit_tiny_patch4', img_size=32, patch_size=4, **_TINY)
+mae_vit_tiny_patch8 = _builder('mae_vit_tiny_patch8', img_size=64, patch_size=8, **_TINY)  # same 8x8 grid
 mae_vit_micro_patch4 = _builder('mae_vit_micro_patch4', img_size=16, patch_size=4, embed_dim=32, depth=2,
                                 num_heads=2, decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2,
                                 classifier_embed_dim=16, classifier_depth=1, classifier_num_heads=2, mlp_ratio=2)

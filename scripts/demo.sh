@@ -18,6 +18,7 @@
 #   DEMO_THREADS           OMP_NUM_THREADS (default: 2)
 #   DEMO_CORRUPTIONS       space-separated list (default: the fixed list below)
 #   DEMO_DIGITS            train/val/test images per class (default: "300 100 100")
+#   DEMO_SIZE, DEMO_MODEL  image side and model (default: 32, mae_vit_tiny_patch4)
 #   DEMO_EVAL_PER_CLASS    images per class corrupted and evaluated (default: 30, so 300 per corruption)
 #   DEMO_PRETRAIN_EPOCHS, DEMO_PRETRAIN_WARMUP, DEMO_PRETRAIN_BATCH, DEMO_PRETRAIN_BLR
 #   DEMO_NORM_PIX          0 (default): MAE loss on raw pixels; 1: per-patch normalised pixels (--norm_pix_loss).
@@ -46,6 +47,8 @@ SEVERITY=5
 # Sizes and TTT settings below were chosen on the validation split (scripts/DEMO_NOTES.md).
 read -r N_TRAIN N_VAL N_TEST <<< "${DEMO_DIGITS:-300 100 100}"
 EVAL_PER_CLASS=${DEMO_EVAL_PER_CLASS:-30}
+SIZE=${DEMO_SIZE:-32}
+MODEL=${DEMO_MODEL:-mae_vit_tiny_patch4}
 PRETRAIN_EPOCHS=${DEMO_PRETRAIN_EPOCHS:-40}
 PRETRAIN_WARMUP=${DEMO_PRETRAIN_WARMUP:-5}
 PRETRAIN_BATCH=${DEMO_PRETRAIN_BATCH:-128}
@@ -74,7 +77,7 @@ CORRUPTED=$OUT/digits-c/$SPLIT
 PRETRAIN=$OUT/pretrain
 PROBE=$OUT/probe
 TIMES=$OUT/stage_times_$SPLIT.tsv
-MODEL_FLAGS=(--model mae_vit_tiny_patch4 --input_size 32 --head_type vit_head --num_classes 10 --device cpu)
+MODEL_FLAGS=(--model "$MODEL" --input_size "$SIZE" --head_type vit_head --num_classes 10 --device cpu)
 [[ $NORM_PIX == 1 ]] && MODEL_FLAGS+=(--norm_pix_loss)
 AUGMENT_FLAGS=()
 [[ $HFLIP == 0 ]] && AUGMENT_FLAGS+=(--no_hflip)
@@ -105,7 +108,8 @@ n_images() { find "$1" -type f -iname '*.jpeg' 2>/dev/null | wc -l; }
 
 printf 'stage\tstatus\tseconds\n' > "$TIMES"
 stage digits exists "$DIGITS/digits.json" \
-    "$PY" scripts/make_digits.py --output_dir "$DIGITS" --train "$N_TRAIN" --val "$N_VAL" --test "$N_TEST"
+    "$PY" scripts/make_digits.py --output_dir "$DIGITS" --train "$N_TRAIN" --val "$N_VAL" --test "$N_TEST" \
+    --size "$SIZE"
 
 stage pretrain exists "$PRETRAIN/checkpoint-final.pth" \
     "$PY" main_pretrain.py --data_path "$DIGITS" --output_dir "$PRETRAIN" "${MODEL_FLAGS[@]}" \

