@@ -6,7 +6,10 @@ label): per image, d = correct after `--step` TTT steps - correct without adapta
 The gain is mean(d) in points and its standard error std(d, ddof=1) / sqrt(n). The mean row pairs
 images by file name across corruptions (same clean image), averages d per image over the corruptions
 and takes the standard error over images, so it is only given when every corruption holds the same
-images. Prints a Markdown table and writes PREFIX.md and PREFIX.json.
+images. Also shown: the mean gain at every step (how a step is chosen on a validation split) and, per
+corruption, the share of the most predicted class before and after TTT: near 100% means the model
+answers one class for nearly every image, and a gain from there is a reshuffling of that guess.
+Prints a Markdown table and writes PREFIX.md and PREFIX.json.
 """
 import argparse
 import math
@@ -45,6 +48,10 @@ def mean_se(d):
     return 100 * d.mean(), 100 * se
 
 
+def top_class_share(pred):
+    return 100 * np.bincount(pred).max() / len(pred)
+
+
 def compare(folder, step):
     """Per-corruption numbers and the per-image differences keyed by file name."""
     ttt, base = load(folder), load(os.path.join(folder, 'baseline'))
@@ -63,9 +70,12 @@ def compare(folder, step):
     step0 = (ttt['pred'][:, 0] == ttt['label']).astype(np.int64)
     d = after - before
     gain, se = mean_se(d)
+    correct_per_step = (ttt['pred'] == ttt['label'][:, None]).mean(axis=0)
     row = {'num_images': int(len(d)), 'step': int(s), 'baseline': 100 * before.mean(),
            'ttt': 100 * after.mean(), 'ttt_step0': 100 * step0.mean(), 'gain': gain, 'gain_se': se,
-           'fixed': int((d > 0).sum()), 'broken': int((d < 0).sum())}
+           'fixed': int((d > 0).sum()), 'broken': int((d < 0).sum()),
+           'gain_per_step': (100 * (correct_per_step - before.mean())).tolist(),
+           'top_class_share': [top_class_share(base['pred'][:, 0]), top_class_share(ttt['pred'][:, s])]}
     names = ttt['filename'].tolist() if 'filename' in ttt else None
     return row, d, names
 
@@ -82,6 +92,8 @@ def collect(root, step=None):
     mean = {'baseline': float(np.mean([r['baseline'] for r in rows.values()])),
             'ttt': float(np.mean([r['ttt'] for r in rows.values()])), 'step': steps.pop(),
             'num_corruptions': len(columns)}
+    if len({len(r['gain_per_step']) for r in rows.values()}) == 1:
+        mean['gain_per_step'] = np.mean([r['gain_per_step'] for r in rows.values()], axis=0).tolist()
     same_images = all(diffs[c] is not None for c in columns) and len(
         {frozenset(diffs[c]) for c in columns}) == 1
     if same_images:
@@ -98,19 +110,23 @@ def collect(root, step=None):
 def markdown(summary):
     step = summary['mean']['step']
     lines = [f'| corruption | images | no adaptation | TTT-MAE (step {step}) | paired gain ± SE | '
-             'fixed / broken |', '|---|---:|---:|---:|---:|---:|']
+             'fixed / broken | top class share |', '|---|---:|---:|---:|---:|---:|---:|']
     for c in summary['columns']:
         r = summary['rows'][c]
         lines.append(f"| {c} | {r['num_images']} | {r['baseline']:.1f} | {r['ttt']:.1f} | "
-                     f"{r['gain']:+.1f} ± {r['gain_se']:.1f} | {r['fixed']} / {r['broken']} |")
+                     f"{r['gain']:+.1f} ± {r['gain_se']:.1f} | {r['fixed']} / {r['broken']} | "
+                     f"{r['top_class_share'][0]:.0f} -> {r['top_class_share'][1]:.0f} |")
     m = summary['mean']
     se = '' if m['gain_se'] is None else f" ± {m['gain_se']:.1f}"
     lines.append(f"| mean of {m['num_corruptions']} | {m.get('num_images', '')} | {m['baseline']:.1f} | "
-                 f"{m['ttt']:.1f} | {m['gain']:+.1f}{se} | |")
+                 f"{m['ttt']:.1f} | {m['gain']:+.1f}{se} | | |")
     notes = ['Accuracy in %. Gain: per image, correct after TTT - correct before, averaged (points); '
-             'SE = sample std / sqrt(n). fixed / broken: images TTT turned right / wrong.']
+             'SE = sample std / sqrt(n). fixed / broken: images TTT turned right / wrong. '
+             'Top class share: % of images given the most predicted class, no adaptation -> TTT.']
     if m['gain_se'] is not None:
         notes.append('Mean row: per-image gain averaged over the corruptions (same clean images), SE over images.')
+    if 'gain_per_step' in m:
+        notes.append('Mean gain per step 1..: ' + ' '.join(f'{g:+.1f}' for g in m['gain_per_step'][1:]))
     return '\n'.join(lines + [''] + notes) + '\n'
 
 

@@ -93,8 +93,13 @@ def test_tables_report_the_runs_numbers(demo):
         assert g['gain'] == pytest.approx(100 * d.mean())
         assert g['gain_se'] == pytest.approx(100 * d.std(ddof=1) / np.sqrt(len(d)))
         assert g['gain'] == pytest.approx(ttt - base)
+        assert g['gain_per_step'][STEPS] == pytest.approx(g['gain']) and g['gain_per_step'][0] == 0
+        top = [np.bincount(p).max() / len(p) * 100 for p in (b['pred'][:, 0], t['pred'][:, STEPS])]
+        assert g['top_class_share'] == pytest.approx(top)
     mean = np.mean([gains['rows'][c]['gain'] for c in CORRUPTIONS])
     assert gains['mean']['gain'] == pytest.approx(mean)  # same images in every corruption
+    assert gains['mean']['gain_per_step'] == pytest.approx(
+        np.mean([gains['rows'][c]['gain_per_step'] for c in CORRUPTIONS], axis=0))
 
 
 def test_rerun_skips_every_finished_stage(demo):
