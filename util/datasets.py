@@ -76,7 +76,7 @@ def eval_transform(input_size):
 
 
 def train_transform(input_size, min_scale=0.2, hflip=True):
-    """RandomResizedCrop(bicubic) + horizontal flip + normalise (MAE's pre-training recipe)."""
+    """RandomResizedCrop(bicubic, area min_scale..1) + horizontal flip (unless hflip=False) + normalise."""
     if not 0 < min_scale <= 1:
         raise UserError(f"--min_crop_scale must be in (0, 1], got {min_scale}")
     return transforms.Compose([
