@@ -65,16 +65,15 @@ def compare(folder, step):
     s = last if step is None else step
     if not 0 <= s <= last:
         raise UserError(f"{folder}: no step {s} (the run has steps 0..{last})")
+    correct = (ttt['pred'] == ttt['label'][:, None]).astype(np.int64)  # (images, steps + 1)
     before = (base['pred'][:, 0] == base['label']).astype(np.int64)
-    after = (ttt['pred'][:, s] == ttt['label']).astype(np.int64)
-    step0 = (ttt['pred'][:, 0] == ttt['label']).astype(np.int64)
+    after, step0 = correct[:, s], correct[:, 0]
     d = after - before
     gain, se = mean_se(d)
-    correct_per_step = (ttt['pred'] == ttt['label'][:, None]).mean(axis=0)
     row = {'num_images': int(len(d)), 'step': int(s), 'baseline': 100 * before.mean(),
            'ttt': 100 * after.mean(), 'ttt_step0': 100 * step0.mean(), 'gain': gain, 'gain_se': se,
            'fixed': int((d > 0).sum()), 'broken': int((d < 0).sum()),
-           'gain_per_step': (100 * (correct_per_step - before.mean())).tolist(),
+           'gain_per_step': (100 * (correct.mean(axis=0) - before.mean())).tolist(),
            'top_class_share': [top_class_share(base['pred'][:, 0]), top_class_share(ttt['pred'][:, s])]}
     names = ttt['filename'].tolist() if 'filename' in ttt else None
     return row, d, names
