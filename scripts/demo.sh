@@ -16,6 +16,8 @@
 #   DEMO_SPLIT             test (default) or val: which split is corrupted and evaluated
 #   DEMO_RESULTS           results folder (default: $DEMO_OUT/results_$DEMO_SPLIT)
 #   DEMO_THREADS           OMP_NUM_THREADS (default: 2)
+#   DEMO_DEVICE            --device of every stage (default: cpu)
+#   DEMO_SEED              --seed of every stage (default: 0): initial weights, crops, masks
 #   DEMO_CORRUPTIONS       space-separated list (default: the fixed list below)
 #   DEMO_DIGITS            train/val/test images per class (default: "300 100 100")
 #   DEMO_SIZE, DEMO_MODEL  image side and model (default: 32, mae_vit_tiny_patch4)
@@ -77,7 +79,8 @@ CORRUPTED=$OUT/digits-c/$SPLIT
 PRETRAIN=$OUT/pretrain
 PROBE=$OUT/probe
 TIMES=$OUT/stage_times_$SPLIT.tsv
-MODEL_FLAGS=(--model "$MODEL" --input_size "$SIZE" --head_type vit_head --num_classes 10 --device cpu)
+MODEL_FLAGS=(--model "$MODEL" --input_size "$SIZE" --head_type vit_head --num_classes 10
+             --device "${DEMO_DEVICE:-cpu}" --seed "${DEMO_SEED:-0}")
 [[ $NORM_PIX == 1 ]] && MODEL_FLAGS+=(--norm_pix_loss)
 AUGMENT_FLAGS=()
 [[ $HFLIP == 0 ]] && AUGMENT_FLAGS+=(--no_hflip)

@@ -29,6 +29,11 @@ def ttt_args(*extra):
     return args
 
 
+# CUDA variants run where a GPU is (bench/gpu_checks.sh); CI has none and skips them
+DEVICES = ['cpu', pytest.param('cuda', marks=pytest.mark.skipif(not torch.cuda.is_available(), reason='no CUDA'))]
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='no CUDA')
+
+
 @pytest.fixture
 def test_folder(tmp_path):
     return make_image_folder(tmp_path / 'test', ['class_a', 'class_b'], 5, seed=3)
@@ -99,18 +104,20 @@ def test_multi_tensor_optimizer_is_bitwise_the_per_parameter_one(test_folder, op
     assert not torch.equal(adapted[0][0], trainer.start_params[0])  # the weights did move
 
 
-def test_fast_loop_equals_naive_loop(test_folder):
+@pytest.mark.parametrize('device', DEVICES)
+def test_fast_loop_equals_naive_loop(test_folder, device):
     """In-place reset + decode once + multi-tensor update == deep-copy the model, new per-parameter
     optimiser, decode every step."""
     args = ttt_args('--accum_iter', '2')
     model = tiny_model(norm_pix_loss=True)
     base_cpu = copy.deepcopy(model)
-    trainer = ttt.TestTimeTrainer(model, args, 'cpu')
+    trainer = ttt.TestTimeTrainer(model.to(device), args, device)
     for index, (path, label) in enumerate(ImageFolder(test_folder).samples[:4]):
-        preds, _, losses = trainer.adapt(index, label, eval_image(path))
-        ref_preds, ref_losses = naive_adapt(base_cpu, path, label, index, args, 'cpu')
+        preds, _, losses = trainer.adapt(index, label, eval_image(path).to(device))
+        ref_preds, ref_losses = naive_adapt(base_cpu, path, label, index, args, device)
         assert preds.tolist() == ref_preds
-        np.testing.assert_allclose(losses, ref_losses, rtol=1e-6)
+        # CUDA: atomics in some backward kernels reorder float sums between the two runs
+        np.testing.assert_allclose(losses, ref_losses, rtol=1e-6 if device == 'cpu' else 1e-4)
 
 
 def test_random_resized_crops_full_crop_is_the_image_and_seeded():
@@ -190,6 +197,19 @@ def test_two_processes_equal_one_and_a_rerun_redoes_nothing(checkpoints, test_fo
     assert not os.path.exists(tmp_path / 'two' / 'partial')
     rerun = run_script(script_args('main_test_time_training.py', checkpoints, test_folder, tmp_path / 'one', *TTT))
     assert 'already done' in rerun.stdout
+
+
+@needs_cuda
+def test_torchrun_on_cuda_equals_a_plain_cuda_run(checkpoints, test_folder, tmp_path):
+    """torchrun's LOCAL_RANK picks the GPU (one process: no process group, so no NCCL, which needs a
+    GPU per process)."""
+    run_script(script_args('main_test_time_training.py', checkpoints, test_folder, tmp_path / 'plain', *TTT,
+                           '--device', 'cuda'))
+    run_script(torchrun(1, script_args('main_test_time_training.py', checkpoints, test_folder,
+                                       tmp_path / 'launched', *TTT, '--device', 'cuda')[1:]))
+    plain, launched = per_image(tmp_path / 'plain'), per_image(tmp_path / 'launched')
+    assert np.array_equal(plain['pred'], launched['pred'])
+    np.testing.assert_allclose(plain['mae_loss'], launched['mae_loss'], rtol=1e-4)
 
 
 def test_max_examples_subset(checkpoints, test_folder, tmp_path):
@@ -292,18 +312,19 @@ def test_combined_state_dict_takes_the_head_from_the_probe(checkpoints):
     assert set(state) == set(tiny_model().state_dict())
 
 
+@pytest.mark.parametrize('device', DEVICES)
 @pytest.mark.parametrize('single_crop', [True, False])
-def test_parallel_images_equal_one_at_a_time(test_folder, single_crop):
+def test_parallel_images_equal_one_at_a_time(test_folder, single_crop, device):
     extra = ('--accum_iter', '2', '--parallel_images', '3')
     args = ttt_args(*extra)
     args.single_crop = single_crop
-    model = tiny_model(norm_pix_loss=True)
-    one = ttt.TestTimeTrainer(copy.deepcopy(model), args, 'cpu')
-    batched = ttt.BatchedTestTimeTrainer(model, args, 'cpu')
+    model = tiny_model(norm_pix_loss=True).to(device)
+    one = ttt.TestTimeTrainer(copy.deepcopy(model), args, device)
+    batched = ttt.BatchedTestTimeTrainer(model, args, device)
     items = []
     for index, (path, label) in enumerate(ImageFolder(test_folder).samples[:5]):
         raw = None if single_crop else torch.from_numpy(np.asarray(load_rgb(path)).copy()).permute(2, 0, 1)
-        items.append((index, label, eval_image(path), raw))
+        items.append((index, label, eval_image(path).to(device), None if raw is None else raw.to(device)))
     expected = one.adapt_group(items)
     got = batched.adapt_group(items[:3]) + batched.adapt_group(items[3:])
     for (preds, ces, losses), (ref_preds, ref_ces, ref_losses) in zip(got, expected):
