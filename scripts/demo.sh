@@ -23,14 +23,14 @@
 #   DEMO_SIZE, DEMO_MODEL  image side and model (default: 32, mae_vit_tiny_patch4)
 #   DEMO_EVAL_PER_CLASS    images per class corrupted and evaluated (default: 30, so 300 per corruption)
 #   DEMO_PRETRAIN_EPOCHS, DEMO_PRETRAIN_WARMUP, DEMO_PRETRAIN_BATCH, DEMO_PRETRAIN_BLR
-#   DEMO_NORM_PIX          0 (default): MAE loss on raw pixels; 1: per-patch normalised pixels (--norm_pix_loss).
+#   DEMO_NORM_PIX          1 (default): MAE loss on per-patch normalised pixels (--norm_pix_loss); 0: raw pixels.
 #                          Pre-training is skipped when $DEMO_OUT holds its checkpoint: change DEMO_OUT too.
 #   DEMO_PROBE_EPOCHS, DEMO_PROBE_WARMUP, DEMO_PROBE_BATCH, DEMO_PROBE_BLR
 #   DEMO_PRETRAIN_MIN_SCALE, DEMO_PROBE_MIN_SCALE  smallest RandomResizedCrop area (--min_crop_scale)
 #   DEMO_HFLIP             1: random horizontal flips in pre-training and probing; 0: none (--no_hflip)
 #   DEMO_TTT_STEPS, DEMO_TTT_BATCH, DEMO_TTT_LR, DEMO_TTT_MASK_RATIO, DEMO_TTT_MAX_EXAMPLES,
 #   DEMO_TTT_PARALLEL (--parallel_images)
-#   DEMO_REPORT_STEP       the TTT step tabulated (default: DEMO_TTT_STEPS)
+#   DEMO_REPORT_STEP       the TTT step tabulated (default: 2; the figure shows every step)
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -55,7 +55,7 @@ PRETRAIN_EPOCHS=${DEMO_PRETRAIN_EPOCHS:-40}
 PRETRAIN_WARMUP=${DEMO_PRETRAIN_WARMUP:-5}
 PRETRAIN_BATCH=${DEMO_PRETRAIN_BATCH:-128}
 PRETRAIN_BLR=${DEMO_PRETRAIN_BLR:-3e-3}
-NORM_PIX=${DEMO_NORM_PIX:-0}
+NORM_PIX=${DEMO_NORM_PIX:-1}
 [[ $NORM_PIX == 0 || $NORM_PIX == 1 ]] || { echo "error: DEMO_NORM_PIX must be 0 or 1, got '$NORM_PIX'" >&2; exit 2; }
 PRETRAIN_MIN_SCALE=${DEMO_PRETRAIN_MIN_SCALE:-0.2}
 PROBE_MIN_SCALE=${DEMO_PROBE_MIN_SCALE:-0.08}
@@ -65,14 +65,16 @@ PROBE_EPOCHS=${DEMO_PROBE_EPOCHS:-10}
 PROBE_WARMUP=${DEMO_PROBE_WARMUP:-1}
 PROBE_BATCH=${DEMO_PROBE_BATCH:-128}
 PROBE_BLR=${DEMO_PROBE_BLR:-1e-2}
-TTT_STEPS=${DEMO_TTT_STEPS:-13}
+TTT_STEPS=${DEMO_TTT_STEPS:-20}
 TTT_BATCH=${DEMO_TTT_BATCH:-16}
 TTT_LR=${DEMO_TTT_LR:-1e-3}
 TTT_MASK_RATIO=${DEMO_TTT_MASK_RATIO:-0.75}
 TTT_MAX_EXAMPLES=${DEMO_TTT_MAX_EXAMPLES:-}
 # 8 images adapted at once as independent weight sets: same predictions, ~20% faster on 2 cores
 TTT_PARALLEL=${DEMO_TTT_PARALLEL:-8}
-REPORT_STEP=${DEMO_REPORT_STEP:-$TTT_STEPS}
+REPORT_STEP=${DEMO_REPORT_STEP:-2}
+(( REPORT_STEP <= TTT_STEPS )) || {
+    echo "error: DEMO_REPORT_STEP ($REPORT_STEP) is after the last TTT step (DEMO_TTT_STEPS=$TTT_STEPS)" >&2; exit 2; }
 
 DIGITS=$OUT/digits
 CORRUPTED=$OUT/digits-c/$SPLIT
