@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything that needs a CUDA GPU, in one call (CI has no GPU): the CUDA tests, the
 # benchmarks behind the README's GPU table and, optionally, a validation sweep of the demo's
-# settings (scripts/demo_sweep.sh). Every part writes under OUT_DIR and has its own time limit.
+# settings (scripts/demo_sweep.sh). Every part has its own time limit and writes its output under
+# OUT_DIR (the sweep's runs go to their DEMO_OUT folders; an archive of their logs and tables to OUT_DIR).
 #
 #   bash bench/gpu_checks.sh OUT_DIR [SWEEP_SETTINGS SWEEP_DATA [DEADLINE]]
 #
@@ -10,6 +11,9 @@
 set -uo pipefail
 OUT=${1:?usage: bench/gpu_checks.sh OUT_DIR [SWEEP_SETTINGS SWEEP_DATA [DEADLINE]]}
 export PYTHON=${PYTHON:-python3} PYTHONUNBUFFERED=1
+OUT=$(realpath -m "$OUT")
+SETTINGS=${2:+$(realpath "$2")}
+DATA=${3:+$(realpath -m "$3")}
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 mkdir -p "$OUT"
 part() {  # part NAME SECONDS COMMAND...: run COMMAND with a time limit, output to OUT/NAME.txt
@@ -30,10 +34,12 @@ part bench 45 "$PYTHON" bench/bench_pretrain.py --model mae_vit_large_patch16 --
 part bench 45 "$PYTHON" bench/bench_ttt.py --model mae_vit_tiny_patch4 --batch_size 16 --steps 20 \
     --images 32 --image_size 32 --parallel_images 1 32
 
-if [[ $# -ge 3 ]]; then
+left=$(( ${4:-540} - SECONDS ))
+if [[ -n $DATA ]] && (( left > 0 )); then
     export DEMO_DEVICE=${DEMO_DEVICE:-cuda} DEMO_TTT_PARALLEL=${DEMO_TTT_PARALLEL:-100}
-    part sweep $(( ${4:-540} - SECONDS )) bash scripts/demo_sweep.sh "$2" "$3" "$OUT/sweep.md" 8
+    part sweep "$left" bash scripts/demo_sweep.sh "$SETTINGS" "$DATA" "$OUT/sweep.md" 8
     # logs, tables and per-step JSON; not the checkpoints and per-image arrays (too big to bring back)
+    mapfile -t folders < <(sed 's/#.*//' "$SETTINGS" | grep -o 'DEMO_OUT=[^[:space:]]*' | cut -d= -f2- | sort -u)
     tar czf "$OUT/sweep.tgz" --exclude='*.pth' --exclude='*.npz' --exclude='*.npy' --exclude='digits*' \
-        --exclude='events.*' $(sed -n 's/.*DEMO_OUT=\([^ ]*\).*/\1/p' "$2" | sort -u) 2>> "$OUT/sweep.txt"
+        --exclude='events.*' "${folders[@]}" 2>> "$OUT/sweep.txt"
 fi

@@ -7,7 +7,7 @@
 # Stages: digits -> MAE pre-training -> ViT-head probe -> corrupted test sets (severity 5)
 # -> baseline and TTT-MAE on each corruption -> table, paired gains and accuracy-vs-step figure.
 # Everything goes to $DEMO_OUT (default demo_out/); a stage whose outputs exist is skipped, so
-# rerunning after an interruption continues. Each stage prints its wall time, and
+# rerunning after an interruption continues; a stage whose folder other settings made stops the script. Each stage prints its wall time, and
 # $DEMO_OUT/stage_times_<split>.tsv keeps them.
 #
 # Environment (defaults are the demo's settings, chosen on the validation split, scripts/DEMO_NOTES.md):
@@ -24,7 +24,6 @@
 #   DEMO_EVAL_PER_CLASS    images per class corrupted and evaluated (default: 30, so 300 per corruption)
 #   DEMO_PRETRAIN_EPOCHS, DEMO_PRETRAIN_WARMUP, DEMO_PRETRAIN_BATCH, DEMO_PRETRAIN_BLR
 #   DEMO_NORM_PIX          1 (default): MAE loss on per-patch normalised pixels (--norm_pix_loss); 0: raw pixels.
-#                          Pre-training is skipped when $DEMO_OUT holds its checkpoint: change DEMO_OUT too.
 #   DEMO_PROBE_EPOCHS, DEMO_PROBE_WARMUP, DEMO_PROBE_BATCH, DEMO_PROBE_BLR
 #   DEMO_PRETRAIN_MIN_SCALE, DEMO_PROBE_MIN_SCALE  smallest RandomResizedCrop area (--min_crop_scale)
 #   DEMO_HFLIP             1: random horizontal flips in pre-training and probing; 0: none (--no_hflip)
@@ -37,6 +36,7 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$REPO"
 PY=${PYTHON:-python}
 OUT=${DEMO_OUT:-demo_out}
+OUT=${OUT#./} && OUT=${OUT%/}  # one spelling per folder in the stages' records (below)
 SPLIT=${DEMO_SPLIT:-test}
 RESULTS=${DEMO_RESULTS:-$OUT/results_$SPLIT}
 export OMP_NUM_THREADS=${DEMO_THREADS:-2}
@@ -70,9 +70,11 @@ TTT_BATCH=${DEMO_TTT_BATCH:-16}
 TTT_LR=${DEMO_TTT_LR:-1e-3}
 TTT_MASK_RATIO=${DEMO_TTT_MASK_RATIO:-0.75}
 TTT_MAX_EXAMPLES=${DEMO_TTT_MAX_EXAMPLES:-}
-# 8 images adapted at once as independent weight sets: same predictions, ~20% faster on 2 cores
+# 8 images adapted at once as independent weight sets: same predictions, ~15% faster on 2 cores
 TTT_PARALLEL=${DEMO_TTT_PARALLEL:-8}
 REPORT_STEP=${DEMO_REPORT_STEP:-2}
+[[ $REPORT_STEP =~ ^[0-9]+$ && $TTT_STEPS =~ ^[0-9]+$ ]] || {
+    echo "error: DEMO_REPORT_STEP and DEMO_TTT_STEPS must be whole numbers" >&2; exit 2; }
 (( REPORT_STEP <= TTT_STEPS )) || {
     echo "error: DEMO_REPORT_STEP ($REPORT_STEP) is after the last TTT step (DEMO_TTT_STEPS=$TTT_STEPS)" >&2; exit 2; }
 
@@ -91,9 +93,29 @@ EVAL_FLAGS=(--resume_model "$PRETRAIN/checkpoint-final.pth" --resume_finetune "$
 
 mkdir -p "$OUT"
 DEMO_START=$EPOCHREALTIME
-stage() {  # stage NAME CHECK CHECK_ARG COMMAND...: run COMMAND unless `CHECK CHECK_ARG` succeeds; time it
-    local name=$1 check=$2 check_arg=$3 start=$EPOCHREALTIME
-    shift 3
+# Each stage's folder records the command that made it (the interpreter left out) and the records of
+# the pre-training and probe it read, so that a rerun with other settings stops instead of reusing, or
+# resuming, outputs that other settings made.
+UPSTREAM=''
+check_record() {  # check_record DIR CHECK CHECK_ARG TEXT
+    local dir=$1 check=$2 check_arg=$3 text=$4 record=$1/demo_command.txt
+    if [[ -f $record ]]; then
+        [[ $(< "$record") == "$text" ]] && return
+        printf 'error: %s was made by other settings:\n%s\nnot:\n%s\n' "$dir" "$(< "$record")" "$text" >&2
+    elif "$check" "$check_arg"; then
+        echo "error: $dir holds finished outputs but no record of the command that made them" \
+             "(an older scripts/demo.sh)" >&2
+    else
+        mkdir -p "$dir" && printf '%s\n' "$text" > "$record"
+        return
+    fi
+    echo "Delete $dir (or all of $OUT), or set DEMO_OUT to another folder." >&2
+    exit 2
+}
+stage() {  # stage NAME CHECK CHECK_ARG RECORD_DIR COMMAND...: run COMMAND unless `CHECK CHECK_ARG`
+    local name=$1 check=$2 check_arg=$3 record_dir=$4 start=$EPOCHREALTIME  # succeeds; time it
+    shift 4
+    [[ -z $record_dir ]] || check_record "$record_dir" "$check" "$check_arg" "${*:2}${UPSTREAM:+$'\n'$UPSTREAM}"
     if "$check" "$check_arg"; then
         printf '== %-28s done already, skipped\n' "$name"
         printf '%s\tskipped\t0\n' "$name" >> "$TIMES"
@@ -112,21 +134,24 @@ complete() { [[ -f $1/results.json ]] && grep -q '"complete": true' "$1/results.
 n_images() { find "$1" -type f -iname '*.jpeg' 2>/dev/null | wc -l; }
 
 printf 'stage\tstatus\tseconds\n' > "$TIMES"
-stage digits exists "$DIGITS/digits.json" \
+stage digits exists "$DIGITS/digits.json" "" \
     "$PY" scripts/make_digits.py --output_dir "$DIGITS" --train "$N_TRAIN" --val "$N_VAL" --test "$N_TEST" \
     --size "$SIZE"
 
-stage pretrain exists "$PRETRAIN/checkpoint-final.pth" \
+stage pretrain exists "$PRETRAIN/checkpoint-final.pth" "$PRETRAIN" \
     "$PY" main_pretrain.py --data_path "$DIGITS" --output_dir "$PRETRAIN" "${MODEL_FLAGS[@]}" \
     --batch_size "$PRETRAIN_BATCH" --epochs "$PRETRAIN_EPOCHS" --warmup_epochs "$PRETRAIN_WARMUP" \
     --blr "$PRETRAIN_BLR" --min_crop_scale "$PRETRAIN_MIN_SCALE" "${AUGMENT_FLAGS[@]}" --mask_ratio 0.75 \
     --save_ckpt_freq 10 --num_workers 0 --print_freq 100
 
-stage probe exists "$PROBE/checkpoint-final.pth" \
+UPSTREAM=$(< "$PRETRAIN/demo_command.txt")
+stage probe exists "$PROBE/checkpoint-final.pth" "$PROBE" \
     "$PY" main_prob.py --data_path "$DIGITS" --output_dir "$PROBE" "${MODEL_FLAGS[@]}" \
     --finetune "$PRETRAIN/checkpoint-final.pth" --batch_size "$PROBE_BATCH" --epochs "$PROBE_EPOCHS" \
     --warmup_epochs "$PROBE_WARMUP" --blr "$PROBE_BLR" --min_crop_scale "$PROBE_MIN_SCALE" "${AUGMENT_FLAGS[@]}" \
     --weight_decay 0.05 --num_workers 0 --print_freq 100
+
+UPSTREAM=$(< "$PROBE/demo_command.txt")  # the probe's record holds the pre-training's
 
 expected=0
 for c in $CORRUPTIONS; do expected=$((expected + 10 * EVAL_PER_CLASS)); done
@@ -136,11 +161,11 @@ corrupted_done() {
         [[ $(n_images "$CORRUPTED/$c/$SEVERITY") -eq $((10 * EVAL_PER_CLASS)) ]] || return 1
     done
 }
-stage "corrupt $SPLIT ($expected images)" corrupted_done "" \
+stage "corrupt $SPLIT ($expected images)" corrupted_done "" "" \
     "$PY" scripts/make_imagenet_c.py --data_path "$DIGITS/$SPLIT" --output_dir "$CORRUPTED" \
     --corruptions $CORRUPTIONS --severities $SEVERITY --keep_size --max_per_class "$EVAL_PER_CLASS" --workers 2
 
-stage "clean $SPLIT baseline" complete "$OUT/clean_$SPLIT" \
+stage "clean $SPLIT baseline" complete "$OUT/clean_$SPLIT" "$OUT/clean_$SPLIT" \
     "$PY" test_without_adaptation.py --data_path "$DIGITS/$SPLIT" --output_dir "$OUT/clean_$SPLIT" \
     "${MODEL_FLAGS[@]}" "${EVAL_FLAGS[@]}"
 
@@ -149,18 +174,18 @@ TTT_FLAGS=(--single_crop --steps_per_example "$TTT_STEPS" --batch_size "$TTT_BAT
            --finetune_mode encoder --parallel_images "$TTT_PARALLEL" --print_freq 100)
 for c in $CORRUPTIONS; do
     data=$CORRUPTED/$c/$SEVERITY
-    stage "$c baseline" complete "$RESULTS/$c/baseline" \
+    stage "$c baseline" complete "$RESULTS/$c/baseline" "$RESULTS/$c/baseline" \
         "$PY" test_without_adaptation.py --data_path "$data" --output_dir "$RESULTS/$c/baseline" \
         "${MODEL_FLAGS[@]}" "${EVAL_FLAGS[@]}"
-    stage "$c TTT-MAE" complete "$RESULTS/$c" \
+    stage "$c TTT-MAE" complete "$RESULTS/$c" "$RESULTS/$c" \
         "$PY" main_test_time_training.py --data_path "$data" --output_dir "$RESULTS/$c" \
         "${MODEL_FLAGS[@]}" "${EVAL_FLAGS[@]}" "${TTT_FLAGS[@]}"
 done
 
-stage collect never "" \
+stage collect never "" "" \
     "$PY" scripts/collect_results.py "$RESULTS" --step "$REPORT_STEP" --out "$RESULTS/summary" \
     --title "Digits-C ($SPLIT split, severity $SEVERITY), TTT-MAE vs no adaptation"
-stage "paired gains" never "" \
+stage "paired gains" never "" "" \
     "$PY" scripts/paired_gain.py "$RESULTS" --step "$REPORT_STEP" --out "$RESULTS/paired_gain"
 
 total=$(awk -v a="$DEMO_START" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f", b - a }')

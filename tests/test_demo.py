@@ -11,7 +11,8 @@ import torch
 from conftest import run_script
 
 CORRUPTIONS = ['gaussian_noise', 'pixelate']
-STEPS = 2
+STEPS = 3
+REPORT = 2  # demo.sh's default tabulated step
 PER_CLASS = 2  # corrupted and evaluated test images per class
 TINY = {'DEMO_DIGITS': '20 5 5', 'DEMO_EVAL_PER_CLASS': str(PER_CLASS), 'DEMO_CORRUPTIONS': ' '.join(CORRUPTIONS),
         'DEMO_PRETRAIN_EPOCHS': '2', 'DEMO_PRETRAIN_WARMUP': '1', 'DEMO_PRETRAIN_BATCH': '64',
@@ -48,6 +49,7 @@ def test_every_stage_ran_and_wrote_its_outputs(demo):
     assert read_json(f'{out}/digits/digits.json')['counts'] == {'train': 200, 'val': 50, 'test': 50}
     for ckpt in ('pretrain/checkpoint-final.pth', 'probe/checkpoint-final.pth'):
         assert os.path.isfile(os.path.join(out, ckpt))
+    assert torch.load(f'{out}/pretrain/checkpoint-final.pth', weights_only=False)['args'].norm_pix_loss
     for c in CORRUPTIONS:
         folder = f'{out}/digits-c/test/{c}/5'
         assert sorted(os.listdir(folder)) == [str(d) for d in range(10)]
@@ -83,19 +85,19 @@ def test_tables_report_the_runs_numbers(demo):
     gains = read_json(f'{root}/paired_gain.json')
     assert gains['columns'] == CORRUPTIONS
     for c in CORRUPTIONS:
-        ttt = read_json(f'{root}/{c}/results.json')['accuracy_per_step'][STEPS]
+        ttt = read_json(f'{root}/{c}/results.json')['accuracy_per_step'][REPORT]
         base = read_json(f'{root}/{c}/baseline/results.json')['accuracy']
         assert float(rows[('baseline', c)]['accuracy']) == pytest.approx(base)
         assert float(rows[('ttt', c)]['accuracy']) == pytest.approx(ttt)
         g = gains['rows'][c]
-        assert (g['baseline'], g['ttt'], g['step']) == (pytest.approx(base), pytest.approx(ttt), STEPS)
+        assert (g['baseline'], g['ttt'], g['step']) == (pytest.approx(base), pytest.approx(ttt), REPORT)
         t, b = np.load(f'{root}/{c}/per_image.npz'), np.load(f'{root}/{c}/baseline/per_image.npz')
-        d = (t['pred'][:, STEPS] == t['label']).astype(float) - (b['pred'][:, 0] == b['label'])
+        d = (t['pred'][:, REPORT] == t['label']).astype(float) - (b['pred'][:, 0] == b['label'])
         assert g['gain'] == pytest.approx(100 * d.mean())
         assert g['gain_se'] == pytest.approx(100 * d.std(ddof=1) / np.sqrt(len(d)))
         assert g['gain'] == pytest.approx(ttt - base)
-        assert g['gain_per_step'][STEPS] == pytest.approx(g['gain']) and g['gain_per_step'][0] == 0
-        top = [np.bincount(p).max() / len(p) * 100 for p in (b['pred'][:, 0], t['pred'][:, STEPS])]
+        assert g['gain_per_step'][REPORT] == pytest.approx(g['gain']) and g['gain_per_step'][0] == 0
+        top = [np.bincount(p).max() / len(p) * 100 for p in (b['pred'][:, 0], t['pred'][:, REPORT])]
         assert g['top_class_share'] == pytest.approx(top)
     mean = np.mean([gains['rows'][c]['gain'] for c in CORRUPTIONS])
     assert gains['mean']['gain'] == pytest.approx(mean)  # same images in every corruption
@@ -114,6 +116,19 @@ def test_rerun_skips_every_finished_stage(demo):
     assert os.stat(results).st_mtime_ns == before
 
 
+def test_other_settings_on_finished_folders_stop_the_demo(demo):
+    out, env, _ = demo
+    checkpoint = f'{out}/pretrain/checkpoint-final.pth'
+    before = os.stat(checkpoint).st_mtime_ns
+    changed = run_script(['bash', 'scripts/demo.sh'], env={**env, 'DEMO_NORM_PIX': '0'}, check=False)
+    assert changed.returncode == 2
+    assert f'error: {out}/pretrain was made by other settings' in changed.stderr
+    assert 'Delete' in changed.stderr.splitlines()[-1] and '== pretrain' not in changed.stdout
+    assert os.stat(checkpoint).st_mtime_ns == before
+    late = run_script(['bash', 'scripts/demo.sh'], env={**env, 'DEMO_REPORT_STEP': str(STEPS + 1)}, check=False)
+    assert late.returncode == 2 and 'after the last TTT step' in late.stderr
+
+
 def test_sweep_runs_settings_in_parallel_chains_sharing_pretraining(demo, tmp_path):
     """scripts/demo_sweep.sh: runs with one DEMO_OUT share its pre-training; the summary holds each run's table."""
     out, env, _ = demo
@@ -123,10 +138,10 @@ def test_sweep_runs_settings_in_parallel_chains_sharing_pretraining(demo, tmp_pa
     run_script([sys.executable, 'scripts/make_imagenet_c.py', '--data_path', f'{out}/digits/val', '--output_dir',
                 str(data / 'digits-c' / 'val'), '--corruptions', *CORRUPTIONS, '--severities', '5', '--keep_size',
                 '--max_per_class', str(PER_CLASS)])
-    a, b = tmp_path / 'a', tmp_path / 'b'
+    a, b = tmp_path / 'a', tmp_path / 'a2'  # one folder name the prefix of the other
     settings = tmp_path / 'settings.txt'
-    settings.write_text(f'# two chains\nrun1 DEMO_OUT={a}\nrun2 DEMO_OUT={b} DEMO_SEED=1\n'
-                        f'run3 DEMO_OUT={a} DEMO_TTT_BATCH=4\n')
+    settings.write_text(f'# two chains\nrun1 DEMO_OUT={a}\n\n   # an indented comment\n'
+                        f'run2 DEMO_OUT={b} DEMO_SEED=1  # seed 1\nrun3 DEMO_OUT={a}/ DEMO_TTT_BATCH=4\n')
     summary = tmp_path / 'summary.md'
     run_script(['bash', 'scripts/demo_sweep.sh', str(settings), str(data), str(summary), '2'], env=env)
 

@@ -116,7 +116,8 @@ def test_fast_loop_equals_naive_loop(test_folder, device):
         preds, _, losses = trainer.adapt(index, label, eval_image(path).to(device))
         ref_preds, ref_losses = naive_adapt(base_cpu, path, label, index, args, device)
         assert preds.tolist() == ref_preds
-        # CUDA: atomics in some backward kernels reorder float sums between the two runs
+        # CUDA: the two loops run different kernels (one expanded batch against stacked copies; some
+        # backward kernels sum with atomics), so float sums differ in order
         np.testing.assert_allclose(losses, ref_losses, rtol=1e-6 if device == 'cpu' else 1e-4)
 
 
@@ -201,8 +202,9 @@ def test_two_processes_equal_one_and_a_rerun_redoes_nothing(checkpoints, test_fo
 
 @needs_cuda
 def test_torchrun_on_cuda_equals_a_plain_cuda_run(checkpoints, test_folder, tmp_path):
-    """torchrun's LOCAL_RANK picks the GPU (one process: no process group, so no NCCL, which needs a
-    GPU per process)."""
+    """A process launched by torchrun computes on the GPU as a plain one does (one process: no process
+    group, so no NCCL, which needs a GPU per process). Masks come from a generator on the device, so a
+    run that fell back to the CPU would differ."""
     run_script(script_args('main_test_time_training.py', checkpoints, test_folder, tmp_path / 'plain', *TTT,
                            '--device', 'cuda'))
     run_script(torchrun(1, script_args('main_test_time_training.py', checkpoints, test_folder,
