@@ -7,8 +7,8 @@
 # Stages: digits -> MAE pre-training -> ViT-head probe -> corrupted test sets (severity 5)
 # -> baseline and TTT-MAE on each corruption -> table, paired gains and accuracy-vs-step figure.
 # Everything goes to $DEMO_OUT (default demo_out/); a stage whose outputs exist is skipped, so
-# rerunning after an interruption continues; a stage whose folder other settings made stops the script. Each stage prints its wall time, and
-# $DEMO_OUT/stage_times_<split>.tsv keeps them.
+# rerunning after an interruption continues, and a stage whose folder other settings made stops the
+# script. Each stage prints its wall time, and $DEMO_OUT/stage_times_<split>.tsv keeps them.
 #
 # Environment (defaults are the demo's settings, chosen on the validation split, scripts/DEMO_NOTES.md):
 #   PYTHON                 interpreter (default: python)
