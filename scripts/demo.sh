@@ -97,12 +97,12 @@ DEMO_START=$EPOCHREALTIME
 # the pre-training and probe it read, so that a rerun with other settings stops instead of reusing, or
 # resuming, outputs that other settings made.
 UPSTREAM=''
-check_record() {  # check_record DIR CHECK CHECK_ARG TEXT
-    local dir=$1 check=$2 check_arg=$3 text=$4 record=$1/demo_command.txt
+check_record() {  # check_record DIR FINISHED TEXT (FINISHED: 1 when the stage's outputs are finished)
+    local dir=$1 finished=$2 text=$3 record=$1/demo_command.txt
     if [[ -f $record ]]; then
         [[ $(< "$record") == "$text" ]] && return
         printf 'error: %s was made by other settings:\n%s\nnot:\n%s\n' "$dir" "$(< "$record")" "$text" >&2
-    elif "$check" "$check_arg"; then
+    elif (( finished )); then
         echo "error: $dir holds finished outputs but no record of the command that made them" \
              "(an older scripts/demo.sh)" >&2
     else
@@ -112,11 +112,13 @@ check_record() {  # check_record DIR CHECK CHECK_ARG TEXT
     echo "Delete $dir (or all of $OUT), or set DEMO_OUT to another folder." >&2
     exit 2
 }
-stage() {  # stage NAME CHECK CHECK_ARG RECORD_DIR COMMAND...: run COMMAND unless `CHECK CHECK_ARG`
-    local name=$1 check=$2 check_arg=$3 record_dir=$4 start=$EPOCHREALTIME  # succeeds; time it
+# stage NAME CHECK CHECK_ARG RECORD_DIR COMMAND...: run COMMAND unless `CHECK CHECK_ARG` succeeds; time it
+stage() {
+    local name=$1 check=$2 check_arg=$3 record_dir=$4 start=$EPOCHREALTIME finished=0
     shift 4
-    [[ -z $record_dir ]] || check_record "$record_dir" "$check" "$check_arg" "${*:2}${UPSTREAM:+$'\n'$UPSTREAM}"
-    if "$check" "$check_arg"; then
+    "$check" "$check_arg" && finished=1
+    [[ -z $record_dir ]] || check_record "$record_dir" "$finished" "${*:2}${UPSTREAM:+$'\n'$UPSTREAM}"
+    if (( finished )); then
         printf '== %-28s done already, skipped\n' "$name"
         printf '%s\tskipped\t0\n' "$name" >> "$TIMES"
         return

@@ -28,10 +28,9 @@ cd "$REPO"  # DEMO_OUT paths are relative to the repository, as in demo.sh
 [[ -f $DATA/digits/digits.json && -d $DATA/digits-c/val ]] || {
     echo "error: $DATA must hold digits/digits.json and digits-c/val/" >&2; exit 2; }
 
-run_one() {  # run_one NAME VAR=VALUE...: one demo.sh run on the validation split, then its table
-    local name=$1 out
-    shift
-    out=$(env "$@" bash -c 'echo "$DEMO_OUT"')
+run_one() {  # run_one OUT NAME VAR=VALUE...: one demo.sh run (DEMO_OUT: OUT) on the validation split,
+    local out=$1 name=$2  # then its table
+    shift 2
     mkdir -p "$out/digits-c"
     ln -sfn "$DATA/digits" "$out/digits"
     ln -sfn "$DATA/digits-c/val" "$out/digits-c/val"
@@ -65,7 +64,7 @@ for key in "${order[@]}"; do
     (
         while read -r -u 3 name assignments; do
             read -ra vars <<< "$assignments"
-            run_one "$name" "${vars[@]}"
+            run_one "$key" "$name" "${vars[@]}"
         done 3<<< "${chain[$key]%$'\n'}"
     ) &
 done

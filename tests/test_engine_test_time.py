@@ -30,8 +30,8 @@ def ttt_args(*extra):
 
 
 # CUDA variants run where a GPU is (bench/gpu_checks.sh); CI has none and skips them
-DEVICES = ['cpu', pytest.param('cuda', marks=pytest.mark.skipif(not torch.cuda.is_available(), reason='no CUDA'))]
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='no CUDA')
+DEVICES = ['cpu', pytest.param('cuda', marks=needs_cuda)]
 
 
 @pytest.fixture
