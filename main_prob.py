@@ -1,5 +1,4 @@
-"""Train the classification head (ViT head or linear) on frozen MAE features (SPEC section 4)."""
-import argparse
+"""Train the classification head (ViT head or linear) on frozen MAE features: probing (docs/method.md)."""
 import datetime
 import os
 import time
@@ -12,36 +11,36 @@ from engine_prob import evaluate, train_one_epoch
 from models_mae import build_model
 from util import distributed
 from util.checkpoint import HEAD_PREFIXES, checkpoint_path, load_finetune_for_probe, resume_training, save_checkpoint
-from util.cli import (add_data_args, add_model_args, add_run_args, add_training_args, parse_args_or_exit, run_main,
-                      UserError)
+from util.cli import (ArgumentParser, UserError, add_data_args, add_model_args, add_run_args, add_training_args,
+                      number, run_main)
 from util.datasets import ImageFolder, eval_transform, make_loader, train_transform
 from util.logger import append_json_line, keep_log_before, tensorboard_writer
 from util.lr_sched import set_lr_from_blr
+from util.train_loop import start_training
 from util.seed import derive_seed, seed_all
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser('Probing: train a classification head on frozen MAE features')
+    parser = ArgumentParser('Probing: train a classification head on frozen MAE features', prog='main_prob.py')
     add_training_args(parser, batch_size=32, epochs=20, warmup_epochs=5)
     parser.add_argument('--finetune', default='', help='pre-trained MAE checkpoint for the encoder')
-    parser.add_argument('--drop_path', type=float, default=0.0, help='drop path rate of the ViT head')
-    parser.add_argument('--smoothing', type=float, default=0.1, help='label smoothing')
+    parser.add_argument('--drop_path', type=number(float, 0, 1, high_open=True), default=0.0,
+                        help='drop path rate of the ViT head')
+    parser.add_argument('--smoothing', type=number(float, 0, 1, high_open=True), default=0.1,
+                        help='label smoothing')
     parser.add_argument('--dist_eval', action='store_true', help='shard evaluation over the processes')
     parser.add_argument('--eval', action='store_true', help='evaluate the resumed checkpoint only')
-    add_model_args(parser)
-    add_data_args(parser, min_crop_scale=0.08)  # MAE's linear-probe recipe
+    add_model_args(parser, norm_pix_help='accepted because the released command passes it; no effect on '
+                                         'probing (no decoder)')
+    add_data_args(parser, 'dataset root: <data_path>/train/<class>/<image> and <data_path>/val/<class>/<image>',
+                  min_crop_scale=0.08)  # MAE's linear-probe recipe
     add_run_args(parser)
     return parser
 
 
 def main(args):
-    if args.output_dir:
-        os.makedirs(args.output_dir, exist_ok=True)
-    distributed.init_distributed_mode(args)
-    device = torch.device(args.device)
-    torch.backends.cudnn.benchmark = True
-    seed_all(derive_seed(args.seed, args.rank))
-    model = build_model(args.model, img_size=args.input_size, norm_pix_loss=args.norm_pix_loss,
+    device = start_training(args)
+    model = build_model(args.model, img_size=args.input_size,
                         head_type=args.head_type, classifier_depth=args.classifier_depth,
                         num_classes=args.num_classes, no_decoder=True, drop_path_rate=args.drop_path)
     args.input_size = model.patch_embed.img_size[0]
@@ -115,4 +114,4 @@ def main(args):
 
 
 if __name__ == '__main__':
-    run_main(main, parse_args_or_exit(get_args_parser()))
+    run_main(main, get_args_parser().parse_args())

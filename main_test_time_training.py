@@ -1,51 +1,67 @@
-"""Test-time training with masked autoencoders on one folder of test images (SPEC section 5).
+"""Test-time training with masked autoencoders on one folder of test images (docs/method.md).
 
 Each process adapts a disjoint share of the images; the per-image learning rate is
 blr * batch_size * accum_iter / 256 whatever the number of processes, since every image is
 still adapted alone (the released code also multiplied by the world size, which on one GPU is 1).
 """
-import argparse
 import time
 
 import torch
 
-from engine_test_time import (FINETUNE_MODES, BatchedTestTimeTrainer, TestTimeDataset, TestTimeTrainer,
-                              add_test_time_args, prepare_run, run_test_time_training, write_outputs)
+from engine_test_time import FINETUNE_MODES, OPTIMIZERS, TestTimeTrainer, run_test_time_training
 from util import distributed
-from util.cli import add_model_args, add_run_args, parse_args_or_exit, run_main, UserError
+from util.cli import (NON_NEGATIVE_FLOAT, NON_NEGATIVE_INT, OPEN_FRACTION, POSITIVE_FLOAT, POSITIVE_INT,
+                      ArgumentParser, UserError, add_data_args, add_model_args, add_run_args, add_test_time_args,
+                      number, run_main)
+from util.datasets import TestTimeDataset
 from util.logger import tensorboard_writer
+from util.results import write_outputs
+from util.run_setup import prepare_run
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser('Test-time training with masked autoencoders')
-    parser.add_argument('--data_path', required=True, help='folder of one test set, e.g. imagenet-c/fog/5')
-    parser.add_argument('--batch_size', default=128, type=int, help='views of the image per step')
-    parser.add_argument('--accum_iter', default=1, type=int, help='micro-batches per step')
-    parser.add_argument('--steps_per_example', default=20, type=int, help='optimiser steps per image')
-    parser.add_argument('--mask_ratio', default=0.75, type=float)
-    parser.add_argument('--single_crop', action='store_true', help='every view is the eval crop')
-    parser.add_argument('--finetune_mode', default='encoder', choices=FINETUNE_MODES)
-    parser.add_argument('--optimizer_type', default='sgd', choices=['sgd', 'adam', 'adam_w'])
-    parser.add_argument('--optimizer_momentum', default=0.9, type=float, help='SGD momentum')
-    parser.add_argument('--weight_decay', default=0.01, type=float,
-                        help="weight decay of adam_w (the released code used AdamW's default, 0.01)")
-    parser.add_argument('--lr', default=None, type=float, help='absolute lr (default: blr * batch * accum / 256)')
-    parser.add_argument('--blr', default=1e-2, type=float)
-    parser.add_argument('--compile', action='store_true', help='torch.compile the model')
-    parser.add_argument('--parallel_images', default=1, type=int,
-                        help='adapt this many images at once as independent weight sets (SGD only; '
-                             'pays for small models on a GPU)')
+    parser = ArgumentParser('Test-time training with masked autoencoders', prog='main_test_time_training.py')
+    group = parser.add_argument_group('test-time training')
+    group.add_argument('--batch_size', default=128, type=POSITIVE_INT, help='views of the image per step')
+    group.add_argument('--accum_iter', default=1, type=POSITIVE_INT, help='micro-batches of views per step')
+    group.add_argument('--steps_per_example', default=20, type=NON_NEGATIVE_INT, help='optimiser steps per image')
+    group.add_argument('--mask_ratio', default=0.75, type=OPEN_FRACTION, help='fraction of patches removed')
+    group.add_argument('--single_crop', action='store_true',
+                       help='every view is the eval crop (the paper); otherwise random resized crops + flips')
+    group.add_argument('--finetune_mode', default='encoder', choices=FINETUNE_MODES,
+                       help='what adapts: encoder = everything but the decoder (the paper); all = the decoder '
+                            'too; encoder_no_cls_no_msk = the encoder without cls_token and mask_token')
+    group.add_argument('--optimizer_type', default='sgd', choices=OPTIMIZERS,
+                       help='sgd (the paper: momentum --optimizer_momentum, no weight decay), adam or adam_w '
+                            '(betas 0.9, 0.95)')
+    group.add_argument('--optimizer_momentum', default=0.9, type=number(float, 0, 1, high_open=True),
+                       help='SGD momentum')
+    group.add_argument('--weight_decay', default=0.01, type=NON_NEGATIVE_FLOAT,
+                       help="weight decay of adam_w (the released code used AdamW's default, 0.01)")
+    group.add_argument('--lr', default=None, type=POSITIVE_FLOAT,
+                       help='absolute lr (None: blr * batch_size * accum_iter / 256)')
+    group.add_argument('--blr', default=1e-2, type=POSITIVE_FLOAT, help='base lr, scaled by the views per step / 256')
+    group.add_argument('--parallel_images', default=1, type=POSITIVE_INT,
+                       help='adapt this many images at once as independent weight sets; pays for small '
+                            'models on a GPU')
+    group.add_argument('--compile', action='store_true', help='torch.compile the model (one image at a time)')
+    group.add_argument('--flush_every', default=10, type=POSITIVE_INT, help='save results every N images')
     add_model_args(parser)
     add_test_time_args(parser)
+    add_data_args(parser, 'folder of one test set, <data_path>/<class>/<image>, e.g. imagenet-c/fog/5')
     add_run_args(parser)
     return parser
 
 
+def check_args(args):
+    """Flag combinations that cannot run together."""
+    if args.parallel_images > 1 and (args.amp == 'fp16' or args.compile):
+        raise UserError("--parallel_images > 1 runs without --amp fp16 (its loss scale would be shared by the "
+                        "images) and without --compile")
+
+
 def main(args):
-    if args.steps_per_example < 0 or args.batch_size < 1 or args.accum_iter < 1:
-        raise UserError("--steps_per_example must be >= 0, --batch_size and --accum_iter >= 1")
-    if not 0 < args.mask_ratio < 1:
-        raise UserError(f"--mask_ratio must be in (0, 1), got {args.mask_ratio}")
+    check_args(args)
     if args.lr is None:
         args.lr = args.blr * args.batch_size * args.accum_iter / 256
     device, dataset, indices, model, store, todo = prepare_run(args)
@@ -53,10 +69,10 @@ def main(args):
     if todo is None:
         distributed.destroy()
         return
-    trainer = (BatchedTestTimeTrainer if args.parallel_images > 1 else TestTimeTrainer)(model, args, device)
+    trainer = TestTimeTrainer(model, args, device, k=args.parallel_images)
     test_set = TestTimeDataset(dataset.samples, todo, args.input_size, raw=not args.single_crop)
     loader = torch.utils.data.DataLoader(test_set, batch_size=None, num_workers=args.num_workers,
-                                         pin_memory=device.type == 'cuda')
+                                         pin_memory=args.pin_mem and device.type == 'cuda')
     log_writer = tensorboard_writer(args.log_dir)
     start = time.time()
     done = run_test_time_training(trainer, loader, store, args, log_writer)
@@ -71,4 +87,4 @@ def main(args):
 
 
 if __name__ == '__main__':
-    run_main(main, parse_args_or_exit(get_args_parser()))
+    run_main(main, get_args_parser().parse_args())

@@ -1,9 +1,10 @@
 """Masked autoencoder ViT with a classification head (linear or ViT), as in TTT-MAE.
 
-Parameter names are those of the released checkpoints (SPEC section 1); do not rename.
+Parameter names are those of the released checkpoints (docs/method.md lists them); do not rename.
 """
 from functools import partial
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -13,7 +14,7 @@ from timm.models.vision_transformer import Block
 from util.cli import UserError
 from util.pos_embed import get_2d_sincos_pos_embed
 
-HEAD_TYPES = ('vit_head', 'linear')
+HEAD_TYPES = ('vit_head', 'linear', None)  # None: no head (pre-training writes the released MAE layout)
 
 
 class MaskedAutoencoderViT(nn.Module):
@@ -24,8 +25,10 @@ class MaskedAutoencoderViT(nn.Module):
                  mlp_ratio=4., norm_layer=partial(nn.LayerNorm, eps=1e-6), num_classes=1000,
                  head_type='vit_head', no_decoder=False, norm_pix_loss=False, drop_path_rate=0.):
         super().__init__()
+        if img_size % patch_size:
+            raise UserError(f"image size {img_size} is not a multiple of the patch size {patch_size}")
         if head_type not in HEAD_TYPES:
-            raise UserError(f"unknown head_type {head_type!r}; choices: {', '.join(HEAD_TYPES)}")
+            raise UserError(f"unknown head_type {head_type!r}; choices: vit_head, linear, None")
         self.head_type = head_type
         self.no_decoder = no_decoder
         self.norm_pix_loss = norm_pix_loss
@@ -65,7 +68,7 @@ class MaskedAutoencoderViT(nn.Module):
                 for i in range(classifier_depth)])
             self.classifier_norm = norm_layer(classifier_embed_dim)
             self.classifier_pred = nn.Linear(classifier_embed_dim, num_classes, bias=True)
-        else:
+        elif head_type == 'linear':
             self.bn = nn.BatchNorm1d(embed_dim, affine=False, eps=1e-6)
             self.head = nn.Linear(embed_dim, num_classes)
 
@@ -114,6 +117,8 @@ class MaskedAutoencoderViT(nn.Module):
     def random_masking(self, x, mask_ratio, input_mask=None):
         """Keep int(L*(1-mask_ratio)) tokens per sample: the lowest noise, or the first of input_mask.
 
+        input_mask: shuffle orders (N, L), or one order (1, L) or (L,) for every sample; a tensor, a
+        numpy array or a list, as the released model takes them.
         Returns kept tokens, mask (1 = removed, in original order) and ids_restore.
         """
         N, L, D = x.shape
@@ -122,7 +127,16 @@ class MaskedAutoencoderViT(nn.Module):
             noise = torch.rand(N, L, device=x.device)
             ids_shuffle = torch.argsort(noise, dim=1)
         else:
+            if not torch.is_tensor(input_mask):
+                input_mask = torch.from_numpy(np.asarray(input_mask, dtype=np.int64))
             ids_shuffle = input_mask.to(x.device)
+            if ids_shuffle.dim() == 1:
+                ids_shuffle = ids_shuffle.unsqueeze(0)
+            if ids_shuffle.shape[0] == 1 and N > 1:
+                ids_shuffle = ids_shuffle.expand(N, -1)
+            if tuple(ids_shuffle.shape) != (N, L):
+                raise ValueError(f"input_mask has shape {tuple(input_mask.shape)}; expected ({N}, {L}), (1, {L}) "
+                                 f"or ({L},)")
         ids_restore = torch.argsort(ids_shuffle, dim=1)
         ids_keep = ids_shuffle[:, :len_keep]
         x_masked = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, D))
@@ -165,6 +179,8 @@ class MaskedAutoencoderViT(nn.Module):
         return (loss * mask).sum() / mask.sum()
 
     def forward_head(self, latent):
+        if self.head_type is None:
+            raise ValueError("this model has no classification head (head_type=None)")
         if self.head_type == 'linear':
             return self.head(self.bn(latent[:, 0]))
         x = self.classifier_embed(latent) + self.classifier_pos_embed
@@ -232,7 +248,8 @@ mae_vit_micro_patch4 = _builder('mae_vit_micro_patch4', img_size=16, patch_size=
 
 
 def build_model(name, **kwargs):
-    """Build a registered model; keyword arguments set to None keep the builder's default."""
+    """Build a registered model; keyword arguments set to None keep the builder's default
+    (head_type=None is kept: no head)."""
     if name not in MODELS:
         raise UserError(f"unknown model {name!r}; choices: {', '.join(sorted(MODELS))}")
-    return MODELS[name](**{k: v for k, v in kwargs.items() if v is not None})
+    return MODELS[name](**{k: v for k, v in kwargs.items() if v is not None or k == 'head_type'})

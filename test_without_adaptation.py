@@ -1,22 +1,25 @@
-"""Accuracy of the combined model without test-time training (SPEC section 6)."""
-import argparse
+"""Accuracy of the combined model without test-time training: the baseline (docs/method.md)."""
 import time
 
 import torch
 
-from engine_test_time import (AMP_DTYPES, TestTimeDataset, add_test_time_args, prepare_run, run_baseline,
-                              write_outputs)
+from engine_test_time import run_baseline
 from util import distributed
-from util.cli import add_model_args, add_run_args, parse_args_or_exit, run_main
+from util.cli import POSITIVE_INT, ArgumentParser, add_data_args, add_model_args, add_run_args, add_test_time_args, \
+    run_main
+from util.datasets import TestTimeDataset
+from util.results import write_outputs
+from util.run_setup import prepare_run
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser('Evaluation without adaptation')
-    parser.add_argument('--data_path', required=True, help='folder of one test set, e.g. imagenet-c/fog/5')
-    parser.add_argument('--batch_size', default=64, type=int, help='images per forward pass')
-    add_model_args(parser)
+    parser = ArgumentParser('Evaluation without adaptation', prog='test_without_adaptation.py')
+    parser.add_argument('--batch_size', default=64, type=POSITIVE_INT,
+                        help='images per forward pass (the predictions do not depend on it)')
+    add_model_args(parser, norm_pix_loss=False)
     add_test_time_args(parser)
-    add_run_args(parser)
+    add_data_args(parser, 'folder of one test set, <data_path>/<class>/<image>, e.g. imagenet-c/fog/5')
+    add_run_args(parser, seed=False, tensorboard=False)
     return parser
 
 
@@ -27,9 +30,9 @@ def main(args):
         return
     loader = torch.utils.data.DataLoader(TestTimeDataset(dataset.samples, todo, args.input_size),
                                          batch_size=args.batch_size, num_workers=args.num_workers,
-                                         pin_memory=device.type == 'cuda')
+                                         pin_memory=args.pin_mem and device.type == 'cuda')
     start = time.time()
-    done = run_baseline(model, loader, store, device, AMP_DTYPES[args.amp])
+    done = run_baseline(model, loader, store, device, args)
     distributed.barrier()
     if distributed.is_main_process():
         write_outputs(args, store, dataset, indices, 'baseline', time.time() - start, done * args.world_size)
@@ -37,4 +40,4 @@ def main(args):
 
 
 if __name__ == '__main__':
-    run_main(main, parse_args_or_exit(get_args_parser()))
+    run_main(main, get_args_parser().parse_args())

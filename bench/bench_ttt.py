@@ -1,6 +1,6 @@
 """Test-time-training speed: seconds per image, images/s and peak memory, next to the arithmetic floor
 (FLOPs per image over the measured matmul rate), and optionally against the released-style loop that
-deep-copies the model and decodes the image for every step (bench/naive_ttt.py), in one run.
+deep-copies the model and decodes the image for every step (util/reference_loop.py), in one run.
 
   python bench/bench_ttt.py --model mae_vit_tiny_patch4 --batch_size 32 --steps 10 --naive     # CPU
   python bench/bench_ttt.py --model mae_vit_large_patch16 --batch_size 128 --steps 20 --amp none bf16
@@ -18,11 +18,12 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import (count_flops, device_name, matmul_tflops, peak_memory_gib, print_table,  # noqa: E402
                           reset_peak_memory, timed)
-from bench.naive_ttt import naive_adapt  # noqa: E402
-from engine_test_time import (BatchedTestTimeTrainer, TestTimeDataset, TestTimeTrainer, groups_of,  # noqa: E402
-                              set_precision)
+from engine_test_time import TestTimeTrainer, groups_of  # noqa: E402
 from main_test_time_training import get_args_parser  # noqa: E402
 from models_mae import build_model  # noqa: E402
+from util.datasets import TestTimeDataset  # noqa: E402
+from util.reference_loop import reference_adapt  # noqa: E402
+from util.run_setup import set_precision  # noqa: E402
 
 
 def make_images(folder, count, size):
@@ -67,7 +68,7 @@ def main():
                 for amp in bench.amp for parallel in bench.parallel_images]
         if bench.naive:  # the released-style loop, fp32 (TF32 on CUDA unless --strict_fp32)
             args = ttt_args(bench, 'none', 1, size)
-            _, seconds = timed(lambda: [naive_adapt(base_cpu, p, label, i, args, device)
+            _, seconds = timed(lambda: [reference_adapt(base_cpu, p, label, i, args, device)
                                         for i, (p, label) in enumerate(samples)], device)
             rows.append(['naive loop (deep copy, decode per step)', f"{seconds / len(samples):.3f}",
                          f"{len(samples) / seconds:.2f}", '', '', '', ''])
@@ -91,16 +92,18 @@ def measure(bench, model, samples, amp, parallel, device):
     """One table row: the default loop (or a flag's) over the images, decoding in workers included."""
     size = model.patch_embed.img_size[0]
     args = ttt_args(bench, amp, parallel, size)
-    trainer = (BatchedTestTimeTrainer if parallel > 1 else TestTimeTrainer)(model, args, device)
+    trainer = TestTimeTrainer(model, args, device, k=parallel)
     loader = torch.utils.data.DataLoader(TestTimeDataset(samples, range(len(samples)), size),
                                          batch_size=None, num_workers=2)
 
     def run(items):
-        for group in groups_of(items, trainer.group_size):
-            trainer.adapt_group([(i, label, image.to(device).unsqueeze(0), None) for i, label, image, _ in group])
+        for group in groups_of(items, trainer.k):
+            labels = torch.tensor([item['label'] for item in group], device=device)
+            images = torch.stack([item['image'] for item in group]).to(device).unsqueeze(1)
+            trainer.adapt([item['index'] for item in group], labels, images)
 
     items = list(loader)
-    run(items[:trainer.group_size])  # warm-up (and compilation)
+    run(items[:trainer.k])  # warm-up (and compilation)
     flops = count_flops(lambda: run(items[:1]))
     reset_peak_memory(device)
     _, seconds = timed(lambda: run(iter(loader)), device)

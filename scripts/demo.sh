@@ -10,7 +10,7 @@
 # rerunning after an interruption continues, and a stage whose folder other settings made stops the
 # script. Each stage prints its wall time, and $DEMO_OUT/stage_times_<split>.tsv keeps them.
 #
-# Environment (defaults are the demo's settings, chosen on the validation split, scripts/DEMO_NOTES.md):
+# Environment (defaults are the demo's settings, chosen on the validation split, docs/demo.md):
 #   PYTHON                 interpreter (default: python)
 #   DEMO_OUT               output root (default: demo_out)
 #   DEMO_SPLIT             test (default) or val: which split is corrupted and evaluated
@@ -46,7 +46,7 @@ export OMP_NUM_THREADS=${DEMO_THREADS:-2}
 # pixelate's 4x4 blocks line up with the 4x4 patches; it stays in whatever TTT does on it.
 CORRUPTIONS=${DEMO_CORRUPTIONS:-gaussian_noise motion_blur fog contrast pixelate}
 SEVERITY=5
-# Sizes and TTT settings below were chosen on the validation split (scripts/DEMO_NOTES.md).
+# Sizes and TTT settings below were chosen on the validation split (docs/demo.md).
 read -r N_TRAIN N_VAL N_TEST <<< "${DEMO_DIGITS:-300 100 100}"
 EVAL_PER_CLASS=${DEMO_EVAL_PER_CLASS:-30}
 SIZE=${DEMO_SIZE:-32}
@@ -83,9 +83,11 @@ CORRUPTED=$OUT/digits-c/$SPLIT
 PRETRAIN=$OUT/pretrain
 PROBE=$OUT/probe
 TIMES=$OUT/stage_times_$SPLIT.tsv
-MODEL_FLAGS=(--model "$MODEL" --input_size "$SIZE" --head_type vit_head --num_classes 10
-             --device "${DEMO_DEVICE:-cpu}" --seed "${DEMO_SEED:-0}")
-[[ $NORM_PIX == 1 ]] && MODEL_FLAGS+=(--norm_pix_loss)
+MODEL_FLAGS=(--model "$MODEL" --input_size "$SIZE" --device "${DEMO_DEVICE:-cpu}")
+HEAD_FLAGS=(--head_type vit_head --num_classes 10)
+SEED_FLAGS=(--seed "${DEMO_SEED:-0}")
+NORM_PIX_FLAGS=()  # the MAE loss's target: pre-training and test-time training must agree
+[[ $NORM_PIX == 1 ]] && NORM_PIX_FLAGS+=(--norm_pix_loss)
 AUGMENT_FLAGS=()
 [[ $HFLIP == 0 ]] && AUGMENT_FLAGS+=(--no_hflip)
 EVAL_FLAGS=(--resume_model "$PRETRAIN/checkpoint-final.pth" --resume_finetune "$PROBE/checkpoint-final.pth"
@@ -141,14 +143,16 @@ stage digits exists "$DIGITS/digits.json" "" \
     --size "$SIZE"
 
 stage pretrain exists "$PRETRAIN/checkpoint-final.pth" "$PRETRAIN" \
-    "$PY" main_pretrain.py --data_path "$DIGITS" --output_dir "$PRETRAIN" "${MODEL_FLAGS[@]}" \
+    "$PY" main_pretrain.py --data_path "$DIGITS" --output_dir "$PRETRAIN" "${MODEL_FLAGS[@]}" "${SEED_FLAGS[@]}" \
+    "${NORM_PIX_FLAGS[@]}" \
     --batch_size "$PRETRAIN_BATCH" --epochs "$PRETRAIN_EPOCHS" --warmup_epochs "$PRETRAIN_WARMUP" \
     --blr "$PRETRAIN_BLR" --min_crop_scale "$PRETRAIN_MIN_SCALE" "${AUGMENT_FLAGS[@]}" --mask_ratio 0.75 \
     --save_ckpt_freq 10 --num_workers 0 --print_freq 100
 
 UPSTREAM=$(< "$PRETRAIN/demo_command.txt")
 stage probe exists "$PROBE/checkpoint-final.pth" "$PROBE" \
-    "$PY" main_prob.py --data_path "$DIGITS" --output_dir "$PROBE" "${MODEL_FLAGS[@]}" \
+    "$PY" main_prob.py --data_path "$DIGITS" --output_dir "$PROBE" "${MODEL_FLAGS[@]}" "${HEAD_FLAGS[@]}" \
+    "${SEED_FLAGS[@]}" \
     --finetune "$PRETRAIN/checkpoint-final.pth" --batch_size "$PROBE_BATCH" --epochs "$PROBE_EPOCHS" \
     --warmup_epochs "$PROBE_WARMUP" --blr "$PROBE_BLR" --min_crop_scale "$PROBE_MIN_SCALE" "${AUGMENT_FLAGS[@]}" \
     --weight_decay 0.05 --num_workers 0 --print_freq 100
@@ -169,7 +173,7 @@ stage "corrupt $SPLIT ($expected images)" corrupted_done "" "" \
 
 stage "clean $SPLIT baseline" complete "$OUT/clean_$SPLIT" "$OUT/clean_$SPLIT" \
     "$PY" test_without_adaptation.py --data_path "$DIGITS/$SPLIT" --output_dir "$OUT/clean_$SPLIT" \
-    "${MODEL_FLAGS[@]}" "${EVAL_FLAGS[@]}"
+    "${MODEL_FLAGS[@]}" "${HEAD_FLAGS[@]}" "${EVAL_FLAGS[@]}"
 
 TTT_FLAGS=(--single_crop --steps_per_example "$TTT_STEPS" --batch_size "$TTT_BATCH" --lr "$TTT_LR"
            --mask_ratio "$TTT_MASK_RATIO" --optimizer_type sgd --optimizer_momentum 0.9
@@ -178,10 +182,11 @@ for c in $CORRUPTIONS; do
     data=$CORRUPTED/$c/$SEVERITY
     stage "$c baseline" complete "$RESULTS/$c/baseline" "$RESULTS/$c/baseline" \
         "$PY" test_without_adaptation.py --data_path "$data" --output_dir "$RESULTS/$c/baseline" \
-        "${MODEL_FLAGS[@]}" "${EVAL_FLAGS[@]}"
+        "${MODEL_FLAGS[@]}" "${HEAD_FLAGS[@]}" "${EVAL_FLAGS[@]}"
     stage "$c TTT-MAE" complete "$RESULTS/$c" "$RESULTS/$c" \
         "$PY" main_test_time_training.py --data_path "$data" --output_dir "$RESULTS/$c" \
-        "${MODEL_FLAGS[@]}" "${EVAL_FLAGS[@]}" "${TTT_FLAGS[@]}"
+        "${MODEL_FLAGS[@]}" "${HEAD_FLAGS[@]}" "${SEED_FLAGS[@]}" "${NORM_PIX_FLAGS[@]}" "${EVAL_FLAGS[@]}" \
+        "${TTT_FLAGS[@]}"
 done
 
 stage collect never "" "" \

@@ -127,37 +127,3 @@ def test_other_settings_on_finished_folders_stop_the_demo(demo):
     assert os.stat(checkpoint).st_mtime_ns == before
     late = run_script(['bash', 'scripts/demo.sh'], env={**env, 'DEMO_REPORT_STEP': str(STEPS + 1)}, check=False)
     assert late.returncode == 2 and 'after the last TTT step' in late.stderr
-
-
-def test_sweep_runs_settings_in_parallel_chains_sharing_pretraining(demo, tmp_path):
-    """scripts/demo_sweep.sh: runs with one DEMO_OUT share its pre-training; the summary holds each run's table."""
-    out, env, _ = demo
-    data = tmp_path / 'data'
-    os.makedirs(data / 'digits-c')
-    os.symlink(f'{out}/digits', data / 'digits')
-    run_script([sys.executable, 'scripts/make_imagenet_c.py', '--data_path', f'{out}/digits/val', '--output_dir',
-                str(data / 'digits-c' / 'val'), '--corruptions', *CORRUPTIONS, '--severities', '5', '--keep_size',
-                '--max_per_class', str(PER_CLASS)])
-    a, b = tmp_path / 'a', tmp_path / 'a2'  # one folder name the prefix of the other
-    settings = tmp_path / 'settings.txt'
-    settings.write_text(f'# two chains\nrun1 DEMO_OUT={a}\n\n   # an indented comment\n'
-                        f'run2 DEMO_OUT={b} DEMO_SEED=1  # seed 1\nrun3 DEMO_OUT={a}/ DEMO_TTT_BATCH=4\n')
-    summary = tmp_path / 'summary.md'
-    run_script(['bash', 'scripts/demo_sweep.sh', str(settings), str(data), str(summary), '2'], env=env)
-
-    text = summary.read_text()
-    for name, folder in (('run1', a), ('run2', b), ('run3', a)):
-        table = (folder / f'results_val_{name}' / 'paired_gain.md').read_text()
-        assert f'## {name}: DEMO_OUT={folder}' in text and table in text
-        assert read_json(f'{folder}/results_val_{name}/{CORRUPTIONS[0]}/results.json')['num_images'] == 10 * PER_CLASS
-    assert text.count(', ok)') == 3
-    assert text.index('## run1') < text.index('## run3')  # one chain runs its lines in file order
-    with open(a / 'stage_times_val.tsv') as f:  # run3's: it found run1's pre-training and probe
-        status = {row['stage']: row['status'] for row in csv.DictReader(f, delimiter='\t')}
-    assert status['pretrain'] == status['probe'] == 'skipped' and status[f'{CORRUPTIONS[0]} TTT-MAE'] == 'ran'
-    batch = {name: read_json(f'{folder}/results_val_{name}/{CORRUPTIONS[0]}/run_config.json')['batch_size']
-             for name, folder in (('run1', a), ('run3', a))}
-    assert batch == {'run1': 8, 'run3': 4}
-    weights = [torch.load(f'{folder}/pretrain/checkpoint-final.pth', weights_only=False)['model']['cls_token']
-               for folder in (a, b)]
-    assert not torch.equal(*weights)  # DEMO_SEED reaches pre-training

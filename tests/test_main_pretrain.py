@@ -103,9 +103,10 @@ def test_torchrun_two_processes(torchrun_run):
     assert [json.loads(line)['epoch'] for line in lines] == list(range(EPOCHS))  # written once, by rank 0
     checkpoint = torch.load(out / 'checkpoint-final.pth', weights_only=False)
     assert checkpoint['epoch'] == EPOCHS - 1 and checkpoint['args'].world_size == 2
-    # the head is not pre-trained: it stays at its (seeded) initialisation while the encoder moves
+    # the released MAE layout: encoder, decoder and mask_token, no head
+    assert not any(k.startswith(('classifier', 'head.', 'bn.')) for k in checkpoint['model'])
+    assert 'mask_token' in checkpoint['model'] and 'decoder_pred.weight' in checkpoint['model']
     first = torch.load(out / 'checkpoint-0.pth', weights_only=False)['model']
-    assert torch.equal(first['classifier_pred.weight'], checkpoint['model']['classifier_pred.weight'])
     assert not torch.equal(first['blocks.0.attn.qkv.weight'], checkpoint['model']['blocks.0.attn.qkv.weight'])
     for name, dim in (('pos_embed', 32), ('decoder_pos_embed', 16)):  # fixed tables: never trained
         table = torch.from_numpy(get_2d_sincos_pos_embed(dim, 4, cls_token=True)).float()
@@ -207,12 +208,11 @@ def test_final_checkpoint_is_saved_before_the_last_numbered_one(image_folder, tm
     """A kill between the two saves must leave checkpoint-final.pth, or the rerun would resume past the
     end from checkpoint-{last}.pth and never write it."""
     import main_pretrain
-    from util.cli import parse_args_or_exit
     saved = []
     real_save = main_pretrain.save_checkpoint
     monkeypatch.setattr(main_pretrain, 'save_checkpoint',
                         lambda path, *a: (saved.append(os.path.basename(path)), real_save(path, *a)))
-    args = parse_args_or_exit(main_pretrain.get_args_parser(),
-                              pretrain_args(image_folder, tmp_path / 'out', 2, '--log_dir', '')[1:])
+    args = main_pretrain.get_args_parser().parse_args(pretrain_args(image_folder, tmp_path / 'out', 2, '--log_dir',
+                                                                    '')[1:])
     main_pretrain.main(args)
     assert saved == ['checkpoint-0.pth', 'checkpoint-final.pth', 'checkpoint-1.pth']

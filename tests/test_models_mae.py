@@ -81,6 +81,19 @@ def test_linear_head_is_batchnorm_without_affine():
     assert model.bn.affine is False and model.bn.eps == 1e-6
 
 
+def test_no_head_is_the_released_mae_checkpoint_layout():
+    """What pre-training builds and saves: encoder, decoder and mask_token, as mae_pretrain_vit_large_full.pth."""
+    model = meta_model(head_type=None)
+    assert shapes(model) == RELEASED_MAE
+    with pytest.raises(ValueError, match='no classification head'):
+        tiny_model(head_type=None)(torch.zeros(1, 3, 16, 16), mask_ratio=0)
+
+
+def test_image_size_must_be_a_multiple_of_the_patch():
+    with pytest.raises(UserError, match='image size 30 is not a multiple of the patch size 4'):
+        build_model(TINY, img_size=30)
+
+
 def test_no_decoder_drops_decoder_and_mask_token():
     got = shapes(meta_model(head_type='vit_head', no_decoder=True))
     assert got == {**{k: v for k, v in RELEASED_MAE.items() if not k.startswith(('decoder', 'mask_token'))},
@@ -245,6 +258,19 @@ def test_input_mask_decides_which_patches_are_removed():
         assert torch.equal(mask[i], expected)
         assert torch.equal(kept[i], x[i, ids_shuffle[i, :4]])
         assert torch.equal(ids_restore[i], torch.argsort(ids_shuffle[i]))
+
+
+def test_input_mask_as_tensor_array_or_list_and_one_row_for_the_batch():
+    """As the released model: a tensor, a numpy array or a list; one order is used for every sample."""
+    m = tiny_model()
+    x = torch.randn(3, 16, 32)
+    order = torch.randperm(16, generator=torch.Generator().manual_seed(2))
+    expected = m.random_masking(x, 0.75, input_mask=order.expand(3, -1))
+    for given in (order, order[None], order.numpy(), order.tolist(), [order.tolist()], order.expand(3, -1).numpy()):
+        got = m.random_masking(x, 0.75, input_mask=given)
+        assert all(torch.equal(a, b) for a, b in zip(got, expected)), type(given)
+    with pytest.raises(ValueError, match=r'expected \(3, 16\), \(1, 16\) or \(16,\)'):
+        m.random_masking(x, 0.75, input_mask=order[:8])
 
 
 def test_same_input_mask_same_loss():

@@ -24,19 +24,22 @@ def _allowed_globals():
 
 
 def load_checkpoint(path, what='checkpoint'):
-    """torch.load with weights_only=True and an allow-list: a checkpoint is untrusted input."""
+    """torch.load with weights_only=True and an allow-list: a checkpoint is untrusted input. Errors name
+    the file and what is wrong with it, never torch's advice to load untrusted pickles unsafely."""
     if not path or not os.path.isfile(path):
         raise UserError(f"{what} not found: {path!r}")
     try:
         with torch.serialization.safe_globals(_allowed_globals()):
             return torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
-        global_line = next((line.strip() for line in str(e).splitlines() if 'GLOBAL' in line), None)
-        if global_line:  # a pickled object outside the allow-list: loading it could run code
-            raise UserError(f"refusing to load {what} {path}: {global_line}") from None
-        first_line = (str(e).strip().splitlines() or [''])[0]
-        raise UserError(f"cannot read {what} {path} (corrupt, or not a PyTorch checkpoint): "
-                        f"{first_line}") from None
+        found = re.search(r'GLOBAL ([\w.]+)', str(e))
+        if found:  # a pickled object outside the allow-list: loading it could run code
+            raise UserError(f"refusing to load {what} {path}: it holds a pickled {found.group(1)}, which a "
+                            f"checkpoint of tensors, argparse.Namespace and numpy values does not need "
+                            f"(unpickling it could run code)") from None
+        detail = re.search(r'WeightsUnpickler error:\s*(\S[^\n]*)', str(e))
+        raise UserError(f"cannot read {what} {path} (corrupt, or not a PyTorch checkpoint)"
+                        + (f": {detail.group(1).strip()}" if detail else '')) from None
     except Exception as e:  # truncated or not a checkpoint: RuntimeError, EOFError (empty), IndexError (text) ...
         first_line = (str(e).strip().splitlines() or [''])[0]
         raise UserError(f"cannot read {what} {path} (truncated, or not a PyTorch checkpoint): "
@@ -82,7 +85,7 @@ LINEAR_PROBE_KEYS = {'head.0.running_mean': 'bn.running_mean', 'head.0.running_v
 
 
 def combined_state_dict(resume_model, resume_finetune, head_type):
-    """MAE checkpoint (encoder + decoder) plus the head of the probe checkpoint (SPEC section 2)."""
+    """MAE checkpoint (encoder + decoder) plus the head of the probe checkpoint (docs/method.md)."""
     state = {k: v for k, v in model_state(load_checkpoint(resume_model, 'MAE checkpoint (--resume_model)')).items()
              if not k.startswith(HEAD_PREFIXES)}  # a head saved by pre-training is never the trained one
     probe = model_state(load_checkpoint(resume_finetune, 'probe checkpoint (--resume_finetune)'))
@@ -142,14 +145,17 @@ def latest_checkpoint(output_dir):
     return max(found)[1] if found else None
 
 
-def resume_training(args, model, optimizer, scaler):
+def resume_training(args, model, optimizer, scaler, drop=()):
     """Load --resume, or else the newest checkpoint in --output_dir; sets args.start_epoch.
-    Returns the path loaded, or None."""
+    Keys starting with `drop` are left out (pre-training: the frozen random head that older versions of
+    this code saved). Returns the path loaded, or None."""
     path = args.resume or (latest_checkpoint(args.output_dir) if args.output_dir else None)
     if not path:
         return None
     checkpoint = load_checkpoint(path, 'checkpoint to resume (--resume)')
-    load_state_dict_strict(model, model_state(checkpoint), path)
+    state = {k: v for k, v in model_state(checkpoint).items() if not k.startswith(drop)} if drop else \
+        model_state(checkpoint)
+    load_state_dict_strict(model, state, path)
     if 'optimizer' in checkpoint and 'epoch' in checkpoint:
         optimizer.load_state_dict(checkpoint['optimizer'])
         args.start_epoch = checkpoint['epoch'] + 1

@@ -1,4 +1,7 @@
-"""Command-line plumbing shared by the entry scripts: argument groups and clean user errors."""
+"""Command-line plumbing of the entry scripts: the parser, the argument groups they share, checked
+numbers, and bad input reported as one line with exit status 2."""
+import argparse
+import os
 import sys
 
 import torch
@@ -19,71 +22,192 @@ def run_main(main, args):
         sys.exit(2)
 
 
-def add_model_args(parser, default_model='mae_vit_large_patch16'):
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every flag's default in --help; the description keeps its line breaks."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors (unknown flag, bad number, unknown choice) are one 'error:' line, exit 2."""
+
+    def __init__(self, description=None, **kwargs):
+        super().__init__(description=description, formatter_class=HelpFormatter, **kwargs)
+
+    def error(self, message):
+        sys.stderr.write(f"error: {message} (see {self.prog} --help)\n")
+        sys.exit(2)
+
+    def parse_args(self, args=None, namespace=None):
+        args = super().parse_args(args, namespace)
+        if getattr(args, 'log_dir', '') is None:
+            args.log_dir = args.output_dir
+        return args
+
+
+def number(kind, low=None, high=None, low_open=False, high_open=False):
+    """An argparse type: `kind` (int or float) within [low, high] (open ends on request).
+
+    Checked while parsing, so an out-of-range value stops the script before any work is done."""
+    bounds = []
+    if low is not None:
+        bounds.append(f"{'>' if low_open else '>='} {low}")
+    if high is not None:
+        bounds.append(f"{'<' if high_open else '<='} {high}")
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'a whole number' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        if kind is float and value != value:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
+        too_low = low is not None and (value <= low if low_open else value < low)
+        too_high = high is not None and (value >= high if high_open else value > high)
+        if too_low or too_high:
+            raise argparse.ArgumentTypeError(f"must be {' and '.join(bounds)}, got {text}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
+POSITIVE_INT = number(int, 1)
+NON_NEGATIVE_INT = number(int, 0)
+POSITIVE_FLOAT = number(float, 0, low_open=True)
+NON_NEGATIVE_FLOAT = number(float, 0)
+OPEN_FRACTION = number(float, 0, 1, low_open=True, high_open=True)
+
+
+def device(text):
+    """An argparse type: a torch device this machine has."""
+    try:
+        parsed = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"unknown device {text!r} (e.g. cpu, cuda, cuda:1)") from None
+    if parsed.type == 'cuda' and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has no usable CUDA GPU; use --device cpu")
+    if parsed.type not in ('cpu', 'cuda'):
+        raise argparse.ArgumentTypeError(f"unsupported device {text!r}: cpu or cuda")
+    if parsed.type == 'cuda' and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    return text
+
+
+def make_output_dir(path):
+    """Create --output_dir (and parents); a file in the way or a folder that cannot be made is a UserError."""
+    if not path:
+        raise UserError("--output_dir is empty: results are written there")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"--output_dir {path} is a file, not a folder")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create --output_dir {path}: {e.strerror}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write into --output_dir {path}: permission denied")
+
+
+# ---- argument groups ----
+
+def add_model_args(parser, head=True, norm_pix_loss=True, norm_pix_help=None):
+    """The model's name and sizes; with head, the classification head's flags."""
     group = parser.add_argument_group('model')
-    group.add_argument('--model', default=default_model, type=str, metavar='MODEL',
-                       help='name of the model builder (see models_mae.MODELS)')
-    group.add_argument('--input_size', default=None, type=int,
-                       help="image size (default: the model's own, 224 for the ViTs)")
-    group.add_argument('--norm_pix_loss', action='store_true',
-                       help='reconstruct per-patch normalised pixels')
-    group.add_argument('--head_type', default='vit_head', choices=['vit_head', 'linear'])
-    group.add_argument('--classifier_depth', default=None, type=int,
-                       help="blocks in the ViT head (default: the model's, 12 for base/large/huge)")
-    group.add_argument('--num_classes', '--nb_classes', dest='num_classes', default=1000, type=int)
+    group.add_argument('--model', default='mae_vit_large_patch16', metavar='MODEL',
+                       help='model builder by name (see models_mae.MODELS)')
+    group.add_argument('--input_size', default=None, type=POSITIVE_INT,
+                       help="image side in pixels (None: the model's own, 224 for the ViTs)")
+    if norm_pix_loss:
+        group.add_argument('--norm_pix_loss', action='store_true',
+                           help=norm_pix_help or 'reconstruct per-patch normalised pixels (keep the same in '
+                                'pre-training and test-time training)')
+    if head:
+        group.add_argument('--head_type', default='vit_head', choices=['vit_head', 'linear'],
+                           help='classification head: a ViT on all tokens (the paper) or BatchNorm + Linear '
+                                'on the cls token')
+        group.add_argument('--classifier_depth', default=None, type=POSITIVE_INT,
+                           help="blocks in the ViT head (None: the model's, 12 for base/large/huge)")
+        group.add_argument('--num_classes', '--nb_classes', dest='num_classes', default=1000, type=POSITIVE_INT,
+                           help='outputs of the head')
     return group
 
 
 def add_training_args(parser, batch_size, epochs, warmup_epochs):
     """Optimisation and schedule flags shared by pre-training and probing (MAE's names and meanings)."""
     group = parser.add_argument_group('training')
-    group.add_argument('--batch_size', default=batch_size, type=int, help='batch size per GPU')
-    group.add_argument('--epochs', default=epochs, type=int)
-    group.add_argument('--accum_iter', default=1, type=int, help='gradient accumulation steps')
-    group.add_argument('--weight_decay', type=float, default=0.05)
-    group.add_argument('--lr', type=float, default=None, help='absolute lr (default: blr * eff. batch / 256)')
-    group.add_argument('--blr', type=float, default=1e-3, help='base lr: lr = blr * total batch size / 256')
-    group.add_argument('--min_lr', type=float, default=0., help='lower lr bound of the cosine schedule')
-    group.add_argument('--warmup_epochs', type=int, default=warmup_epochs)
-    group.add_argument('--resume', default='', help='checkpoint to resume (default: newest in output_dir)')
-    group.add_argument('--start_epoch', default=0, type=int)
-    group.add_argument('--print_freq', default=20, type=int)
+    group.add_argument('--batch_size', default=batch_size, type=POSITIVE_INT, help='images per process and iteration')
+    group.add_argument('--epochs', default=epochs, type=POSITIVE_INT, help='epochs to train')
+    group.add_argument('--accum_iter', default=1, type=POSITIVE_INT, help='iterations accumulated per optimiser step')
+    group.add_argument('--weight_decay', type=NON_NEGATIVE_FLOAT, default=0.05,
+                       help='AdamW weight decay (not on biases and 1-D weights)')
+    group.add_argument('--lr', type=POSITIVE_FLOAT, default=None,
+                       help='absolute peak lr (None: blr * batch_size * accum_iter * processes / 256)')
+    group.add_argument('--blr', type=POSITIVE_FLOAT, default=1e-3, help='base lr, scaled by the total batch / 256')
+    group.add_argument('--min_lr', type=NON_NEGATIVE_FLOAT, default=0., help='lr at the end of the cosine schedule')
+    group.add_argument('--warmup_epochs', type=NON_NEGATIVE_INT, default=warmup_epochs,
+                       help='epochs of linear lr warm-up')
+    group.add_argument('--resume', default='', help='checkpoint to resume (empty: the newest in --output_dir)')
+    group.add_argument('--start_epoch', default=0, type=NON_NEGATIVE_INT,
+                       help='first epoch (set from the checkpoint when resuming)')
+    return group
 
 
-def add_data_args(parser, min_crop_scale=None):
-    """Data flags; with min_crop_scale, also the training augmentation's (default: that scale + flips)."""
+def add_data_args(parser, data_help, min_crop_scale=None):
+    """Where the images are and how they are loaded; with min_crop_scale, the training augmentation."""
     group = parser.add_argument_group('data')
-    group.add_argument('--data_path', required=True, type=str, help='dataset root')
+    group.add_argument('--data_path', required=True, help=data_help)
     if min_crop_scale is not None:
-        group.add_argument('--min_crop_scale', default=min_crop_scale, type=float,
-                           help='smallest area fraction of a RandomResizedCrop (default: %(default)s)')
+        group.add_argument('--min_crop_scale', default=min_crop_scale, type=number(float, 0, 1, low_open=True),
+                           help='smallest area fraction of a training RandomResizedCrop')
         group.add_argument('--no_hflip', action='store_false', dest='hflip',
-                           help='no random horizontal flips (e.g. for digits or text)')
-    group.add_argument('--num_workers', default=10, type=int)
+                           help='no random horizontal flips in training (e.g. for digits or text)')
+    group.add_argument('--num_workers', default=10, type=NON_NEGATIVE_INT,
+                       help='image decoding processes (0: decode in the main process)')
     group.add_argument('--pin_mem', action='store_true', default=True,
-                       help='pin CPU memory in the DataLoader for faster transfer to the GPU')
-    group.add_argument('--no_pin_mem', action='store_false', dest='pin_mem')
+                       help='pin host memory of loaded batches for faster copies to the GPU')
+    group.add_argument('--no_pin_mem', action='store_false', dest='pin_mem', help='do not pin host memory')
     return group
 
 
-def add_run_args(parser):
-    """Output, device, seed and the distributed flags every launcher may pass."""
+def add_test_time_args(parser):
+    """What both test-time scripts (TTT and the baseline) evaluate: checkpoints, images, precision."""
+    group = parser.add_argument_group('test time')
+    group.add_argument('--resume_model', required=True,
+                       help='MAE checkpoint with the decoder (e.g. mae_pretrain_vit_large_full.pth)')
+    group.add_argument('--resume_finetune', required=True,
+                       help='probe checkpoint with the classification head (written by main_prob.py)')
+    group.add_argument('--dataset_name', default='imagenet_c',
+                       help="'imagenet*': class folders must be ImageNet wnids (standard labels); any other "
+                            "name numbers sorted folders 0..K-1 unless they are all wnids")
+    group.add_argument('--max_examples', default=None, type=POSITIVE_INT,
+                       help='evaluate only this many images of the folder (None: all)')
+    group.add_argument('--subset', default='stride', choices=['stride', 'random', 'first'],
+                       help='which --max_examples images: evenly spaced, random (--subset_seed) or the first')
+    group.add_argument('--subset_seed', default=0, type=NON_NEGATIVE_INT, help='seed of --subset random')
+    group.add_argument('--amp', default='none', choices=['none', 'bf16', 'fp16'],
+                       help='autocast precision; none = fp32 (on CUDA with TF32 matmuls, as the released '
+                            'code ran)')
+    group.add_argument('--strict_fp32', action='store_true', help='on CUDA, full fp32 matmuls instead of TF32')
+    return group
+
+
+def add_run_args(parser, seed=True, tensorboard=True):
+    """Outputs, device, progress lines and the flags every launcher may pass."""
     group = parser.add_argument_group('run')
-    group.add_argument('--output_dir', default='./output_dir', help='where to save results, empty for no saving')
-    group.add_argument('--log_dir', default=None, help='TensorBoard folder (default: --output_dir)')
-    group.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
-                       help='device to use (default: cuda when available, else cpu)')
-    group.add_argument('--seed', default=0, type=int)
-    group.add_argument('--world_size', default=1, type=int, help='set by the launcher; kept for old scripts')
+    group.add_argument('--output_dir', default='./output_dir', help='where results and checkpoints are written')
+    if tensorboard:
+        group.add_argument('--log_dir', default=None, help='TensorBoard folder (None: --output_dir)')
+    group.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', type=device,
+                       help='cpu or cuda (with several processes each takes the GPU of its local rank)')
+    if seed:
+        group.add_argument('--seed', default=0, type=NON_NEGATIVE_INT,
+                           help='seed of initial weights, data order, crops and masks')
+    group.add_argument('--print_freq', default=20, type=POSITIVE_INT,
+                       help='a progress line every N iterations (test-time training: every N images)')
+    group.add_argument('--world_size', default=None, type=POSITIVE_INT,
+                       help='number of processes; the launcher decides it, this only checks it agrees')
     # torch.distributed.launch passes --local-rank (new) or --local_rank (old); torchrun passes env vars
-    group.add_argument('--local_rank', '--local-rank', dest='local_rank', default=-1, type=int)
+    group.add_argument('--local_rank', '--local-rank', dest='local_rank', default=-1, type=int,
+                       help='set by torch.distributed.launch')
     group.add_argument('--dist_url', default='env://',
-                       help='used only when the launcher did not set MASTER_ADDR/MASTER_PORT')
+                       help='rendezvous when the launcher sets no MASTER_ADDR/MASTER_PORT, e.g. '
+                            'file:///shared/folder/init_file')
     return group
-
-
-def parse_args_or_exit(parser, argv=None):
-    args = parser.parse_args(argv)
-    if args.log_dir is None:
-        args.log_dir = args.output_dir
-    return args

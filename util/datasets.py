@@ -1,11 +1,15 @@
-"""Image folders and transforms, with clear errors for bad data and ImageNet's standard labels."""
+"""Image folders, transforms and test-time views, with clear errors for bad data and ImageNet's labels."""
+import math
 import os
 from importlib import resources
 
+import numpy as np
 import PIL
+import torch
 from PIL import Image
 from torchvision import datasets, transforms
 from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
 
 from util.cli import UserError
 
@@ -86,12 +90,70 @@ def train_transform(input_size, min_scale=0.2, hflip=True):
         transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
+class TestTimeDataset(torch.utils.data.Dataset):
+    """Item k = image indices[k] of `samples`, decoded once: a dict with its 'index', 'label', eval
+    crop 'image' (normalised) and, with raw=True, the decoded uint8 (3, H, W) image 'raw' that
+    random-crop views are cut from on the device."""
+    __test__ = False  # not a pytest test class
+
+    def __init__(self, samples, indices, input_size, raw=False):
+        self.samples, self.indices, self.raw = samples, list(indices), raw
+        self.transform = eval_transform(input_size)
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, k):
+        index = self.indices[k]
+        path, label = self.samples[index]
+        image = load_rgb(path)
+        item = {'index': index, 'label': label, 'image': self.transform(image)}
+        if self.raw:
+            item['raw'] = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
+        return item
+
+
+def random_resized_crops(image, n, size, generator, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)):
+    """n views of a uint8 (3, H, W) image on its device, each RandomResizedCrop(size, bicubic) + flip,
+    normalised. Crop parameters are drawn as torchvision draws them, from `generator` (CPU)."""
+    _, height, width = image.shape
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    views = []
+    for _ in range(n):
+        for _attempt in range(10):
+            target_area = area * torch.empty(1).uniform_(*scale, generator=generator).item()
+            aspect = math.exp(torch.empty(1).uniform_(*log_ratio, generator=generator).item())
+            w = int(round(math.sqrt(target_area * aspect)))
+            h = int(round(math.sqrt(target_area / aspect)))
+            if 0 < w <= width and 0 < h <= height:
+                top = torch.randint(0, height - h + 1, (1,), generator=generator).item()
+                left = torch.randint(0, width - w + 1, (1,), generator=generator).item()
+                break
+        else:  # fall back to a central crop of the nearest allowed aspect ratio, as torchvision does
+            if width / height < ratio[0]:
+                w, h = width, int(round(width / ratio[0]))
+            elif width / height > ratio[1]:
+                w, h = int(round(height * ratio[1])), height
+            else:
+                w, h = width, height
+            top, left = (height - h) // 2, (width - w) // 2
+        view = TF.resized_crop(image, top, left, h, w, [size, size],
+                               interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+        if torch.rand(1, generator=generator).item() < 0.5:
+            view = view.flip(-1)
+        views.append(view)
+    views = torch.stack(views).float().div_(255)
+    mean = torch.tensor(IMAGENET_MEAN, device=image.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=image.device).view(1, 3, 1, 1)
+    return (views - mean) / std
+
+
 def make_loader(dataset, args, train=True, shuffle=None):
     """A DataLoader over this process's share of the dataset (DistributedSampler, seeded by args.seed).
 
     Train loaders shuffle and drop the last incomplete batch; evaluation loaders keep order.
     """
-    import torch
     from util.distributed import get_rank, get_world_size
     shuffle = train if shuffle is None else shuffle
     sampler = torch.utils.data.DistributedSampler(

@@ -15,7 +15,7 @@ def init_distributed_mode(args):
     SLURM_PROCID/SLURM_NTASKS. When MASTER_ADDR is set we rendezvous through env://, whatever
     --dist_url says, so that a rerun of the same command never trips over a stale file:// store.
     """
-    env = os.environ
+    env, requested, launched = os.environ, args.world_size, True
     if 'RANK' in env and 'WORLD_SIZE' in env:
         args.rank, args.world_size = int(env['RANK']), int(env['WORLD_SIZE'])
         args.gpu = int(env.get('LOCAL_RANK', args.local_rank if args.local_rank >= 0 else 0))
@@ -23,9 +23,13 @@ def init_distributed_mode(args):
         args.rank, args.world_size = int(env['SLURM_PROCID']), int(env['SLURM_NTASKS'])
         args.gpu = int(env.get('SLURM_LOCALID', args.rank % max(torch.cuda.device_count(), 1)))
     else:
-        args.rank, args.world_size, args.gpu, args.distributed = 0, 1, 0, False
-        return
+        args.rank, args.world_size, args.gpu, launched = 0, 1, 0, False
+    if requested is not None and requested != args.world_size:
+        raise UserError(f"--world_size {requested}, but {args.world_size} process(es) were launched "
+                        f"(the launcher sets the number: torchrun --nproc_per_node, srun --ntasks)")
     args.distributed = args.world_size > 1
+    if not launched:
+        return
     use_cuda = str(args.device).startswith('cuda')
     if use_cuda:
         torch.cuda.set_device(args.gpu)

@@ -1,4 +1,4 @@
-"""Metric logging: running averages printed to the console, TensorBoard, JSON lines."""
+"""Metric logging: running averages and progress lines printed to the console, TensorBoard, JSON lines."""
 import datetime
 import json
 import os
@@ -39,6 +39,23 @@ class MetricLogger:
                 values = '  '.join(f"{k}: {v:.4g} ({self.totals[k] / self.counts[k]:.4g})"
                                    for k, v in self.last.items())
                 print(f"{self.header} [{i}/{total}] eta {eta}  {values}", flush=True)
+
+
+class ProgressLine:
+    """Prints '[done/total] note  R images/s, H:MM:SS left' every `every` images and at the end."""
+
+    def __init__(self, total, every):
+        self.total, self.every, self.next, self.start = total, every, every, time.time()
+
+    def update(self, done, note=''):
+        """Print if a line is due; returns whether one was printed."""
+        if done < self.next and done != self.total:
+            return False
+        self.next = (done // self.every + 1) * self.every
+        rate = done / max(time.time() - self.start, 1e-9)
+        left = datetime.timedelta(seconds=round((self.total - done) / rate))
+        print(f"[{done}/{self.total}] {note + '  ' if note else ''}{rate:.2f} images/s, {left} left", flush=True)
+        return True
 
 
 def tensorboard_writer(log_dir):

@@ -1,4 +1,5 @@
-"""Per-image results of a long evaluation run, kept safe against kills and shared by processes.
+"""Results of a test-time run: per-image records kept safe against kills and shared by processes,
+their summary, and the output files (the released accuracy.txt / accuracy.npy, results.json).
 
 Every process appends its records to small chunk files in OUT/partial/ (each written atomically);
 the set of finished images is the union of all chunks and of OUT/per_image.npz, so a rerun with
@@ -14,7 +15,7 @@ import numpy as np
 
 from util.cli import UserError
 from util.corruptions import CORRUPTIONS, EXTRA_CORRUPTIONS
-from util.io import atomic_open, write_json
+from util.io import atomic_open, write_json, write_text
 
 
 def select_indices(num_images, max_examples=None, subset='stride', subset_seed=0):
@@ -102,6 +103,54 @@ class ResultStore:
             os.remove(path)
         if os.path.isdir(self.partial_dir) and not os.listdir(self.partial_dir):
             os.rmdir(self.partial_dir)
+
+
+def summarize(records, num_expected):
+    """Per-step accuracy (percent) and mean losses over the records."""
+    correct = records['pred'] == records['label'][:, None]
+    return {
+        'num_images': int(len(records['index'])),
+        'num_images_expected': int(num_expected),
+        'complete': bool(len(records['index']) == num_expected),
+        'accuracy_per_step': (100 * correct.mean(axis=0)).tolist(),
+        'cross_entropy_per_step': records['ce_loss'].mean(axis=0).tolist(),
+        'mae_loss_per_step': records['mae_loss'].mean(axis=0).tolist() if records['mae_loss'].size else [],
+    }
+
+
+def write_outputs(args, store, dataset, indices, method, wall_time_s, images_this_run):
+    """Merge every process's records and write the released files plus results.json."""
+    records = store.load()
+    summary = summarize(records, len(indices))
+    if summary['complete']:
+        records['filename'] = np.array([os.path.relpath(dataset.samples[i][0], args.data_path)
+                                        for i in records['index']])
+        store.finalize(records)
+    steps = summary['accuracy_per_step']
+    args_line = str(args)
+    if method == 'baseline':
+        write_text(os.path.join(args.output_dir, 'accuracy.txt'),
+                   f"{args_line}\n{steps[0]} {summary['cross_entropy_per_step'][0]}\n")
+        with atomic_open(os.path.join(args.output_dir, 'accuracy.npy'), 'wb') as f:
+            np.save(f, (records['pred'][:, 0] == records['label']).astype(np.float64))
+    else:
+        # released numbering: line i is the accuracy after i + 1 steps (step 0 is in results.json)
+        write_text(os.path.join(args.output_dir, 'accuracy.txt'),
+                   args_line + '\n' + ''.join(f"{i}\t{a}\n" for i, a in enumerate(steps[1:])))
+    result = {'method': method, 'data_path': os.path.abspath(args.data_path), **summary,
+              'steps_per_example': getattr(args, 'steps_per_example', 0),
+              'wall_time_s': wall_time_s,
+              'images_per_s': images_this_run / wall_time_s if wall_time_s > 0 else None,
+              'seconds_per_image': float(records['seconds'].mean()) if method == 'ttt' else None,
+              'checkpoints': {'resume_model': os.path.basename(args.resume_model),
+                              'resume_finetune': os.path.basename(args.resume_finetune)},
+              'args': json.loads(json.dumps(vars(args), default=str))}
+    if method == 'baseline':
+        result.update(accuracy=steps[0], loss=summary['cross_entropy_per_step'][0])
+    write_json(os.path.join(args.output_dir, 'results.json'), result)
+    print(f"{method}: {summary['num_images']}/{len(indices)} images, accuracy per step: "
+          + ' '.join(f"{a:.2f}" for a in steps))
+    return result
 
 
 def sweep_corruptions(root):

@@ -1,12 +1,25 @@
-"""The training loop shared by pre-training and probing: per-iteration lr schedule, gradient
-accumulation, AMP on CUDA, a stop on a non-finite loss, metric logging and TensorBoard scalars."""
+"""What pre-training and probing share: their start (output folder, processes, seed) and the training
+loop (per-iteration lr schedule, gradient accumulation, AMP on CUDA, a stop on a non-finite loss,
+metric logging and TensorBoard scalars)."""
 import math
 
 import torch
 
-from util.cli import UserError
-from util.lr_sched import adjust_learning_rate
+from util import distributed
+from util.cli import UserError, make_output_dir
 from util.logger import MetricLogger
+from util.lr_sched import adjust_learning_rate
+from util.seed import derive_seed, seed_all
+
+
+def start_training(args):
+    """Output folder, processes, and the seed of the initial weights (from --seed); returns the device."""
+    if args.output_dir:
+        make_output_dir(args.output_dir)
+    distributed.init_distributed_mode(args)
+    torch.backends.cudnn.benchmark = True
+    seed_all(derive_seed(args.seed, args.rank))
+    return torch.device(args.device)
 
 
 def train_one_epoch(model, compute_loss, data_loader, optimizer, device, epoch, loss_scaler, args,

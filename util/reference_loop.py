@@ -1,8 +1,11 @@
-"""The released code's way of running test-time training, kept as a reference for tests and benchmarks:
-for every image, rebuild the model from a host copy of the weights, build a new optimiser (torch's
-default per-parameter update on CPU), decode and transform the image again for every step and stack
-`batch_size` host-side copies of it (the released loader's single-crop batch). Same masks as
-engine_test_time (from (seed, index))."""
+"""The released code's way of running test-time training, kept as the test oracle and the benchmarks'
+baseline: for every image, rebuild the model from a host copy of the weights, build a new optimiser
+(torch's default per-parameter update on CPU), decode and transform the image again for every step and
+stack `batch_size` host-side copies of it (the released loader's single-crop batch), and decode it again
+for every classification. Its masks are those of engine_test_time (from (seed, image index)).
+
+tests/test_engine_test_time.py checks the engine against it; bench/bench_ttt.py times it.
+"""
 import copy
 
 import torch
@@ -12,10 +15,10 @@ from util.datasets import eval_transform, load_rgb
 from util.seed import derive_seed
 
 
-def naive_adapt(base_model_cpu, path, label, index, args, device):
+def reference_adapt(base_model_cpu, path, label, index, args, device):
     """Returns (predictions per step, MAE loss per step) for one image, single-crop views."""
     model = copy.deepcopy(base_model_cpu).to(device)
-    optimizer = build_optimizer(trainable_parameters(model, args.finetune_mode), args, foreach=None)
+    optimizer = build_optimizer(list(trainable_parameters(model, args.finetune_mode).values()), args, foreach=None)
     transform = eval_transform(args.input_size)
     num_patches = model.patch_embed.num_patches
     gen = torch.Generator(device=device).manual_seed(derive_seed(args.seed, index, 1))

@@ -1,9 +1,12 @@
-"""Bad input to main_pretrain.py and main_prob.py: exit code 2 and one 'error:' line naming the problem.
+"""util/cli.py and bad input to every script: exit code 2 and one 'error:' line naming the problem,
+before any work is done.
 
 A few cases run the scripts as a user does (a subprocess each); the rest call the same entry point,
-run_main(main, args), in this process, which is much faster and checks the same exit code and stderr.
+run_main(main, args), or the script's parser, in this process, which is much faster and checks the same
+exit code and stderr.
 """
 import hashlib
+import importlib
 import shutil
 import sys
 from pathlib import Path
@@ -13,6 +16,87 @@ import torch
 
 from conftest import TINY, check_error_line, make_image_folder, run_script, tiny_model
 from models_mae import build_model
+
+SCRIPTS = ('main_pretrain', 'main_prob', 'main_test_time_training', 'test_without_adaptation')
+REQUIRED = {'main_pretrain': ['--data_path', 'd'], 'main_prob': ['--data_path', 'd'],
+            'main_test_time_training': ['--data_path', 'd', '--resume_model', 'm', '--resume_finetune', 'p'],
+            'test_without_adaptation': ['--data_path', 'd', '--resume_model', 'm', '--resume_finetune', 'p']}
+
+
+def parse_error(capsys, script, *argv):
+    """The one line a script's parser prints for argv (after its required flags), exit status 2."""
+    parser = importlib.import_module(script).get_args_parser()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        parser.parse_args(REQUIRED[script] + list(argv))
+    out, err = capsys.readouterr()
+    return check_error_line(e.value.code, out, err, [])
+
+
+@pytest.mark.parametrize('script, argv, fragment', [
+    ('main_test_time_training', ['--parallel_images', '0'], '--parallel_images: must be >= 1, got 0'),
+    ('main_test_time_training', ['--parallel_images', '-2'], '--parallel_images: must be >= 1, got -2'),
+    ('main_test_time_training', ['--steps_per_example', '-1'], '--steps_per_example: must be >= 0'),
+    ('main_test_time_training', ['--mask_ratio', '1'], '--mask_ratio: must be > 0 and < 1, got 1'),
+    ('main_test_time_training', ['--optimizer_momentum', '1.5'], '--optimizer_momentum'),
+    ('main_test_time_training', ['--blr', 'nan'], "--blr: expected a number, got 'nan'"),
+    ('main_test_time_training', ['--flush_every', '0'], '--flush_every'),
+    ('main_test_time_training', ['--max_examples', '0'], '--max_examples'),
+    ('main_test_time_training', ['--optimizer_type', 'lamb'], "invalid choice: 'lamb'"),
+    ('main_test_time_training', ['--steps_per_example', 'ten'], "expected a whole number, got 'ten'"),
+    ('test_without_adaptation', ['--batch_size', '0'], '--batch_size: must be >= 1, got 0'),
+    ('test_without_adaptation', ['--norm_pix_loss'], 'unrecognized arguments: --norm_pix_loss'),
+    ('main_pretrain', ['--batch_size', '0'], '--batch_size: must be >= 1, got 0'),
+    ('main_pretrain', ['--epochs', '0'], '--epochs: must be >= 1, got 0'),
+    ('main_pretrain', ['--head_type', 'linear'], 'unrecognized arguments: --head_type'),
+    ('main_pretrain', ['--mask_ratio', '0'], '--mask_ratio'),
+    ('main_prob', ['--epochs', '0'], '--epochs: must be >= 1, got 0'),
+    ('main_prob', ['--smoothing', '1'], '--smoothing'),
+    ('main_prob', ['--seed', '-1'], '--seed: must be >= 0'),
+])
+def test_bad_flags_are_one_line_before_any_work(capsys, script, argv, fragment):
+    line = parse_error(capsys, script, *argv)
+    assert fragment in line and f'see {script}.py --help' in line
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='this machine has CUDA')
+@pytest.mark.parametrize('script', SCRIPTS)
+def test_device_cuda_without_a_gpu(capsys, script):
+    assert "'cuda': this machine has no usable CUDA GPU; use --device cpu" in parse_error(capsys, script, '--device',
+                                                                                           'cuda')
+
+
+def test_unknown_device(capsys):
+    assert "unknown device 'gpu'" in parse_error(capsys, 'main_prob', '--device', 'gpu')
+
+
+@pytest.mark.parametrize('script', SCRIPTS)
+def test_help_shows_every_default_and_explains_every_flag(script):
+    parser = importlib.import_module(script).get_args_parser()
+    for action in parser._actions:
+        if action.dest != 'help':
+            assert action.help, action.dest
+    text = parser.format_help()
+    assert '(default: ' in text
+    if script == 'main_test_time_training':
+        assert '(default: 128)' in text and 'encoder = everything but the decoder' in text
+
+
+def test_output_dir_that_is_a_file_or_cannot_be_made(user_error, checkpoints, image_folder, tmp_path):
+    taken = tmp_path / 'taken'
+    taken.write_text('a file')
+    mae, probe = checkpoints
+    ttt = [sys.executable, 'main_test_time_training.py', '--data_path', f'{image_folder}/val', '--model', TINY,
+           '--resume_model', mae, '--resume_finetune', probe, '--num_classes', '2', '--dataset_name', 'tiny',
+           '--num_workers', '0', '--device', 'cpu', '--output_dir']
+    user_error(ttt + [str(taken)], f'--output_dir {taken} is a file, not a folder')
+    user_error(ttt + [str(taken / 'sub')], f'cannot create --output_dir {taken / "sub"}: Not a directory')
+    user_error(pretrain(image_folder, taken), 'is a file, not a folder')
+    assert taken.read_text() == 'a file'
+
+
+def test_world_size_that_disagrees_with_the_launcher(user_error, image_folder, tmp_path):
+    user_error(pretrain(image_folder, tmp_path / 'out', '--world_size', '8'), '--world_size 8, but 1 process')
 
 
 def pretrain(data, out, *extra):
@@ -149,6 +233,8 @@ def test_non_finite_loss_stops_and_keeps_the_checkpoint(image_folder, tmp_path):
     assert not (out / 'checkpoint-1.pth').exists()
 
 
-def test_crop_scale_out_of_range(user_error, image_folder, tmp_path):
-    user_error(pretrain(image_folder, tmp_path / 'out', '--min_crop_scale', '0'), '--min_crop_scale', '0.0')
-    user_error(probe(image_folder, tmp_path / 'out2', '--min_crop_scale', '1.5'), '--min_crop_scale', '1.5')
+def test_crop_scale_out_of_range(capsys):
+    assert '--min_crop_scale: must be > 0 and <= 1, got 0' in parse_error(capsys, 'main_pretrain',
+                                                                          '--min_crop_scale', '0')
+    assert '--min_crop_scale: must be > 0 and <= 1, got 1.5' in parse_error(capsys, 'main_prob',
+                                                                            '--min_crop_scale', '1.5')

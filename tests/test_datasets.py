@@ -1,0 +1,92 @@
+"""util/datasets.py: labels of image folders, the training augmentation (the released recipe by default,
+and what --min_crop_scale / --no_hflip change), the test-time dataset and its on-device views."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms import functional as TF
+
+import main_pretrain
+import main_prob
+from conftest import make_image_folder
+from util.cli import UserError
+from util.datasets import (IMAGENET_MEAN, IMAGENET_STD, ImageFolder, TestTimeDataset, eval_transform,
+                           imagenet_wnids, load_rgb, random_resized_crops, train_transform)
+
+
+def parse(script, *extra):
+    return script.get_args_parser().parse_args(['--data_path', 'x', *extra])
+
+
+def test_defaults_are_the_released_recipe():
+    for script, scale in ((main_pretrain, 0.2), (main_prob, 0.08)):
+        args = parse(script)
+        assert (args.min_crop_scale, args.hflip) == (scale, True)
+        args = parse(script, '--min_crop_scale', '0.5', '--no_hflip')
+        assert (args.min_crop_scale, args.hflip) == (0.5, False)
+    crop, flip = train_transform(32).transforms[:2]
+    assert crop.scale == (0.2, 1.0) and flip.p == 0.5
+    crop, after = train_transform(32, min_scale=0.5, hflip=False).transforms[:2]
+    assert crop.scale == (0.5, 1.0) and type(after).__name__ == 'ToTensor'
+
+
+def test_flips_only_with_hflip():
+    # scale 1 of a square image is the whole image (RandomResizedCrop's fallback), so the only
+    # randomness left is the flip
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8))
+    plain = TF.normalize(TF.to_tensor(image), IMAGENET_MEAN, IMAGENET_STD)
+    flipped = plain.flip(-1)
+    torch.manual_seed(0)
+    with_flips = [train_transform(16, min_scale=1.0)(image) for _ in range(20)]
+    n_flipped = sum(torch.equal(x, flipped) for x in with_flips)
+    assert 0 < n_flipped < 20 and n_flipped + sum(torch.equal(x, plain) for x in with_flips) == 20
+    assert all(torch.equal(train_transform(16, min_scale=1.0, hflip=False)(image), plain) for _ in range(20))
+
+
+
+def test_imagenet_wnid_subset_keeps_standard_labels(tmp_path):
+    wnids = imagenet_wnids()
+    chosen = [wnids[0], wnids[417], wnids[999]]
+    root = make_image_folder(tmp_path / 'c', chosen, 1)
+    dataset = ImageFolder(root)
+    assert [label for _, label in dataset.samples] == [0, 417, 999]
+    with pytest.raises(UserError, match='not ImageNet wnids'):
+        ImageFolder(make_image_folder(tmp_path / 'd', ['cat', 'dog'], 1), imagenet_labels=True)
+    assert [label for _, label in ImageFolder(str(tmp_path / 'd')).samples] == [0, 1]
+
+
+def test_bad_folders_and_images_are_user_errors(tmp_path):
+    with pytest.raises(UserError, match='not found'):
+        ImageFolder(str(tmp_path / 'missing'))
+    (tmp_path / 'empty').mkdir()
+    with pytest.raises(UserError, match='no class sub-folders'):
+        ImageFolder(str(tmp_path / 'empty'))
+    (tmp_path / 'bad.png').write_bytes(b'\x89PNG\r\n\x1a\n' + b'\0' * 20)
+    with pytest.raises(UserError, match='cannot read image .*bad.png'):
+        load_rgb(str(tmp_path / 'bad.png'))
+
+
+def test_test_time_items_hold_the_raw_image_only_for_random_crops(tmp_path):
+    samples = ImageFolder(make_image_folder(tmp_path / 'd', ['a', 'b'], 3)).samples
+    single = TestTimeDataset(samples, [4, 1], 16)
+    item = single[0]
+    assert set(item) == {'index', 'label', 'image'} and (item['index'], item['label']) == (4, 1)
+    assert torch.equal(item['image'], eval_transform(16)(load_rgb(samples[4][0])))
+    raw = TestTimeDataset(samples, [4, 1], 16, raw=True)[1]
+    assert raw['raw'].dtype == torch.uint8 and raw['raw'].shape == (3, 16, 16)
+    assert torch.equal(raw['raw'].permute(1, 2, 0), torch.from_numpy(np.array(load_rgb(samples[1][0]))))
+    batch = next(iter(torch.utils.data.DataLoader(single, batch_size=2)))  # the baseline's batches
+    assert batch['index'].tolist() == [4, 1] and batch['image'].shape == (2, 3, 16, 16)
+
+
+def test_random_resized_crops_full_crop_is_the_image_and_seeded():
+    image = torch.randint(0, 256, (3, 16, 16), dtype=torch.uint8)
+    gen = torch.Generator().manual_seed(0)
+    views = random_resized_crops(image, 6, 16, gen, scale=(1, 1), ratio=(1, 1))
+    normalised = eval_transform(16).transforms[-1](image.float() / 255)
+    for view in views:  # the whole image, maybe flipped
+        assert torch.allclose(view, normalised, atol=1e-5) or torch.allclose(view, normalised.flip(-1), atol=1e-5)
+    a = random_resized_crops(image, 4, 8, torch.Generator().manual_seed(1))
+    b = random_resized_crops(image, 4, 8, torch.Generator().manual_seed(1))
+    assert a.shape == (4, 3, 8, 8) and torch.equal(a, b)

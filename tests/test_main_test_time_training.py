@@ -1,0 +1,178 @@
+"""main_test_time_training.py run as a user does: outputs, step 0 against the baseline, processes,
+kills, signals, bad input."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import REPO, TINY, check_error_line, make_image_folder, run_script, torchrun
+from util.datasets import ImageFolder
+
+TTT = ('--batch_size', '4', '--steps_per_example', '3', '--single_crop', '--norm_pix_loss', '--blr', '0.5')
+
+
+def script_args(script, checkpoints, data, out, *extra):
+    mae, probe = checkpoints
+    return [sys.executable, script, '--data_path', data, '--model', TINY, '--resume_model', mae,
+            '--resume_finetune', probe, '--num_classes', '2', '--dataset_name', 'tiny',
+            '--output_dir', str(out), '--num_workers', '0', *extra]
+
+
+def ttt_command(checkpoints, data, out, *extra):
+    return script_args('main_test_time_training.py', checkpoints, data, out, *TTT, *extra)
+
+
+def per_image(out):
+    with np.load(os.path.join(out, 'per_image.npz')) as f:
+        return {k: f[k] for k in f.files}
+
+
+@pytest.fixture
+def test_folder(tmp_path):
+    return make_image_folder(tmp_path / 'test', ['class_a', 'class_b'], 5, seed=3)
+
+
+@pytest.fixture(scope='module')
+def one_run(checkpoints, tmp_path_factory):
+    """TTT and the baseline, one process each, on a 10-image folder; other tests compare with them."""
+    root = tmp_path_factory.mktemp('one_run')
+    data = make_image_folder(root / 'test', ['class_a', 'class_b'], 5, seed=3)
+    command = ttt_command(checkpoints, data, root / 'ttt', '--print_freq', '4')
+    result = run_script(command)
+    run_script(script_args('test_without_adaptation.py', checkpoints, data, root / 'b'))
+    return data, root, command, result
+
+
+def test_outputs_and_step0_equals_the_baseline(one_run):
+    data, root, _, result = one_run
+    ttt, base = per_image(root / 'ttt'), per_image(root / 'b')
+    assert ttt['pred'].shape == (10, 4) and ttt['mae_loss'].shape == (10, 3)
+    assert np.array_equal(ttt['pred'][:, 0], base['pred'][:, 0])
+    np.testing.assert_allclose(ttt['ce_loss'][:, 0], base['ce_loss'][:, 0], rtol=1e-5)
+    assert list(ttt['filename']) == [os.path.relpath(p, data) for p, _ in ImageFolder(data).samples]
+
+    results = json.load(open(root / 'ttt' / 'results.json'))
+    assert results['complete'] and results['num_images'] == 10 and results['method'] == 'ttt'
+    assert results['accuracy_per_step'][0] == json.load(open(root / 'b' / 'results.json'))['accuracy']
+    assert results['accuracy_per_step'] == (100 * (ttt['pred'] == ttt['label'][:, None]).mean(0)).tolist()
+    lines = open(root / 'ttt' / 'accuracy.txt').read().splitlines()
+    assert lines[0].startswith('Namespace(') and len(lines) == 4  # released: line i is after i + 1 steps
+    assert [x.split('\t') for x in lines[1:]] == [[str(i), str(a)] for i, a in
+                                                  enumerate(results['accuracy_per_step'][1:])]
+    # progress: images done, rate and time left, every --print_freq images and at the end
+    progress = [line for line in result.stdout.splitlines() if line.startswith('[')]
+    assert [line.split(']')[0] for line in progress] == ['[4/10', '[8/10', '[10/10']
+    assert all('images/s' in line and 'left' in line for line in progress)
+    assert 'Warning' not in result.stdout + result.stderr
+    acc = EventAccumulator(str(root / 'ttt'))
+    acc.Reload()
+    assert [e.value for e in acc.Scalars('ttt/accuracy_per_step')] == pytest.approx(results['accuracy_per_step'])
+
+
+def test_parallel_images_runs_the_same_images(one_run, checkpoints, tmp_path):
+    data, root, _, _ = one_run
+    result = run_script(ttt_command(checkpoints, data, tmp_path / 'four', '--parallel_images', '4'))
+    one, four = per_image(root / 'ttt'), per_image(tmp_path / 'four')
+    assert np.array_equal(one['index'], four['index']) and np.array_equal(one['pred'], four['pred'])
+    np.testing.assert_allclose(one['mae_loss'], four['mae_loss'], rtol=1e-4)
+    assert 'Warning' not in result.stdout + result.stderr  # vmap's fallback notice is expected and silenced
+
+
+def test_two_processes_equal_one_and_a_rerun_redoes_nothing(one_run, checkpoints, tmp_path):
+    data, root, command, _ = one_run
+    run_script(torchrun(2, ttt_command(checkpoints, data, tmp_path / 'two')[1:]))
+    one, two = per_image(root / 'ttt'), per_image(tmp_path / 'two')
+    for key in ('index', 'label', 'pred', 'ce_loss', 'mae_loss', 'filename'):
+        assert np.array_equal(one[key], two[key]), key
+    assert not os.path.exists(tmp_path / 'two' / 'partial')
+    rerun = run_script(command)
+    assert 'already done' in rerun.stdout
+
+
+@pytest.mark.cuda
+def test_torchrun_on_cuda_equals_a_plain_cuda_run(checkpoints, test_folder, tmp_path):
+    """A process launched by torchrun computes on the GPU as a plain one does (one process: no process
+    group, so no NCCL, which needs a GPU per process). Masks come from a generator on the device, so a
+    run that fell back to the CPU would differ."""
+    run_script(ttt_command(checkpoints, test_folder, tmp_path / 'plain', '--device', 'cuda'))
+    run_script(torchrun(1, ttt_command(checkpoints, test_folder, tmp_path / 'launched', '--device', 'cuda')[1:]))
+    plain, launched = per_image(tmp_path / 'plain'), per_image(tmp_path / 'launched')
+    assert np.array_equal(plain['pred'], launched['pred'])
+    np.testing.assert_allclose(plain['mae_loss'], launched['mae_loss'], rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_uninterrupted_result(checkpoints, tmp_path):
+    data = make_image_folder(tmp_path / 'data', ['class_a', 'class_b'], 12, seed=5)
+    slow = ('--batch_size', '16', '--steps_per_example', '25', '--flush_every', '1')
+    run_script(ttt_command(checkpoints, data, tmp_path / 'full', *slow))
+    killed = ttt_command(checkpoints, data, tmp_path / 'killed', *slow)
+    proc = subprocess.Popen(killed, cwd=REPO, env={**os.environ, 'OMP_NUM_THREADS': '1'},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    partial = tmp_path / 'killed' / 'partial'
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(partial.glob('*.npz')) if partial.exists() else []) < 3:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / 'killed' / 'results.json').exists(), 'the run finished before it was killed'
+    resumed = run_script(killed)
+    assert 'already done' in resumed.stdout
+    full, again = per_image(tmp_path / 'full'), per_image(tmp_path / 'killed')
+    for key in ('index', 'pred', 'ce_loss', 'mae_loss'):
+        assert np.array_equal(full[key], again[key]), key
+
+
+def test_sigterm_flushes_and_exits(checkpoints, tmp_path):
+    data = make_image_folder(tmp_path / 'data', ['class_a', 'class_b'], 12, seed=5)
+    cmd = ttt_command(checkpoints, data, tmp_path / 'out', '--batch_size', '16', '--steps_per_example', '25',
+                      '--flush_every', '1000', '--print_freq', '1')
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, 'OMP_NUM_THREADS': '1'},
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    while not proc.stdout.readline().startswith('[1/24]'):  # the first image is done
+        assert proc.poll() is None
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert 'rerun the same command' in out
+    chunks = list((tmp_path / 'out' / 'partial').glob('*.npz'))
+    assert len(chunks) == 1  # flushed on the signal although --flush_every was not reached
+
+
+def test_an_unreadable_image_stops_the_run_and_keeps_the_images_before_it(checkpoints, tmp_path):
+    data = make_image_folder(tmp_path / 'data', ['class_a', 'class_b'], 3, seed=5)
+    bad = os.path.join(data, 'class_b', 'img_001.png')
+    with open(bad, 'wb') as f:
+        f.write(b'\x89PNG\r\n\x1a\n' + b'\0' * 20)
+    result = run_script(ttt_command(checkpoints, data, tmp_path / 'out', '--flush_every', '1'), check=False)
+    check_error_line(result.returncode, result.stdout, result.stderr, ['img_001.png'])
+    done = sum(len(np.load(p)['index']) for p in (tmp_path / 'out' / 'partial').glob('*.npz'))
+    assert done == 4  # the images before the bad one are kept
+
+
+def test_changed_settings_in_the_same_folder_are_refused(user_error, checkpoints, test_folder, tmp_path):
+    run_script(ttt_command(checkpoints, test_folder, tmp_path / 'o', '--max_examples', '2'))
+    user_error(ttt_command(checkpoints, test_folder, tmp_path / 'o', '--max_examples', '2',
+                           '--steps_per_example', '5'), 'steps_per_example')
+
+
+def test_non_finite_loss_names_the_image(checkpoints, test_folder, tmp_path):
+    result = run_script(ttt_command(checkpoints, test_folder, tmp_path / 'o', '--lr', '1e30'), check=False)
+    check_error_line(result.returncode, result.stdout, result.stderr, ['non-finite', 'class_a'])
+
+
+def test_bad_checkpoints(user_error, checkpoints, test_folder, tmp_path):
+    mae, probe = checkpoints
+    user_error(ttt_command((mae, str(tmp_path / 'nope.pth')), test_folder, tmp_path / 'o'),
+               'probe checkpoint', 'nope.pth')
+    user_error(ttt_command(checkpoints, test_folder, tmp_path / 'o', '--classifier_depth', '2'),
+               'missing keys', 'classifier_blocks.1.')
+    user_error(ttt_command((probe, probe), test_folder, tmp_path / 'o'),
+               'missing keys', 'decoder_blocks.0.attn.proj.bias')
+    assert not (tmp_path / 'o').exists()  # nothing is created before the inputs are checked

@@ -1,0 +1,80 @@
+"""util/results.py: per-image records across processes and kills, run settings, subsets, summaries."""
+import numpy as np
+import pytest
+
+from util.cli import UserError
+from util.results import ResultStore, check_run_config, select_indices, summarize
+
+
+def add(store, index, steps=1):
+    store.add(index=index, label=index % 2, pred=np.full(steps, index % 2), ce_loss=np.full(steps, 0.5),
+              mae_loss=np.zeros(steps - 1), seconds=0.)
+
+
+def test_records_of_several_processes_merge_sorted_and_first_wins(tmp_path):
+    a, b = ResultStore(str(tmp_path), rank=0), ResultStore(str(tmp_path), rank=1)
+    for i in (4, 0):
+        add(a, i, steps=3)
+    a.flush()
+    add(b, 2, steps=3)
+    add(b, 4, steps=3)  # a duplicate of a's (a rerun racing a kill): the first record on disk wins
+    b.flush()
+    records = ResultStore(str(tmp_path)).load()
+    assert records['index'].tolist() == [0, 2, 4] and records['pred'].shape == (3, 3)
+    assert ResultStore(str(tmp_path)).done_indices() == {0, 2, 4}
+
+
+def test_results_survive_a_kill_between_final_write_and_chunk_removal(tmp_path):
+    store = ResultStore(str(tmp_path))
+    for i in range(3):
+        add(store, i)
+    store.flush()
+    records = store.load()
+    records['filename'] = np.array(['a', 'b', 'c'])
+    chunks = list((tmp_path / 'partial').glob('*.npz'))
+    with open(tmp_path / 'per_image.npz', 'wb') as f:  # as finalize() does, but "killed" before removing chunks
+        np.savez(f, **records)
+    assert chunks and all(c.exists() for c in chunks)
+    again = ResultStore(str(tmp_path)).load()
+    assert again['index'].tolist() == [0, 1, 2] and again['pred'].ravel().tolist() == [0, 1, 0]
+    ResultStore(str(tmp_path)).finalize(again)
+    assert not (tmp_path / 'partial').exists() and ResultStore(str(tmp_path)).load()['index'].tolist() == [0, 1, 2]
+
+
+def test_a_failed_start_does_not_block_the_corrected_rerun(tmp_path):
+    store = ResultStore(str(tmp_path))
+    check_run_config(store, {'lr': 0.1}, True)  # the first run died before its first image
+    check_run_config(store, {'lr': 0.2}, True)  # no results yet: the new settings replace the old
+    add(store, 0)
+    store.flush()
+    check_run_config(store, {'lr': 0.2}, True)
+    with pytest.raises(UserError, match='lr: 0.2 -> 0.3'):
+        check_run_config(store, {'lr': 0.3}, True)
+
+
+def test_unreadable_result_file_is_a_user_error(tmp_path):
+    (tmp_path / 'partial').mkdir()
+    (tmp_path / 'partial' / 'rank0-1-2-000000.npz').write_bytes(b'not a zip')
+    with pytest.raises(UserError, match='cannot read result file'):
+        ResultStore(str(tmp_path)).load()
+
+
+def test_select_indices():
+    assert select_indices(10).tolist() == list(range(10))
+    assert select_indices(10, 4).tolist() == [0, 2, 5, 7]  # evenly spaced over a class-sorted folder
+    assert select_indices(10, 3, 'first').tolist() == [0, 1, 2]
+    chosen = select_indices(100, 5, 'random', 1)
+    assert len(set(chosen.tolist())) == 5 and chosen.tolist() == sorted(chosen.tolist())
+    again, other = select_indices(100, 5, 'random', 1), select_indices(100, 5, 'random', 2)
+    assert chosen.tolist() == again.tolist() != other.tolist()
+    assert select_indices(10, 50).tolist() == list(range(10))
+
+
+def test_summary_per_step():
+    records = {'index': np.arange(4), 'label': np.array([0, 1, 1, 0]),
+               'pred': np.array([[0, 0, 1], [0, 1, 1], [1, 1, 1], [1, 1, 0]]),
+               'ce_loss': np.array([[1., 2., 3.]] * 4), 'mae_loss': np.array([[0.5, 0.25]] * 4)}
+    summary = summarize(records, 5)
+    assert summary['accuracy_per_step'] == [50.0, 75.0, 75.0]
+    assert summary['cross_entropy_per_step'] == [1., 2., 3.] and summary['mae_loss_per_step'] == [0.5, 0.25]
+    assert (summary['num_images'], summary['num_images_expected'], summary['complete']) == (4, 5, False)
