@@ -11,6 +11,7 @@ so results do not depend on the other images, the number of processes or interru
 weights and optimiser state per image. K = 1 trains the model's own parameters, as the released code
 does; K > 1 trains K stacked copies through torch.func.vmap. Both go through the same step.
 """
+import logging
 import time
 import warnings
 
@@ -76,6 +77,13 @@ def mode_dependent_modules(model):
 class TestTimeTrainer:
     """Weights and optimiser state of K images, reset in place, and the step that adapts them.
 
+    By default (K = 1, not compiled) the step trains the model's own parameters, op for op the
+    released computation. Otherwise each image's trainable weights are one row of a flat (K, N)
+    tensor: K > 1 runs the model on each row through torch.func.vmap, and --compile turns the step
+    (forward, loss, backward), the optimiser update and the classification into fused kernels, on CUDA
+    replayed as CUDA graphs (the optimiser update on the one flat tensor stays eager: a few passes over
+    it). All modes share reset(), step() and classify().
+
     The released loop puts the model in train mode for the reconstruction steps and in eval mode to
     classify. When no module outside the head depends on the mode (the MAE ViTs: no dropout, drop path
     or batch norm there), the model stays in eval mode: the same function, without two walks over the
@@ -88,27 +96,27 @@ class TestTimeTrainer:
         self.switch_modes = bool(mode_dependent_modules(model))
         model.eval()
         trainable = trainable_parameters(model, args.finetune_mode)
-        start = [p.detach().clone() for p in trainable.values()]
         self.amp_dtype = AMP_DTYPES[args.amp]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.num_patches = model.patch_embed.num_patches
-        if k == 1:  # the model's own parameters: the released computation, op for op
-            self.params, self.start = list(trainable.values()), start
-            forward = torch.compile(model) if args.compile else model
-            self._losses = lambda views, masks: forward(views[0], mask_ratio=args.mask_ratio,
-                                                        input_mask=masks[0])[0]['mae'].unsqueeze(0)
-            self._logits = lambda images: forward(images[0], mask_ratio=0, reconstruct=False)[3]
+        self.flat = k > 1 or args.compile
+        if not self.flat:  # the model's own parameters: the released computation, op for op
+            self.params, self.start = list(trainable.values()), [p.detach().clone() for p in trainable.values()]
+            self._losses = lambda views, masks: model(views[0], mask_ratio=args.mask_ratio,
+                                                      input_mask=masks[0])[0]['mae'].unsqueeze(0)
+            self._logits = lambda images: model(images[0], mask_ratio=0, reconstruct=False)[3]
         else:
-            # vmap has no batching rule for the CPU's fused attention and runs it once per image: the
-            # computation wanted here, so its performance warning would tell the user nothing
-            warnings.filterwarnings('ignore', message='There is a performance drop because we have not yet '
-                                                      'implemented the batching rule')
-            self.params = [s.expand(k, *s.shape).clone().requires_grad_() for s in start]
-            self.start = [s.expand(k, *s.shape) for s in start]
+            start = torch.cat([p.detach().reshape(-1) for p in trainable.values()])
+            self.start = [start.expand(k, -1)]
+            self.params = [start.expand(k, -1).clone().requires_grad_()]
             for p in trainable.values():
                 p.requires_grad_(False)
-            self._losses, self._logits = self._batched_forward(model, list(trainable), args)
+            self._losses, self._logits = self._flat_forward(model, trainable, args)
         self.optimizer = build_optimizer(self.params, args)
+        if args.compile:
+            self._losses, self._logits = compiled(self._losses, self.device), compiled(self._logits, self.device)
+            if self.device.type == 'cuda':  # the graphs read the weights where they are, not a copy
+                torch._dynamo.mark_static_address(self.params[0])
         # optimiser state exists from here on and is zeroed by reset(): a zeroed SGD momentum or Adam
         # state is what a fresh optimiser starts from, and the tensors stay where a capture finds them
         for p in self.params:
@@ -116,17 +124,38 @@ class TestTimeTrainer:
         self.optimizer.step()
         self.reset()
 
-    def _batched_forward(self, model, names, args):
-        fixed = {n: p.detach() for n, p in model.named_parameters() if n not in names}
+    def _flat_forward(self, model, trainable, args):
+        """losses(views, masks) and logits(images) of the model with row k of the flat weights for image k."""
+        names, shapes = list(trainable), [p.shape for p in trainable.values()]
+        sizes = [p.numel() for p in trainable.values()]
+        fixed = {n: p.detach() for n, p in model.named_parameters() if n not in trainable}
         fixed.update(dict(model.named_buffers()))
+        if self.device.type == 'cpu':
+            # timm's explicit attention: vmap has no batching rule for the CPU's fused kernel, and for
+            # sequences this short (17 and 65 tokens for the example) the explicit products are faster
+            for m in model.modules():
+                if hasattr(m, 'fused_attn'):
+                    m.fused_attn = False
+        else:  # vmap may run the fused attention once per image: wanted here, so its notice says nothing
+            warnings.filterwarnings('ignore', message='There is a performance drop because we have not yet '
+                                                      'implemented the batching rule')
 
-        def call(params, *inputs, **kwargs):
-            return torch.func.functional_call(model, (dict(zip(names, params)), fixed), inputs, kwargs)
+        def call(row, *inputs, **kwargs):
+            weights = {n: w.view(shape) for n, w, shape in zip(names, row.split(sizes), shapes)}
+            return torch.func.functional_call(model, (weights, fixed), inputs, kwargs)
 
-        losses = torch.func.vmap(lambda p, v, m: call(p, v, mask_ratio=args.mask_ratio, input_mask=m)[0]['mae'])
-        logits = torch.func.vmap(lambda p, x: call(p, x, mask_ratio=0, reconstruct=False)[3])
-        return (lambda views, masks: losses(self.params, views, masks),
-                lambda images: logits(self.params, images)[:, 0])
+        def loss(row, views, masks):
+            return call(row, views, mask_ratio=args.mask_ratio, input_mask=masks)[0]['mae']
+
+        def logits(row, image):
+            return call(row, image, mask_ratio=0, reconstruct=False)[3][0]
+
+        if self.k == 1:
+            return (lambda views, masks: loss(self.params[0][0], views[0], masks[0]).unsqueeze(0),
+                    lambda images: logits(self.params[0][0], images[0]).unsqueeze(0))
+        losses, all_logits = torch.func.vmap(loss), torch.func.vmap(logits)
+        return (lambda views, masks: losses(self.params[0], views, masks),
+                lambda images: all_logits(self.params[0], images))
 
     def reset(self, weights=True, optimizer=True):
         """Back to the start weights and/or a fresh optimiser state, in place."""
@@ -138,7 +167,7 @@ class TestTimeTrainer:
                     for value in state.values():
                         if torch.is_tensor(value):
                             value.zero_()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=not self.flat)
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
@@ -163,9 +192,9 @@ class TestTimeTrainer:
                 losses = self._losses(views[micro], masks[micro]).float() / len(views)
             self.scaler.scale(losses.sum()).backward()
             total = total + losses.detach()
-        self.scaler.step(self.optimizer)
+        self.scaler.step(self.optimizer)  # one flat tensor in the flat modes: a few fused passes, left eager
         self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=not self.flat)  # flat modes: gradients stay where a graph finds them
         return total
 
     def masks(self, indices):
@@ -211,6 +240,19 @@ class TestTimeTrainer:
         preds, ces = torch.stack(preds, 1).cpu().numpy(), torch.stack(ces, 1).cpu().numpy()
         losses = torch.stack(losses, 1).cpu().numpy() if losses else np.zeros((len(indices), 0), np.float32)
         return list(zip(preds, ces, losses))[:n]
+
+
+def compiled(fn, device):
+    """fn through torch.compile's inductor: fused kernels for fixed shapes. On the CPU the kernels are
+    called from generated C++ (at the example's size, Python's per-kernel overhead is much of what is
+    left); on CUDA the compiled code is replayed as CUDA graphs."""
+    if device.type == 'cpu':
+        # building the CPU kernels imports torch.utils.cpp_extension, which notes that a CUDA toolkit
+        # without a GPU is not used: true, and nothing the user needs to act on
+        logging.getLogger('torch.utils.cpp_extension').addFilter(
+            lambda record: not record.getMessage().startswith('No CUDA runtime is found'))
+        return torch.compile(fn, dynamic=False, options={'cpp_wrapper': True})
+    return torch.compile(fn, dynamic=False, options={'triton.cudagraphs': True})
 
 
 def groups_of(iterable, size):

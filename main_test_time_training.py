@@ -42,9 +42,12 @@ def get_args_parser():
                        help='absolute lr (None: blr * batch_size * accum_iter / 256)')
     group.add_argument('--blr', default=1e-2, type=POSITIVE_FLOAT, help='base lr, scaled by the views per step / 256')
     group.add_argument('--parallel_images', default=1, type=POSITIVE_INT,
-                       help='adapt this many images at once as independent weight sets; pays for small '
-                            'models on a GPU')
-    group.add_argument('--compile', action='store_true', help='torch.compile the model (one image at a time)')
+                       help='adapt this many images at once as independent weight sets (the same results '
+                            'up to float rounding); pays for small models, e.g. 4 with --compile on a CPU')
+    group.add_argument('--compile', action='store_true',
+                       help='compile the step (forward, loss, backward), the optimiser update and the '
+                            'classification into fused kernels (CUDA graphs on a GPU); the same function up to '
+                            'float rounding, minutes of compilation the first time (docs/performance.md)')
     group.add_argument('--flush_every', default=10, type=POSITIVE_INT, help='save results every N images')
     add_model_args(parser)
     add_test_time_args(parser)
@@ -55,9 +58,9 @@ def get_args_parser():
 
 def check_args(args):
     """Flag combinations that cannot run together."""
-    if args.parallel_images > 1 and (args.amp == 'fp16' or args.compile):
-        raise UserError("--parallel_images > 1 runs without --amp fp16 (its loss scale would be shared by the "
-                        "images) and without --compile")
+    if args.amp == 'fp16' and (args.parallel_images > 1 or args.compile):
+        raise UserError("--amp fp16 runs one image at a time without --compile (its loss scale is per image); "
+                        "use --amp bf16 with --parallel_images or --compile")
 
 
 def main(args):

@@ -50,7 +50,12 @@ def count_flops(fn):
 def device_name(device):
     if torch.device(device).type == 'cuda':
         return torch.cuda.get_device_name()
-    return f"CPU ({torch.get_num_threads()} threads)"
+    try:
+        with open('/proc/cpuinfo') as f:
+            cpu = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
+    except (OSError, StopIteration):
+        cpu = 'CPU'
+    return f"{cpu}, {torch.get_num_threads()} threads"
 
 
 def print_table(header, rows):

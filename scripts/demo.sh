@@ -27,8 +27,10 @@
 #   DEMO_PROBE_EPOCHS, DEMO_PROBE_WARMUP, DEMO_PROBE_BATCH, DEMO_PROBE_BLR
 #   DEMO_PRETRAIN_MIN_SCALE, DEMO_PROBE_MIN_SCALE  smallest RandomResizedCrop area (--min_crop_scale)
 #   DEMO_HFLIP             1: random horizontal flips in pre-training and probing; 0: none (--no_hflip)
-#   DEMO_TTT_STEPS, DEMO_TTT_BATCH, DEMO_TTT_LR, DEMO_TTT_MASK_RATIO, DEMO_TTT_MAX_EXAMPLES,
-#   DEMO_TTT_PARALLEL (--parallel_images)
+#   DEMO_TTT_STEPS, DEMO_TTT_BATCH, DEMO_TTT_LR, DEMO_TTT_MASK_RATIO, DEMO_TTT_MAX_EXAMPLES
+#   DEMO_TTT_PARALLEL      --parallel_images (default: 4)
+#   DEMO_TTT_COMPILE       1 (default): --compile; 0: the eager loop
+#   DEMO_TTT_AMP           --amp of the TTT runs (default: none)
 #   DEMO_REPORT_STEP       the TTT step tabulated (default: 2; the figure shows every step)
 set -euo pipefail
 
@@ -70,8 +72,13 @@ TTT_BATCH=${DEMO_TTT_BATCH:-16}
 TTT_LR=${DEMO_TTT_LR:-1e-3}
 TTT_MASK_RATIO=${DEMO_TTT_MASK_RATIO:-0.75}
 TTT_MAX_EXAMPLES=${DEMO_TTT_MAX_EXAMPLES:-}
-# 8 images adapted at once as independent weight sets: same predictions, ~15% faster on 2 cores
-TTT_PARALLEL=${DEMO_TTT_PARALLEL:-8}
+# the compiled step, 4 images at once as independent weight sets: the same function up to float
+# rounding, about twice the released-style loop's speed on 2 cores (docs/performance.md)
+TTT_PARALLEL=${DEMO_TTT_PARALLEL:-4}
+TTT_COMPILE=${DEMO_TTT_COMPILE:-1}
+[[ $TTT_COMPILE == 0 || $TTT_COMPILE == 1 ]] || {
+    echo "error: DEMO_TTT_COMPILE must be 0 or 1, got '$TTT_COMPILE'" >&2; exit 2; }
+TTT_AMP=${DEMO_TTT_AMP:-none}
 REPORT_STEP=${DEMO_REPORT_STEP:-2}
 [[ $REPORT_STEP =~ ^[0-9]+$ && $TTT_STEPS =~ ^[0-9]+$ ]] || {
     echo "error: DEMO_REPORT_STEP and DEMO_TTT_STEPS must be whole numbers" >&2; exit 2; }
@@ -177,7 +184,8 @@ stage "clean $SPLIT baseline" complete "$OUT/clean_$SPLIT" "$OUT/clean_$SPLIT" \
 
 TTT_FLAGS=(--single_crop --steps_per_example "$TTT_STEPS" --batch_size "$TTT_BATCH" --lr "$TTT_LR"
            --mask_ratio "$TTT_MASK_RATIO" --optimizer_type sgd --optimizer_momentum 0.9
-           --finetune_mode encoder --parallel_images "$TTT_PARALLEL" --print_freq 100)
+           --finetune_mode encoder --parallel_images "$TTT_PARALLEL" --amp "$TTT_AMP" --print_freq 100)
+[[ $TTT_COMPILE == 1 ]] && TTT_FLAGS+=(--compile)
 for c in $CORRUPTIONS; do
     data=$CORRUPTED/$c/$SEVERITY
     stage "$c baseline" complete "$RESULTS/$c/baseline" "$RESULTS/$c/baseline" \

@@ -17,7 +17,7 @@ PER_CLASS = 2  # corrupted and evaluated test images per class
 TINY = {'DEMO_DIGITS': '20 5 5', 'DEMO_EVAL_PER_CLASS': str(PER_CLASS), 'DEMO_CORRUPTIONS': ' '.join(CORRUPTIONS),
         'DEMO_PRETRAIN_EPOCHS': '2', 'DEMO_PRETRAIN_WARMUP': '1', 'DEMO_PRETRAIN_BATCH': '64',
         'DEMO_PROBE_EPOCHS': '1', 'DEMO_PROBE_BATCH': '64', 'DEMO_TTT_STEPS': str(STEPS), 'DEMO_TTT_BATCH': '8',
-        'DEMO_THREADS': '1'}
+        'DEMO_THREADS': '1', 'DEMO_TTT_COMPILE': '0'}  # compilation is tested in test_engine_test_time.py
 
 
 def read_json(path):

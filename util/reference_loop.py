@@ -15,9 +15,11 @@ from util.datasets import eval_transform, load_rgb
 from util.seed import derive_seed
 
 
-def reference_adapt(base_model_cpu, path, label, index, args, device):
-    """Returns (predictions per step, MAE loss per step) for one image, single-crop views."""
+def reference_adapt(base_model_cpu, path, label, index, args, device, amp_dtype=None):
+    """Returns (predictions per step, MAE loss per step) for one image, single-crop views; amp_dtype:
+    autocast the forward passes (the released code had none; for comparisons in the same precision)."""
     model = copy.deepcopy(base_model_cpu).to(device)
+    autocast = lambda: torch.autocast(torch.device(device).type, dtype=amp_dtype, enabled=amp_dtype is not None)
     optimizer = build_optimizer(list(trainable_parameters(model, args.finetune_mode).values()), args, foreach=None)
     transform = eval_transform(args.input_size)
     num_patches = model.patch_embed.num_patches
@@ -29,7 +31,8 @@ def reference_adapt(base_model_cpu, path, label, index, args, device):
         model.eval()
         with torch.no_grad():
             image = transform(load_rgb(path)).unsqueeze(0).to(device)
-            logits = model(image, mask_ratio=0, reconstruct=False)[3]
+            with autocast():
+                logits = model(image, mask_ratio=0, reconstruct=False)[3]
         model.train()
         return logits.argmax(dim=1).item()
 
@@ -39,7 +42,8 @@ def reference_adapt(base_model_cpu, path, label, index, args, device):
         for micro in range(args.accum_iter):
             image = transform(load_rgb(path))
             views = torch.stack([image for _ in range(args.batch_size)]).to(device)
-            loss = model(views, mask_ratio=args.mask_ratio, input_mask=masks[step, micro])[0]['mae']
+            with autocast():
+                loss = model(views, mask_ratio=args.mask_ratio, input_mask=masks[step, micro])[0]['mae']
             (loss / args.accum_iter).backward()
             step_loss += loss.item() / args.accum_iter
         optimizer.step()
