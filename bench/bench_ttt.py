@@ -13,7 +13,6 @@ slow moment of a shared machine does not land on one mode only. Prints a table a
 """
 import argparse
 import copy
-import json
 import os
 import statistics
 import sys

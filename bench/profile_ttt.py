@@ -112,10 +112,9 @@ def main():
     model = build_model(bench.model, norm_pix_loss=True)
     size = model.patch_embed.img_size[0]
     model.to(device)
-    default = TestTimeTrainer(copy.deepcopy(model), ttt_args(bench, 'default', size), device)
+    reference = TestTimeTrainer(copy.deepcopy(model), ttt_args(bench, 'default', size), device)
     images = torch.randn(1, 1, 3, size, size, device=device)
-    flops = count_flops(lambda: default.adapt([0], torch.zeros(1, dtype=torch.long, device=device), images))
-    del default
+    flops = count_flops(lambda: reference.adapt([0], torch.zeros(1, dtype=torch.long, device=device), images))
     results, rows = {}, []
     for mode in bench.modes:
         args = ttt_args(bench, mode, size)
