@@ -61,6 +61,18 @@ def build_optimizer(params, args, foreach=True):
     return torch.optim.AdamW(params, lr=args.lr, betas=betas, weight_decay=args.weight_decay, foreach=foreach)
 
 
+def predictions(logits, labels, class_subset=None):
+    """Top-1 predictions and cross-entropies (per image) of logits (N, C); with class_subset (sorted
+    output indices, e.g. ImageNet-R's 200), over those outputs only, as the standard evaluation restricts
+    the 1000-way head. Labels and predictions are output indices either way."""
+    logits = logits.float()
+    if class_subset is None:
+        return logits.argmax(dim=1), F.cross_entropy(logits, labels, reduction='none')
+    logits = logits[:, class_subset]
+    return (class_subset[logits.argmax(dim=1)],
+            F.cross_entropy(logits, torch.searchsorted(class_subset, labels), reduction='none'))
+
+
 def mode_dependent_modules(model):
     """Modules outside the head that compute differently in train and eval mode."""
     from timm.layers import DropPath
@@ -91,8 +103,9 @@ class TestTimeTrainer:
     """
     __test__ = False  # not a pytest test class
 
-    def __init__(self, model, args, device, k=1):
+    def __init__(self, model, args, device, k=1, class_subset=None):
         self.model, self.args, self.device, self.k = model, args, torch.device(device), k
+        self.class_subset = None if class_subset is None else torch.as_tensor(class_subset, device=self.device)
         self.switch_modes = bool(mode_dependent_modules(model))
         model.eval()
         trainable = trainable_parameters(model, args.finetune_mode)
@@ -105,13 +118,15 @@ class TestTimeTrainer:
             self._losses = lambda views, masks: model(views[0], mask_ratio=args.mask_ratio,
                                                       input_mask=masks[0])[0]['mae'].unsqueeze(0)
             self._logits = lambda images: model(images[0], mask_ratio=0, reconstruct=False)[3]
+            self._predict = lambda images, masks: model(images[0], mask_ratio=args.mask_ratio,
+                                                        input_mask=masks[0])[1].unsqueeze(0)
         else:
             start = torch.cat([p.detach().reshape(-1) for p in trainable.values()])
             self.start = [start.expand(k, -1)]
             self.params = [start.expand(k, -1).clone().requires_grad_()]
             for p in trainable.values():
                 p.requires_grad_(False)
-            self._losses, self._logits = self._flat_forward(model, trainable, args)
+            self._losses, self._logits, self._predict = self._flat_forward(model, trainable, args)
         self.optimizer = build_optimizer(self.params, args)
         if args.compile:
             self._losses, self._logits = compiled(self._losses, self.device), compiled(self._logits, self.device)
@@ -150,12 +165,33 @@ class TestTimeTrainer:
         def logits(row, image):
             return call(row, image, mask_ratio=0, reconstruct=False)[3][0]
 
+        def predict(row, image, mask):
+            return call(row, image, mask_ratio=args.mask_ratio, input_mask=mask)[1][0]
+
         if self.k == 1:
             return (lambda views, masks: loss(self.params[0][0], views[0], masks[0]).unsqueeze(0),
-                    lambda images: logits(self.params[0][0], images[0]).unsqueeze(0))
-        losses, all_logits = torch.func.vmap(loss), torch.func.vmap(logits)
-        return (lambda views, masks: losses(self.params[0], views, masks),
-                lambda images: all_logits(self.params[0], images))
+                    lambda images: logits(self.params[0][0], images[0]).unsqueeze(0),
+                    lambda images, masks: predict(self.params[0][0], images[0], masks[0]).unsqueeze(0))
+        batched = [torch.func.vmap(f) for f in (loss, logits, predict)]
+        return (lambda views, masks: batched[0](self.params[0], views, masks),
+                lambda images: batched[1](self.params[0], images),
+                lambda images, masks: batched[2](self.params[0], images, masks))
+
+    def state(self):
+        """The adaptation state as a list of tensors, the weights first, then the optimiser's state
+        (online runs save it with their results, and load_state() puts it back in place)."""
+        return [p.detach() for p in self.params] + [v for state in self.optimizer.state.values()
+                                                    for v in state.values() if torch.is_tensor(v)]
+
+    def load_state(self, tensors):
+        with torch.no_grad():
+            torch._foreach_copy_(self.state(), list(tensors))
+
+    @torch.no_grad()
+    def reconstruct(self, images, masks):
+        """The decoder's predictions (K, L, p*p*3) for images (K, 1, 3, H, W) with shuffle orders (K, 1, L)."""
+        with self._autocast():
+            return self._predict(images, masks).float()
 
     def reset(self, weights=True, optimizer=True):
         """Back to the start weights and/or a fresh optimiser state, in place."""
@@ -178,10 +214,10 @@ class TestTimeTrainer:
         if self.switch_modes:
             self.model.eval()
         with self._autocast():
-            logits = self._logits(images).float()
+            logits = self._logits(images)
         if self.switch_modes:
             self.model.train()
-        return logits.argmax(dim=1), F.cross_entropy(logits, labels, reduction='none')
+        return predictions(logits, labels, self.class_subset)
 
     def step(self, views, masks):
         """One optimiser step of every image from views (A, K, B, 3, H, W) and shuffle orders
@@ -207,35 +243,60 @@ class TestTimeTrainer:
             orders.append(noise.argsort(dim=-1))
         return torch.stack(orders, dim=2)
 
-    def views(self, images, raws, crop_gens):
-        """(A, K, B, 3, H, W): with --single_crop the eval crop B times, else random resized crops."""
-        args = self.args
-        if args.single_crop:
-            return images.unsqueeze(0).expand(args.accum_iter, -1, args.batch_size, -1, -1, -1)
-        return torch.stack([torch.stack([random_resized_crops(raw, args.batch_size, images.shape[-1], gen)
-                                         for raw, gen in zip(raws, crop_gens)])
-                            for _ in range(args.accum_iter)])
+    def views(self, images, sources, crop_gens):
+        """(A, K, B, 3, H, W): the B views of each image k for each of A micro-batches, spread evenly
+        over its sources, a list of (eval crop (1, 3, H, W), decoded uint8 image) pairs: its own, or
+        online the window's, the newest taking the remainder. With --single_crop the views are the eval
+        crops, else random resized crops cut with image k's crop generator."""
+        args, b = self.args, self.args.batch_size
+        if args.single_crop and all(len(source) == 1 for source in sources):
+            return images.unsqueeze(0).expand(args.accum_iter, -1, b, -1, -1, -1)
+        per_image = []
+        for source, gen in zip(sources, crop_gens):
+            counts = [b // len(source) + (j >= len(source) - b % len(source)) for j in range(len(source))]
+            micro = []
+            for _ in range(args.accum_iter):
+                if args.single_crop:
+                    parts = [image.expand(c, -1, -1, -1) for (image, _), c in zip(source, counts) if c]
+                else:
+                    parts = [random_resized_crops(raw, c, images.shape[-1], gen) for (_, raw), c in zip(source, counts)
+                             if c]
+                micro.append(torch.cat(parts))
+            per_image.append(torch.stack(micro))
+        return torch.stack(per_image, dim=1)
 
-    def adapt(self, indices, labels, images, raws=None):
-        """Adapt to K images from the start state. labels (K,), images (K, 1, 3, H, W) on the device,
-        raws: the decoded uint8 images (random-crop views only). Returns, per image, predictions and
-        cross-entropies before and after each step (steps + 1,) and reconstruction losses (steps,).
-        Fewer than K images (the last group of a run) are padded with copies of the last one."""
+    def adapt(self, indices, labels, images, raws=None, windows=None, reset_weights=True, reset_optimizer=True,
+              observe=None):
+        """Adapt to K images. labels (K,), images (K, 1, 3, H, W) on the device, raws: their decoded uint8
+        images (random-crop views only). Episodic (the default) starts from the start weights and a fresh
+        optimiser state; online runs pass reset_weights=False (and reset_optimizer as asked), and windows:
+        per image, the (eval crop, decoded image) pairs its views are drawn from. observe(step, trainer,
+        images, cross-entropies) is called after each classification (step 0, before the first step, to
+        the last).
+
+        Returns, per image, predictions and cross-entropies before and after each step (steps + 1,) and
+        reconstruction losses (steps,). Fewer than K images (the last group of a run) are padded with
+        copies of the last one."""
         n, pad = len(indices), self.k - len(indices)
         if pad:
             indices, labels = list(indices) + [indices[-1]] * pad, torch.cat([labels, labels[-1:].expand(pad)])
             images = torch.cat([images, images[-1:].expand(pad, -1, -1, -1, -1)])
             raws = None if raws is None else list(raws) + [raws[-1]] * pad
-        self.reset()
+        sources = windows or [[(image, raw)] for image, raw in zip(images, raws or [None] * len(images))]
+        self.reset(reset_weights, reset_optimizer)
         masks = self.masks(indices)
         crop_gens = [torch.Generator().manual_seed(derive_seed(self.args.seed, i, 2)) for i in indices]
         pred, ce = self.classify(images, labels)
         preds, ces, losses = [pred], [ce], []
+        if observe:
+            observe(0, self, images, ce)
         for step in range(self.args.steps_per_example):
-            losses.append(self.step(self.views(images, raws, crop_gens), masks[step]))
+            losses.append(self.step(self.views(images, sources, crop_gens), masks[step]))
             pred, ce = self.classify(images, labels)
             preds.append(pred)
             ces.append(ce)
+            if observe:
+                observe(step + 1, self, images, ce)
         # one host sync per group of images
         preds, ces = torch.stack(preds, 1).cpu().numpy(), torch.stack(ces, 1).cpu().numpy()
         losses = torch.stack(losses, 1).cpu().numpy() if losses else np.zeros((len(indices), 0), np.float32)
@@ -266,12 +327,27 @@ def groups_of(iterable, size):
         yield group
 
 
-def run_test_time_training(trainer, loader, store, args, log_writer=None):
+def run_test_time_training(trainer, loader, store, args, log_writer=None, online=None, observe=None):
     """Adapt to every image the loader yields, K at a time; records go to `store`, flushed every
-    args.flush_every images, on a stop signal and on any error, so that nothing finished is lost.
+    args.flush_every images and on a stop signal, so that nothing finished is lost.
+
+    online: for online TTT-MAE (K = 1), (StreamState, position the loader starts at, window): the
+    weights carry over, each image's views come from the window of the last --online_window images, and
+    the state is saved before each flush of the results it goes with. Episodic runs also flush on an
+    error; an online run does not (the state is then mid-image), so its rerun redoes the images since
+    the last flush. observe(index): an observer for adapt() per image, or None (reconstructions).
     Returns the number of images done."""
     device, done, correct_last = trainer.device, 0, 0
     progress = ProgressLine(len(loader), args.print_freq)
+    state, position, window = online or (None, 0, None)
+
+    def flush():
+        if state is not None:
+            state.save(position + done, trainer.state())
+        store.flush()
+        if state is not None:
+            state.prune(position + done)
+
     with StopRequested() as stop:
         try:
             for group in groups_of(loader, trainer.k):
@@ -280,27 +356,36 @@ def run_test_time_training(trainer, loader, store, args, log_writer=None):
                 labels = torch.tensor([item['label'] for item in group], device=device)
                 images = torch.stack([item['image'] for item in group]).to(device, non_blocking=True).unsqueeze(1)
                 raws = None if args.single_crop else [item['raw'].to(device, non_blocking=True) for item in group]
-                results = trainer.adapt(indices, labels, images, raws)
+                if window is not None:
+                    window.append((images[0], None if raws is None else raws[0]))
+                results = trainer.adapt(indices, labels, images, raws, windows=None if window is None else [list(window)],
+                                        reset_weights=window is None,
+                                        reset_optimizer=window is None or args.online_reset_optimizer,
+                                        observe=observe and observe(indices))
                 seconds = (time.time() - start) / len(group)
                 for item, (preds, ces, mae_losses) in zip(group, results):
                     if not np.all(np.isfinite(mae_losses)):
                         path = loader.dataset.samples[item['index']][0]
                         raise UserError(f"non-finite reconstruction loss on image {item['index']} ({path}); "
-                                        f"stopping, {done} images of this run kept in {args.output_dir}")
+                                        f"stopping, the images before it are kept in {args.output_dir}")
                     store.add(index=item['index'], label=item['label'], pred=preds, ce_loss=ces,
-                              mae_loss=mae_losses, seconds=seconds)
+                              mae_loss=mae_losses, seconds=seconds, **({} if window is None else
+                                                                       {'position': position + done}))
                     done += 1
                     correct_last += int(preds[-1] == item['label'])
                     if done % args.flush_every == 0:
-                        store.flush()
+                        flush()
                     accuracy = 100 * correct_last / done
                     if progress.update(done, f"accuracy after {args.steps_per_example} steps {accuracy:.2f}%") \
                             and log_writer is not None:
                         log_writer.add_scalar('ttt/running_accuracy_last_step', accuracy, done)
                 if stop.signal is not None:
                     break
-        finally:
-            store.flush()
+        except BaseException:
+            if state is None:
+                store.flush()
+            raise
+        flush()
     if stop.signal is not None:
         print(f"stopped by signal {stop.signal}; {done} images saved, rerun the same command to continue",
               flush=True)
@@ -309,19 +394,18 @@ def run_test_time_training(trainer, loader, store, args, log_writer=None):
 
 
 @torch.no_grad()
-def run_baseline(model, loader, store, device, args):
+def run_baseline(model, loader, store, device, args, class_subset=None):
     """Classify batches of eval crops without adaptation; one record per image. Returns the count."""
     model.eval()
     device, amp_dtype = torch.device(device), AMP_DTYPES[args.amp]
+    class_subset = None if class_subset is None else torch.as_tensor(class_subset)
     done, progress = 0, ProgressLine(len(loader.dataset), args.print_freq * loader.batch_size)
     try:
         for batch in loader:
             images = batch['image'].to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 _, _, _, logits = model(images, mask_ratio=0, reconstruct=False)
-            logits = logits.float().cpu()
-            preds = logits.argmax(dim=1).numpy()
-            ces = F.cross_entropy(logits, batch['label'], reduction='none').numpy()
+            preds, ces = (x.numpy() for x in predictions(logits.cpu(), batch['label'], class_subset))
             for i, index in enumerate(batch['index'].tolist()):
                 store.add(index=index, label=int(batch['label'][i]), pred=preds[i:i + 1], ce_loss=ces[i:i + 1],
                           mae_loss=np.zeros(0, np.float32), seconds=0.)

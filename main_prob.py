@@ -13,7 +13,8 @@ from util import distributed
 from util.checkpoint import HEAD_PREFIXES, checkpoint_path, load_finetune_for_probe, resume_training, save_checkpoint
 from util.cli import (ArgumentParser, UserError, add_data_args, add_model_args, add_run_args, add_training_args,
                       number, run_main)
-from util.datasets import ImageFolder, eval_transform, make_loader, train_transform
+from util.datasets import ImageFolder, eval_transform, make_loader, train_transform, training_classes
+from util.io import write_text
 from util.logger import append_json_line, keep_log_before, tensorboard_writer
 from util.lr_sched import set_lr_from_blr
 from util.train_loop import start_training
@@ -44,13 +45,18 @@ def main(args):
                         head_type=args.head_type, classifier_depth=args.classifier_depth,
                         num_classes=args.num_classes, no_decoder=True, drop_path_rate=args.drop_path)
     args.input_size = model.patch_embed.img_size[0]
-    dataset_train = ImageFolder(os.path.join(args.data_path, 'train'),
+    # the head's classes, in label order, travel with it: val/ and every test folder are labelled through them
+    classes = training_classes(os.path.join(args.data_path, 'train'))
+    if len(classes) > args.num_classes:
+        raise UserError(f"{len(classes)} classes in {args.data_path}/train do not fit --num_classes {args.num_classes}")
+    labels = {c: i for i, c in enumerate(classes)}
+    dataset_train = ImageFolder(os.path.join(args.data_path, 'train'), labels=labels,
                                 transform=train_transform(args.input_size, args.min_crop_scale, args.hflip))
-    dataset_val = ImageFolder(os.path.join(args.data_path, 'val'), transform=eval_transform(args.input_size))
-    largest_label = max(dataset_train.class_to_idx.values())
-    if largest_label >= args.num_classes:
-        raise UserError(f"label {largest_label} does not fit --num_classes {args.num_classes}")
-    print(f"{len(dataset_train)} training and {len(dataset_val)} validation images")
+    dataset_val = ImageFolder(os.path.join(args.data_path, 'val'), labels=labels,
+                              transform=eval_transform(args.input_size))
+    if args.output_dir and distributed.is_main_process():
+        write_text(os.path.join(args.output_dir, 'classes.txt'), ''.join(c + '\n' for c in classes))
+    print(f"{len(dataset_train)} training and {len(dataset_val)} validation images, {len(classes)} classes")
     data_loader_train = make_loader(dataset_train, args, train=True)
     if args.dist_eval:
         data_loader_val = make_loader(dataset_val, args, train=False)
@@ -105,9 +111,9 @@ def main(args):
                                         **{f'test_{k}': v for k, v in test_stats.items()}, 'epoch': epoch})
             if epoch + 1 == args.epochs:
                 save_checkpoint(checkpoint_path(args.output_dir, 'final'), model_without_ddp, optimizer,
-                                epoch, loss_scaler, args)
+                                epoch, loss_scaler, args, classes=classes)
             save_checkpoint(checkpoint_path(args.output_dir, epoch), model_without_ddp, optimizer,
-                            epoch, loss_scaler, args)
+                            epoch, loss_scaler, args, classes=classes)
         distributed.barrier()
     print(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
     distributed.destroy()

@@ -5,6 +5,7 @@ blr * batch_size * accum_iter / 256 whatever the number of processes, since ever
 still adapted alone (the released code also multiplied by the world size, which on one GPU is 1).
 """
 import time
+from collections import deque
 
 import torch
 
@@ -13,8 +14,9 @@ from util import distributed
 from util.cli import (NON_NEGATIVE_FLOAT, NON_NEGATIVE_INT, OPEN_FRACTION, POSITIVE_FLOAT, POSITIVE_INT,
                       ArgumentParser, UserError, add_data_args, add_model_args, add_run_args, add_test_time_args,
                       number, run_main)
-from util.datasets import TestTimeDataset
+from util.datasets import TestTimeDataset, imagenet_subset
 from util.logger import tensorboard_writer
+from util.reconstructions import Reconstructions
 from util.results import write_outputs
 from util.run_setup import prepare_run
 
@@ -49,6 +51,20 @@ def get_args_parser():
                             'classification into fused kernels (CUDA graphs on a GPU); the same function up to '
                             'float rounding, minutes of compilation the first time (docs/performance.md)')
     group.add_argument('--flush_every', default=10, type=POSITIVE_INT, help='save results every N images')
+    group.add_argument('--save_reconstructions', default=0, type=NON_NEGATIVE_INT,
+                       help='for the first N images, a PNG of the masked input and the reconstruction as TTT proceeds '
+                            '(OUT/reconstructions/)')
+    group = parser.add_argument_group('online TTT-MAE (docs/online.md)')
+    group.add_argument('--online', action='store_true',
+                       help='carry the weights and optimiser state from image to image instead of resetting them')
+    group.add_argument('--online_reset_optimizer', action='store_true',
+                       help='online: reset the optimiser state for every image (the weights still carry over)')
+    group.add_argument('--online_window', default=1, type=POSITIVE_INT,
+                       help="online: each step's views are spread over the last K images (the current one and the "
+                            "K-1 before it); 1 = plain online TTT-MAE")
+    group.add_argument('--stream_order', default=None, choices=['shuffled', 'listed'],
+                       help='online: the stream is the images shuffled with --seed, or in the order listed (the '
+                            "folder's, or --subset_file's); None: listed with --subset_file, else shuffled")
     add_model_args(parser)
     add_test_time_args(parser)
     add_data_args(parser, 'folder of one test set, <data_path>/<class>/<image>, e.g. imagenet-c/fog/5')
@@ -57,31 +73,55 @@ def get_args_parser():
 
 
 def check_args(args):
-    """Flag combinations that cannot run together."""
+    """Flag combinations that cannot run together, and the defaults that depend on others."""
     if args.amp == 'fp16' and (args.parallel_images > 1 or args.compile):
         raise UserError("--amp fp16 runs one image at a time without --compile (its loss scale is per image); "
                         "use --amp bf16 with --parallel_images or --compile")
+    online_only = [f'--{k}' for k in ('online_reset_optimizer', 'stream_order') if getattr(args, k)]
+    online_only += ['--online_window'] if args.online_window > 1 else []
+    if online_only and not args.online:
+        raise UserError(f"{', '.join(online_only)} only apply with --online")
+    if args.online and args.parallel_images > 1:
+        raise UserError("--online adapts one stream image after image: it cannot take --parallel_images")
+    if args.online and args.stream_order is None:
+        args.stream_order = 'listed' if args.subset_file else 'shuffled'
 
 
 def main(args):
     check_args(args)
     if args.lr is None:
         args.lr = args.blr * args.batch_size * args.accum_iter / 256
-    device, dataset, indices, model, store, todo = prepare_run(args)
+    run = prepare_run(args)
     print(f"lr per image: {args.lr:.3g} (independent of the number of processes)")
-    if todo is None:
+    if run.todo is None:
         distributed.destroy()
         return
-    trainer = TestTimeTrainer(model, args, device, k=args.parallel_images)
-    test_set = TestTimeDataset(dataset.samples, todo, args.input_size, raw=not args.single_crop)
+    device = run.device
+    trainer = TestTimeTrainer(run.model, args, device, k=args.parallel_images,
+                              class_subset=imagenet_subset(args.dataset_name))
+    online = None
+    if args.online:  # the carried state, and the window of images before where the stream continues
+        state = run.state.load(run.position)
+        if state is not None:
+            trainer.load_state(state)
+        window = deque(maxlen=args.online_window)
+        earlier = TestTimeDataset(run.dataset.samples, run.share[max(0, run.position - args.online_window + 1):
+                                                                 run.position], args.input_size, raw=not args.single_crop)
+        for item in earlier:
+            window.append((item['image'].unsqueeze(0).to(device), item['raw'].to(device) if 'raw' in item else None))
+        online = (run.state, run.position, window)
+    test_set = TestTimeDataset(run.dataset.samples, run.todo, args.input_size, raw=not args.single_crop)
     loader = torch.utils.data.DataLoader(test_set, batch_size=None, num_workers=args.num_workers,
                                          pin_memory=args.pin_mem and device.type == 'cuda')
+    observe = Reconstructions(args, run.dataset, run.indices[:args.save_reconstructions]) \
+        if args.save_reconstructions else None
     log_writer = tensorboard_writer(args.log_dir)
     start = time.time()
-    done = run_test_time_training(trainer, loader, store, args, log_writer)
+    done = run_test_time_training(trainer, loader, run.store, args, log_writer, online, observe)
     distributed.barrier()
     if distributed.is_main_process():
-        result = write_outputs(args, store, dataset, indices, 'ttt', time.time() - start, done * args.world_size)
+        result = write_outputs(args, run.store, run.dataset, run.indices, 'ttt', time.time() - start,
+                               done * args.world_size)
         if log_writer is not None:
             for step, acc in enumerate(result['accuracy_per_step']):
                 log_writer.add_scalar('ttt/accuracy_per_step', acc, step)

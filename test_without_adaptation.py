@@ -7,7 +7,7 @@ from engine_test_time import run_baseline
 from util import distributed
 from util.cli import POSITIVE_INT, ArgumentParser, add_data_args, add_model_args, add_run_args, add_test_time_args, \
     run_main
-from util.datasets import TestTimeDataset
+from util.datasets import TestTimeDataset, imagenet_subset
 from util.results import write_outputs
 from util.run_setup import prepare_run
 
@@ -24,18 +24,19 @@ def get_args_parser():
 
 
 def main(args):
-    device, dataset, indices, model, store, todo = prepare_run(args)
-    if todo is None:
+    run = prepare_run(args)
+    if run.todo is None:
         distributed.destroy()
         return
-    loader = torch.utils.data.DataLoader(TestTimeDataset(dataset.samples, todo, args.input_size),
+    loader = torch.utils.data.DataLoader(TestTimeDataset(run.dataset.samples, run.todo, args.input_size),
                                          batch_size=args.batch_size, num_workers=args.num_workers,
-                                         pin_memory=args.pin_mem and device.type == 'cuda')
+                                         pin_memory=args.pin_mem and run.device.type == 'cuda')
     start = time.time()
-    done = run_baseline(model, loader, store, device, args)
+    done = run_baseline(run.model, loader, run.store, run.device, args, imagenet_subset(args.dataset_name))
     distributed.barrier()
     if distributed.is_main_process():
-        write_outputs(args, store, dataset, indices, 'baseline', time.time() - start, done * args.world_size)
+        write_outputs(args, run.store, run.dataset, run.indices, 'baseline', time.time() - start,
+                      done * args.world_size)
     distributed.destroy()
 
 

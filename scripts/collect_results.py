@@ -1,11 +1,12 @@
-"""Collect an ImageNet-C sweep into the paper's table: accuracy without adaptation and after TTT-MAE.
+"""Collect an ImageNet-C sweep into the paper's table: accuracy (or error) without adaptation and after TTT-MAE.
 
 Layout (the released README's): ROOT/<corruption>/ holds the test-time training run and
 ROOT/<corruption>/baseline/ the baseline; each holds our results.json or only the released accuracy.txt
 (results.json wins when both exist; an accuracy.txt alone does not say whether the run finished, so
 it counts as complete and is marked with a dagger).
 
-Prints a Markdown table and writes PREFIX.csv, PREFIX.json and PREFIX.png (accuracy vs TTT step).
+Prints a Markdown table and writes PREFIX.csv, PREFIX.json and PREFIX.png (accuracy or error vs TTT step).
+It says which images each number comes from (all of a folder, --max_examples of them, or a --subset_file's list).
 The mean is over the 15 standard corruptions present (not the 4 extra ones) and is "n/a" when any of
 them is missing or partial: nothing is averaged silently (--allow_partial averages partial runs, flagged).
 """
@@ -33,6 +34,8 @@ def get_args_parser():
     parser.add_argument('--title', default=None, help="the figure's title (default: 'ImageNet-C: <ROOT folder name>')")
     parser.add_argument('--allow_partial', action='store_true',
                         help='average partial runs too (the mean is then flagged)')
+    parser.add_argument('--metric', default='accuracy', choices=['accuracy', 'error'],
+                        help='top-1 accuracy, or error = 100 - accuracy as test-time-adaptation benchmarks report')
     return parser
 
 
@@ -49,7 +52,8 @@ def read_run(folder, method):
             if not curve:
                 raise ValueError('accuracy_per_step is empty')
             return {'curve': curve, 'complete': bool(r['complete']), 'num_images': r.get('num_images'),
-                    'num_images_expected': r.get('num_images_expected'), 'source': 'results.json'}
+                    'num_images_expected': r.get('num_images_expected'), 'source': 'results.json',
+                    'selection': r.get('selection')}
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise UserError(f"cannot read {json_path}: {type(e).__name__}: {e}") from None
     if os.path.exists(txt_path):
@@ -67,17 +71,17 @@ def read_run(folder, method):
         except (OSError, ValueError) as e:
             raise UserError(f"cannot read {txt_path}: {e}") from None
         return {'curve': curve, 'complete': True, 'num_images': None, 'num_images_expected': None,
-                'source': 'accuracy.txt'}
+                'source': 'accuracy.txt', 'selection': None}
     return None
 
 
 def cell(run, step):
-    """One table entry: accuracy at `step` with its status (complete, partial, missing, no step)."""
+    """One table entry: the value at `step` with its status (complete, partial, missing, no step)."""
     if run is None:
-        return {'accuracy': None, 'status': 'missing'}
-    c = {'accuracy': run['curve'].get(step), 'num_images': run['num_images'],
+        return {'value': None, 'status': 'missing'}
+    c = {'value': run['curve'].get(step), 'num_images': run['num_images'], 'selection': run['selection'],
          'num_images_expected': run['num_images_expected'], 'source': run['source']}
-    if c['accuracy'] is None:
+    if c['value'] is None:
         c['status'] = f'no step {step}'
     else:
         c['status'] = 'complete' if run['complete'] else 'partial'
@@ -87,12 +91,23 @@ def cell(run, step):
 def mean_cell(cells, allow_partial):
     statuses = {c['status'] for c in cells}
     if not cells or not statuses <= {'complete', 'partial'} or ('partial' in statuses and not allow_partial):
-        return {'accuracy': None, 'status': 'n/a'}
-    return {'accuracy': sum(c['accuracy'] for c in cells) / len(cells),
+        return {'value': None, 'status': 'n/a'}
+    return {'value': sum(c['value'] for c in cells) / len(cells),
             'status': 'partial' if 'partial' in statuses else 'complete'}
 
 
-def collect(root, step=None, allow_partial=False):
+def selection_text(selection):
+    if selection is None:
+        return 'not recorded (a released accuracy.txt, or a results.json of an older version)'
+    if selection.get('subset_file'):
+        return (f"the {selection['images']} images listed in {selection['subset_file']} "
+                f"(sha256 {selection['subset_file_sha256'][:12]})")
+    if selection.get('max_examples'):
+        return f"{selection['images']} images (--max_examples, --subset {selection['subset']})"
+    return f"all {selection['images']} images of the folder"
+
+
+def collect(root, step=None, allow_partial=False, metric='accuracy'):
     """Everything the outputs show, as one JSON-ready dict."""
     columns = sweep_corruptions(root)
 
@@ -101,6 +116,10 @@ def collect(root, step=None, allow_partial=False):
     for c, run in ttt.items():  # a released accuracy.txt has no step 0: it is the baseline's accuracy
         if run and 0 not in run['curve'] and baseline[c] and baseline[c]['complete']:
             run['curve'][0] = baseline[c]['curve'][0]
+    if metric == 'error':
+        for run in [*ttt.values(), *baseline.values()]:
+            if run:
+                run['curve'] = {k: 100 - v for k, v in run['curve'].items()}
     last_steps = [max(r['curve']) for r in ttt.values() if r]
     if step is None:
         step = max(last_steps, default=0)
@@ -115,7 +134,7 @@ def collect(root, step=None, allow_partial=False):
         rows.append({'method': method, 'label': label, 'step': s, 'cells': cells,
                      'mean': mean_cell([cells[c] for c in mean_over], allow_partial)})
 
-    curves = {c: {'steps': sorted(r['curve']), 'accuracy': [r['curve'][k] for k in sorted(r['curve'])],
+    curves = {c: {'steps': sorted(r['curve']), 'value': [r['curve'][k] for k in sorted(r['curve'])],
                   'complete': r['complete']} for c, r in ttt.items() if r}
     # The mean curve: complete standard runs sharing the most common step list.
     groups = {}
@@ -126,17 +145,23 @@ def collect(root, step=None, allow_partial=False):
     if groups:
         steps, members = max(groups.items(), key=lambda g: (len(g[1]), len(g[0])))
         mean_curve = {'steps': list(steps), 'corruptions': members,
-                      'accuracy': [sum(ttt[c]['curve'][k] for c in members) / len(members) for k in steps]}
-    return {'root': root, 'step': step, 'columns': columns, 'mean_over': mean_over,
+                      'value': [sum(ttt[c]['curve'][k] for c in members) / len(members) for k in steps]}
+    selections = {}  # which images the numbers come from: corruption folders that share one
+    for c in columns:
+        for method, run in (('ttt', ttt[c]), ('baseline', baseline[c])):
+            if run:
+                selections.setdefault(selection_text(run['selection']), []).append(f'{c} ({method})')
+    return {'root': root, 'step': step, 'metric': metric, 'columns': columns, 'mean_over': mean_over,
+            'selections': selections,
             'not_run': [c for c in CORRUPTIONS if c not in columns], 'allow_partial': allow_partial,
             'rows': rows, 'curves': curves, 'mean_curve': mean_curve}
 
 
 def fmt(c):
-    if c['accuracy'] is None:
+    if c['value'] is None:
         return c['status']
     mark = ('*' if c['status'] == 'partial' else '') + ('\u2020' if c.get('source') == 'accuracy.txt' else '')
-    return f"{c['accuracy']:.1f}{mark}"
+    return f"{c['value']:.1f}{mark}"
 
 
 def markdown(summary):
@@ -145,7 +170,11 @@ def markdown(summary):
     mean_label = 'mean' if n_mean == len(CORRUPTIONS) else f'mean ({n_mean}/{len(CORRUPTIONS)})'
     lines = ['| method | ' + ' | '.join(cols) + f' | {mean_label} |',
              '|---|' + '---:|' * (len(cols) + 1)]
-    notes = []
+    notes = [f"top-1 {summary['metric']} (%)" + (' = 100 - accuracy' if summary['metric'] == 'error' else '')]
+    if len(summary['selections']) == 1:
+        notes.append(f"images: {next(iter(summary['selections']))}, in every run")
+    else:
+        notes += [f"images: {text}: {', '.join(runs)}" for text, runs in summary['selections'].items()]
     for row in summary['rows']:
         lines.append(f"| {row['label']} | " + ' | '.join(fmt(row['cells'][c]) for c in cols)
                      + f" | {fmt(row['mean'])} |")
@@ -162,18 +191,18 @@ def markdown(summary):
     if summary['columns'] != summary['mean_over']:
         notes.append('the mean leaves out the extra corruptions (' + ', '.join(
             c for c in cols if c not in summary['mean_over']) + ')')
-    return '\n'.join(lines + ([''] + notes if notes else [])) + '\n'
+    return '\n'.join(lines + [''] + notes) + '\n'
 
 
 def to_csv(summary):
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator='\n')
-    w.writerow(['method', 'label', 'step', 'corruption', 'accuracy', 'status', 'num_images',
+    w.writerow(['method', 'label', 'step', 'corruption', summary['metric'], 'status', 'num_images',
                 'num_images_expected', 'source'])
     for row in summary['rows']:
         for c, x in list(row['cells'].items()) + [('mean', row['mean'])]:
             # csv writes None as an empty field and floats at full precision
-            w.writerow([row['method'], row['label'], row['step'], c, x['accuracy'], x['status'],
+            w.writerow([row['method'], row['label'], row['step'], c, x['value'], x['status'],
                         x.get('num_images'), x.get('num_images_expected'), x.get('source')])
     return buf.getvalue()
 
@@ -192,18 +221,18 @@ def plot(summary, path, title):
         color = colors[(CORRUPTIONS + EXTRA_CORRUPTIONS).index(c)]
         if c in summary['curves']:
             curve = summary['curves'][c]
-            ax.plot(curve['steps'], curve['accuracy'], color=color, lw=1,
+            ax.plot(curve['steps'], curve['value'], color=color, lw=1,
                     ls='-' if curve['complete'] else '--', label=c + ('' if curve['complete'] else ' (partial)'))
-        if baseline[c]['accuracy'] is not None:
-            ax.plot([0], [baseline[c]['accuracy']], marker='s', mfc='none', color=color, ls='none',
+        if baseline[c]['value'] is not None:
+            ax.plot([0], [baseline[c]['value']], marker='s', mfc='none', color=color, ls='none',
                     label=None if c in summary['curves'] else f'{c} (baseline only)')
     if summary['mean_curve']:
         m = summary['mean_curve']
-        ax.plot(m['steps'], m['accuracy'], color='black', lw=3,
+        ax.plot(m['steps'], m['value'], color='black', lw=3,
                 label=f"mean of {len(m['corruptions'])} complete runs")
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel('TTT step (0 = before adaptation; squares: baseline)')
-    ax.set_ylabel('top-1 accuracy (%)')
+    ax.set_ylabel(f"top-1 {summary['metric']} (%)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc='center left', bbox_to_anchor=(1.01, 0.5))
@@ -214,7 +243,7 @@ def plot(summary, path, title):
 
 
 def main(args):
-    summary = collect(args.root, args.step, args.allow_partial)
+    summary = collect(args.root, args.step, args.allow_partial, args.metric)
     prefix = args.out or os.path.join(args.root, 'summary')
     table = markdown(summary)
     print(table, end='')

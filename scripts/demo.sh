@@ -31,6 +31,10 @@
 #   DEMO_TTT_PARALLEL      --parallel_images (default: 4)
 #   DEMO_TTT_COMPILE       1 (default): --compile; 0: the eager loop
 #   DEMO_TTT_AMP           --amp of the TTT runs (default: none)
+#   DEMO_ONLINE            1 (default): also online TTT-MAE on each corruption (weights carried over a
+#                          shuffled stream of its images); 0: not
+#   DEMO_ONLINE_STEPS, DEMO_ONLINE_LR, DEMO_ONLINE_WINDOW  its steps per image, lr and --online_window
+#   DEMO_RECONSTRUCTIONS   reconstruction pictures saved for the first N images of each episodic run (default 3)
 #   DEMO_REPORT_STEP       the TTT step tabulated (default: 2; the figure shows every step)
 set -euo pipefail
 
@@ -79,6 +83,12 @@ TTT_COMPILE=${DEMO_TTT_COMPILE:-1}
 [[ $TTT_COMPILE == 0 || $TTT_COMPILE == 1 ]] || {
     echo "error: DEMO_TTT_COMPILE must be 0 or 1, got '$TTT_COMPILE'" >&2; exit 2; }
 TTT_AMP=${DEMO_TTT_AMP:-none}
+ONLINE=${DEMO_ONLINE:-1}
+[[ $ONLINE == 0 || $ONLINE == 1 ]] || { echo "error: DEMO_ONLINE must be 0 or 1, got '$ONLINE'" >&2; exit 2; }
+ONLINE_STEPS=${DEMO_ONLINE_STEPS:-2}
+ONLINE_LR=${DEMO_ONLINE_LR:-1e-3}
+ONLINE_WINDOW=${DEMO_ONLINE_WINDOW:-1}
+RECONSTRUCTIONS=${DEMO_RECONSTRUCTIONS:-3}
 REPORT_STEP=${DEMO_REPORT_STEP:-2}
 [[ $REPORT_STEP =~ ^[0-9]+$ && $TTT_STEPS =~ ^[0-9]+$ ]] || {
     echo "error: DEMO_REPORT_STEP and DEMO_TTT_STEPS must be whole numbers" >&2; exit 2; }
@@ -98,7 +108,7 @@ NORM_PIX_FLAGS=()  # the MAE loss's target: pre-training and test-time training 
 AUGMENT_FLAGS=()
 [[ $HFLIP == 0 ]] && AUGMENT_FLAGS+=(--no_hflip)
 EVAL_FLAGS=(--resume_model "$PRETRAIN/checkpoint-final.pth" --resume_finetune "$PROBE/checkpoint-final.pth"
-            --dataset_name digits --num_workers 0 ${TTT_MAX_EXAMPLES:+--max_examples "$TTT_MAX_EXAMPLES"})
+            --dataset_name folder --num_workers 0 ${TTT_MAX_EXAMPLES:+--max_examples "$TTT_MAX_EXAMPLES"})
 
 mkdir -p "$OUT"
 DEMO_START=$EPOCHREALTIME
@@ -186,6 +196,10 @@ TTT_FLAGS=(--single_crop --steps_per_example "$TTT_STEPS" --batch_size "$TTT_BAT
            --mask_ratio "$TTT_MASK_RATIO" --optimizer_type sgd --optimizer_momentum 0.9
            --finetune_mode encoder --parallel_images "$TTT_PARALLEL" --amp "$TTT_AMP" --print_freq 100)
 [[ $TTT_COMPILE == 1 ]] && TTT_FLAGS+=(--compile)
+# online: one stream per corruption, few steps per image; eager (one image at a time, little to compile for)
+ONLINE_FLAGS=(--online --online_window "$ONLINE_WINDOW" --single_crop --steps_per_example "$ONLINE_STEPS"
+              --batch_size "$TTT_BATCH" --lr "$ONLINE_LR" --mask_ratio "$TTT_MASK_RATIO" --optimizer_type sgd
+              --optimizer_momentum 0.9 --finetune_mode encoder --print_freq 100)
 for c in $CORRUPTIONS; do
     data=$CORRUPTED/$c/$SEVERITY
     stage "$c baseline" complete "$RESULTS/$c/baseline" "$RESULTS/$c/baseline" \
@@ -194,7 +208,13 @@ for c in $CORRUPTIONS; do
     stage "$c TTT-MAE" complete "$RESULTS/$c" "$RESULTS/$c" \
         "$PY" main_test_time_training.py --data_path "$data" --output_dir "$RESULTS/$c" \
         "${MODEL_FLAGS[@]}" "${HEAD_FLAGS[@]}" "${SEED_FLAGS[@]}" "${NORM_PIX_FLAGS[@]}" "${EVAL_FLAGS[@]}" \
-        "${TTT_FLAGS[@]}"
+        "${TTT_FLAGS[@]}" --save_reconstructions "$RECONSTRUCTIONS"
+    if [[ $ONLINE == 1 ]]; then
+        stage "$c TTT-MAE online" complete "$RESULTS/$c/online" "$RESULTS/$c/online" \
+            "$PY" main_test_time_training.py --data_path "$data" --output_dir "$RESULTS/$c/online" \
+            "${MODEL_FLAGS[@]}" "${HEAD_FLAGS[@]}" "${SEED_FLAGS[@]}" "${NORM_PIX_FLAGS[@]}" "${EVAL_FLAGS[@]}" \
+            "${ONLINE_FLAGS[@]}"
+    fi
 done
 
 stage collect never "" "" \

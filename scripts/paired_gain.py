@@ -9,6 +9,8 @@ and takes the standard error over images, so it is only given when every corrupt
 images. Also shown: the mean gain at every step (how a step is chosen on a validation split) and, per
 corruption, the share of the most predicted class before and after TTT: near 100% means the model
 answers one class for nearly every image, and a gain from there is a reshuffling of that guess.
+When every corruption also holds an online run (ROOT/<corruption>/online/, main_test_time_training.py
+--online), its step (--online_step, default its last) and paired gain are shown beside the episodic ones.
 Prints a Markdown table and writes PREFIX.md and PREFIX.json.
 """
 import argparse
@@ -30,6 +32,8 @@ def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('root', help="the sweep's output root (ROOT/<corruption>/[baseline/])")
     parser.add_argument('--step', default=None, type=int, help='TTT step compared (default: the last one)')
+    parser.add_argument('--online_step', default=None, type=int,
+                        help='step of the online runs compared (default: their last one)')
     parser.add_argument('--out', default=None, help='output prefix (default: ROOT/paired_gain)')
     return parser
 
@@ -52,9 +56,9 @@ def top_class_share(pred):
     return 100 * np.bincount(pred).max() / len(pred)
 
 
-def compare(folder, step):
+def compare(folder, base_folder, step):
     """Per-corruption numbers and the per-image differences keyed by file name."""
-    ttt, base = load(folder), load(os.path.join(folder, 'baseline'))
+    ttt, base = load(folder), load(base_folder)
     if not np.array_equal(ttt['index'], base['index']):
         raise UserError(f"{folder}: the TTT run and the baseline hold different images "
                         f"({len(ttt['index'])} vs {len(base['index'])})")
@@ -79,11 +83,11 @@ def compare(folder, step):
     return row, d, names
 
 
-def collect(root, step=None):
-    columns = sweep_corruptions(root)
+def method_summary(root, columns, sub, step):
+    """Rows per corruption and the mean row of the TTT runs in ROOT/<corruption>/<sub>."""
     rows, diffs = {}, {}
     for c in columns:
-        rows[c], d, names = compare(os.path.join(root, c), step)
+        rows[c], d, names = compare(os.path.join(root, c, sub), os.path.join(root, c, 'baseline'), step)
         diffs[c] = dict(zip(names, d)) if names is not None else None
     steps = {r['step'] for r in rows.values()}
     if len(steps) != 1:
@@ -103,22 +107,38 @@ def collect(root, step=None):
     else:
         mean['gain'] = mean['ttt'] - mean['baseline']
         mean['gain_se'] = None  # images differ between corruptions: no pairing across them
-    return {'root': root, 'columns': columns, 'rows': rows, 'mean': mean}
+    return rows, mean
+
+
+def collect(root, step=None, online_step=None):
+    columns = sweep_corruptions(root)
+    rows, mean = method_summary(root, columns, '', step)
+    summary = {'root': root, 'columns': columns, 'rows': rows, 'mean': mean}
+    if all(os.path.exists(os.path.join(root, c, 'online', 'per_image.npz')) for c in columns):
+        summary['online_rows'], summary['online_mean'] = method_summary(root, columns, 'online', online_step)
+    return summary
 
 
 def markdown(summary):
-    step = summary['mean']['step']
-    lines = [f'| corruption | images | no adaptation | TTT-MAE (step {step}) | paired gain ± SE | '
-             'fixed / broken | top class share |', '|---|---:|---:|---:|---:|---:|---:|']
+    step, online = summary['mean']['step'], 'online_rows' in summary
+    extra = f" TTT-MAE online (step {summary['online_mean']['step']}) | online gain ± SE |" if online else ''
+    lines = [f'| corruption | images | no adaptation | TTT-MAE (step {step}) | paired gain ± SE |{extra} '
+             'fixed / broken | top class share |', '|---|---:|---:|---:|---:|' + '---:|' * (2 + 2 * online)]
+
+    def gain(r):
+        return f"{r['gain']:+.1f}" + ('' if r['gain_se'] is None else f" ± {r['gain_se']:.1f}")
     for c in summary['columns']:
         r = summary['rows'][c]
-        lines.append(f"| {c} | {r['num_images']} | {r['baseline']:.1f} | {r['ttt']:.1f} | "
-                     f"{r['gain']:+.1f} ± {r['gain_se']:.1f} | {r['fixed']} / {r['broken']} | "
-                     f"{r['top_class_share'][0]:.0f} -> {r['top_class_share'][1]:.0f} |")
+        cells = [c, r['num_images'], f"{r['baseline']:.1f}", f"{r['ttt']:.1f}", gain(r)]
+        if online:
+            o = summary['online_rows'][c]
+            cells += [f"{o['ttt']:.1f}", gain(o)]
+        cells += [f"{r['fixed']} / {r['broken']}", f"{r['top_class_share'][0]:.0f} -> {r['top_class_share'][1]:.0f}"]
+        lines.append('| ' + ' | '.join(map(str, cells)) + ' |')
     m = summary['mean']
-    se = '' if m['gain_se'] is None else f" ± {m['gain_se']:.1f}"
-    lines.append(f"| mean of {m['num_corruptions']} | {m.get('num_images', '')} | {m['baseline']:.1f} | "
-                 f"{m['ttt']:.1f} | {m['gain']:+.1f}{se} | | |")
+    cells = [f"mean of {m['num_corruptions']}", m.get('num_images', ''), f"{m['baseline']:.1f}", f"{m['ttt']:.1f}",
+             gain(m)] + ([f"{summary['online_mean']['ttt']:.1f}", gain(summary['online_mean'])] if online else [])
+    lines.append('| ' + ' | '.join(map(str, cells)) + ' | | |')
     notes = ['Accuracy in %. Gain: per image, correct after TTT - correct before, averaged (points); '
              'SE = sample std / sqrt(n). fixed / broken: images TTT turned right / wrong. '
              'Top class share: % of images given the most predicted class, no adaptation -> TTT.']
@@ -126,11 +146,15 @@ def markdown(summary):
         notes.append('Mean row: per-image gain averaged over the corruptions (same clean images), SE over images.')
     if 'gain_per_step' in m:
         notes.append('Mean gain per step 1..: ' + ' '.join(f'{g:+.1f}' for g in m['gain_per_step'][1:]))
+    if online:
+        notes.append('Online: the weights carry over from image to image (main_test_time_training.py --online); '
+                     'its step is the step within each image. Mean online gain per step 1..: '
+                     + ' '.join(f'{g:+.1f}' for g in summary['online_mean'].get('gain_per_step', [0])[1:]))
     return '\n'.join(lines + [''] + notes) + '\n'
 
 
 def main(args):
-    summary = collect(args.root, args.step)
+    summary = collect(args.root, args.step, args.online_step)
     prefix = args.out or os.path.join(args.root, 'paired_gain')
     table = markdown(summary)
     print(table, end='')

@@ -59,14 +59,26 @@ def tiny_model(head_type='vit_head', num_classes=2, seed=0, **kwargs):
 
 @pytest.fixture(scope='session')
 def checkpoints(tmp_path_factory):
-    """An MAE checkpoint (encoder + decoder) and a probe checkpoint (encoder + classifier*) of a
-    randomly initialised tiny model, in the layouts of the released files."""
+    """An MAE checkpoint (encoder + decoder) and a probe checkpoint (encoder + classifier*, and its two
+    classes class_a, class_b as main_prob.py records them) of a randomly initialised tiny model, in the
+    layouts of the released files."""
     root = tmp_path_factory.mktemp('ckpt')
     state = tiny_model(num_classes=2).state_dict()
     mae = {k: v for k, v in state.items() if not k.startswith('classifier')}
     probe = {k: v for k, v in state.items() if not k.startswith(('decoder', 'mask_token'))}
     torch.save({'model': mae}, root / 'mae.pth')
-    torch.save({'model': probe, 'epoch': 3}, root / 'probe.pth')
+    torch.save({'model': probe, 'epoch': 3, 'classes': ['class_a', 'class_b']}, root / 'probe.pth')
+    return str(root / 'mae.pth'), str(root / 'probe.pth')
+
+
+@pytest.fixture(scope='session')
+def imagenet_checkpoints(tmp_path_factory):
+    """The tiny model with a 1000-class head, saved as the released files are: a probe with no class list."""
+    root = tmp_path_factory.mktemp('ckpt1000')
+    state = tiny_model(num_classes=1000).state_dict()
+    torch.save({'model': {k: v for k, v in state.items() if not k.startswith('classifier')}}, root / 'mae.pth')
+    torch.save({'model': {k: v for k, v in state.items() if not k.startswith(('decoder', 'mask_token'))}},
+               root / 'probe.pth')
     return str(root / 'mae.pth'), str(root / 'probe.pth')
 
 

@@ -87,7 +87,7 @@ def test_output_dir_that_is_a_file_or_cannot_be_made(user_error, checkpoints, im
     taken.write_text('a file')
     mae, probe = checkpoints
     ttt = [sys.executable, 'main_test_time_training.py', '--data_path', f'{image_folder}/val', '--model', TINY,
-           '--resume_model', mae, '--resume_finetune', probe, '--num_classes', '2', '--dataset_name', 'tiny',
+           '--resume_model', mae, '--resume_finetune', probe, '--num_classes', '2', '--dataset_name', 'folder',
            '--num_workers', '0', '--device', 'cpu', '--output_dir']
     user_error(ttt + [str(taken)], f'--output_dir {taken} is a file, not a folder')
     user_error(ttt + [str(taken / 'sub')], f'cannot create --output_dir {taken / "sub"}: Not a directory')

@@ -73,16 +73,16 @@ def test_table_means_and_outputs(complete_root):
 
     summary = json.loads((complete_root / 'summary.json').read_text())
     rows = {row['method']: row for row in summary['rows']}
-    assert rows['baseline']['mean'] == {'accuracy': (10.0 + 4.75 + 40.5) / 3, 'status': 'complete'}
-    assert rows['ttt']['mean'] == {'accuracy': (30.25 + 12.0 + 45.0) / 3, 'status': 'complete'}
+    assert rows['baseline']['mean'] == {'value': (10.0 + 4.75 + 40.5) / 3, 'status': 'complete'}
+    assert rows['ttt']['mean'] == {'value': (30.25 + 12.0 + 45.0) / 3, 'status': 'complete'}
     assert rows['ttt']['cells']['fog']['source'] == 'accuracy.txt'
     assert rows['ttt']['cells']['shot_noise']['source'] == 'results.json'
     assert summary['mean_curve']['steps'] == [0, 1, 2]
-    assert summary['mean_curve']['accuracy'] == [55.5 / 3, 72.0 / 3, 87.25 / 3]
+    assert summary['mean_curve']['value'] == [55.5 / 3, 72.0 / 3, 87.25 / 3]
 
     with open(complete_root / 'summary.csv') as f:
         from_csv = {(row['method'], row['corruption']): float(row['accuracy']) for row in csv.DictReader(f)}
-    from_json = {(row['method'], c): x['accuracy'] for row in summary['rows']
+    from_json = {(row['method'], c): x['value'] for row in summary['rows']
                  for c, x in list(row['cells'].items()) + [('mean', row['mean'])]}
     assert from_csv == from_json and len(from_csv) == 8
 
@@ -103,7 +103,7 @@ def test_other_step_and_released_step_numbering(complete_root, tmp_path):
     assert ttt == ['TTT-MAE (step 1)', '20.0', '7.5', '1.5\u2020', '44.5\u2020', '18.4']  # (20+7.5+1.5+44.5)/4
     summary = json.loads((tmp_path / 'step1.json').read_text())
     assert summary['curves']['snow']['steps'] == [0, 1, 2]
-    assert summary['curves']['snow']['accuracy'] == [1.0, 1.5, 2.5]  # step 0: the baseline's
+    assert summary['curves']['snow']['value'] == [1.0, 1.5, 2.5]  # step 0: the baseline's
     assert summary['mean_curve']['corruptions'] == ['gaussian_noise', 'shot_noise', 'snow', 'fog']
     with Image.open(tmp_path / 'step1.png') as img:
         assert img.info['Title'] == 'Digits-C, severity 5'
@@ -128,7 +128,7 @@ def test_partial_and_missing_runs_are_flagged_not_averaged(complete_root):
     ttt = markdown_rows(r.stdout)[3]
     assert ttt[-1] == f'{(30.25 + 12.0 + 41.25 + 10.0 + 45.0) / 5:.1f}*'
     summary = json.loads((complete_root / 'summary.json').read_text())
-    assert summary['rows'][1]['mean'] == {'accuracy': (30.25 + 12.0 + 41.25 + 10.0 + 45.0) / 5, 'status': 'partial'}
+    assert summary['rows'][1]['mean'] == {'value': (30.25 + 12.0 + 41.25 + 10.0 + 45.0) / 5, 'status': 'partial'}
     assert 'impulse_noise' not in summary['mean_curve']['corruptions']  # partial runs stay out of the mean curve
     r = collect(complete_root)
     assert markdown_rows(r.stdout)[3][-1] == 'n/a'
@@ -166,3 +166,27 @@ def test_bad_input_is_one_line_and_exit_2(case, complete_root, tmp_path):
         assert os.path.join('gaussian_noise', 'results.json') in lines[0]
     if case == 'bad_txt':
         assert os.path.join('fog', 'baseline', 'accuracy.txt') in lines[0]
+
+
+def test_error_rates_and_which_images(complete_root, tmp_path):
+    """--metric error reports 100 - accuracy (as test-time-adaptation benchmarks do), and the table says
+    which images each number comes from."""
+    for f in ('gaussian_noise', 'gaussian_noise/baseline'):
+        path = complete_root / f / 'results.json'
+        record = json.loads(path.read_text())
+        record['selection'] = {'images': 100, 'subset_file': '/lists/ids.txt', 'subset_file_sha256': 'ab' * 32}
+        path.write_text(json.dumps(record))
+    accuracy = collect(complete_root, '--out', tmp_path / 'acc')
+    error = collect(complete_root, '--metric', 'error', '--out', tmp_path / 'err')
+    assert accuracy.returncode == error.returncode == 0, error.stderr
+    acc, err = (json.load(open(tmp_path / f'{name}.json')) for name in ('acc', 'err'))
+    for a, e in zip(acc['rows'], err['rows']):
+        assert e['mean']['value'] == pytest.approx(100 - a['mean']['value'])
+        assert all(e['cells'][c]['value'] == pytest.approx(100 - a['cells'][c]['value']) for c in a['cells'])
+    assert 'top-1 error (%) = 100 - accuracy' in error.stdout
+    assert 'images: the 100 images listed in /lists/ids.txt (sha256 abababababab): gaussian_noise (ttt), ' \
+           'gaussian_noise (baseline)' in error.stdout
+    assert 'images: not recorded (a released accuracy.txt, or a results.json of an older version): ' \
+           'shot_noise (ttt), shot_noise (baseline), fog (ttt), fog (baseline)' in error.stdout
+    with open(tmp_path / 'err.csv') as f:
+        assert 'error' in next(csv.reader(f))

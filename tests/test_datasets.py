@@ -11,7 +11,8 @@ import main_prob
 from conftest import make_image_folder
 from util.cli import UserError
 from util.datasets import (IMAGENET_MEAN, IMAGENET_STD, ImageFolder, TestTimeDataset, eval_transform,
-                           imagenet_wnids, load_rgb, random_resized_crops, train_transform)
+                           imagenet_subset, imagenet_wnids, load_rgb, random_resized_crops, folder_labels,
+                           train_transform, training_classes)
 
 
 def parse(script, *extra):
@@ -49,11 +50,10 @@ def test_imagenet_wnid_subset_keeps_standard_labels(tmp_path):
     wnids = imagenet_wnids()
     chosen = [wnids[0], wnids[417], wnids[999]]
     root = make_image_folder(tmp_path / 'c', chosen, 1)
-    dataset = ImageFolder(root)
-    assert [label for _, label in dataset.samples] == [0, 417, 999]
-    with pytest.raises(UserError, match='not ImageNet wnids'):
-        ImageFolder(make_image_folder(tmp_path / 'd', ['cat', 'dog'], 1), imagenet_labels=True)
-    assert [label for _, label in ImageFolder(str(tmp_path / 'd')).samples] == [0, 1]
+    assert [label for _, label in ImageFolder(root).samples] == [0, 417, 999]
+    assert [label for _, label in ImageFolder(make_image_folder(tmp_path / 'd', ['cat', 'dog'], 1)).samples] == [0, 1]
+    with pytest.raises(UserError, match='not among the classes given: dog'):
+        ImageFolder(str(tmp_path / 'd'), labels={'cat': 0})
 
 
 def test_bad_folders_and_images_are_user_errors(tmp_path):
@@ -90,3 +90,35 @@ def test_random_resized_crops_full_crop_is_the_image_and_seeded():
     a = random_resized_crops(image, 4, 8, torch.Generator().manual_seed(1))
     b = random_resized_crops(image, 4, 8, torch.Generator().manual_seed(1))
     assert a.shape == (4, 3, 8, 8) and torch.equal(a, b)
+
+
+def test_imagenet_r_a_v2_sketch_folders(tmp_path):
+    wnids = imagenet_wnids()
+    r = imagenet_subset('imagenet_r')
+    assert len(r) == 200 and r == sorted(r) and len(imagenet_subset('imagenet_a')) == 200
+    assert imagenet_subset('imagenet_sketch') is None
+    inside, outside = wnids[r[0]], wnids[next(i for i in range(1000) if i not in r)]
+    folder = make_image_folder(tmp_path / 'r', [inside], 1)
+    assert folder_labels(folder, 'imagenet_r', wnids) == {inside: r[0]}
+    make_image_folder(tmp_path / 'r', [outside], 1)
+    with pytest.raises(UserError, match=f'not among ImageNet wnids of imagenet_r .200 classes.: {outside}'):
+        folder_labels(folder, 'imagenet_r', wnids)
+    assert folder_labels(folder, 'imagenet_sketch', wnids) == {inside: r[0], outside: wnids.index(outside)}
+    v2 = make_image_folder(tmp_path / 'v2', ['0', '17', '999'], 1)
+    assert folder_labels(v2, 'imagenet_v2', wnids) == {'0': 0, '17': 17, '999': 999}  # not '17' < '999' < '0'
+    make_image_folder(tmp_path / 'v2', ['1000', 'cat'], 1)
+    with pytest.raises(UserError, match=r'2 class folder\(s\) not among class indices 0..999 .*: 1000, cat'):
+        folder_labels(v2, 'imagenet_v2', wnids)
+    with pytest.raises(UserError, match='needs a head over the 1000 ImageNet classes'):
+        folder_labels(folder, 'imagenet_r', ['a', 'b'])
+
+
+def test_training_folders_keep_imagenet_labels_and_val_follows_train(tmp_path):
+    wnids = imagenet_wnids()
+    train = make_image_folder(tmp_path / 'train', [wnids[5], wnids[9]], 1)
+    assert training_classes(train) == wnids  # a 1000-way head whose labels are the standard ones
+    own = make_image_folder(tmp_path / 'own', ['cat', 'dog', 'emu'], 1)
+    assert training_classes(own) == ['cat', 'dog', 'emu']
+    labels = {c: i for i, c in enumerate(training_classes(own))}
+    val = make_image_folder(tmp_path / 'val', ['dog', 'emu'], 1)  # lacks a class: the others keep theirs
+    assert sorted({label for _, label in ImageFolder(val, labels=labels).samples}) == [1, 2]

@@ -42,7 +42,8 @@ def test_every_stage_ran_and_wrote_its_outputs(demo):
     out, _, first = demo
     times = stage_times(out)
     expected = ['digits', 'pretrain', 'probe', f'corrupt test ({10 * PER_CLASS * len(CORRUPTIONS)} images)',
-                'clean test baseline'] + [f'{c} {m}' for c in CORRUPTIONS for m in ('baseline', 'TTT-MAE')] \
+                'clean test baseline'] + [f'{c} {m}' for c in CORRUPTIONS
+                                          for m in ('baseline', 'TTT-MAE', 'TTT-MAE online')] \
         + ['collect', 'paired gains', 'total']
     assert list(times) == expected
     assert all(t['status'] == 'ran' and float(t['seconds']) >= 0 for t in times.values())
@@ -57,7 +58,11 @@ def test_every_stage_ran_and_wrote_its_outputs(demo):
     assert read_json(f'{out}/clean_test/results.json')['num_images'] == 50
     for name in ('summary.csv', 'summary.json', 'summary.png', 'paired_gain.md', 'paired_gain.json'):
         assert os.path.getsize(f'{out}/results_test/{name}') > 0
-    assert '| mean of 2 |' in first.stdout
+    assert '| mean of 2 |' in first.stdout and 'TTT-MAE online (step 2)' in first.stdout
+    for c in CORRUPTIONS:  # the first images of each episodic run, pictured
+        assert len(os.listdir(f'{out}/results_test/{c}/reconstructions')) == 3
+    online = read_json(f'{out}/results_test/{CORRUPTIONS[0]}/online/results.json')
+    assert online['online'] and online['complete'] and len(online['accuracy_per_step']) == 3
 
 
 def test_step0_of_ttt_is_the_baseline_on_the_same_images(demo):

@@ -277,11 +277,12 @@ def test_classification_and_views_of_a_group(test_folder):
     trainer = ttt.TestTimeTrainer(tiny_model(), args, 'cpu', k=2)
     items = items_of(test_folder, raw=True)[:2]
     images = torch.stack([image for _, _, image, _ in items])
-    views = trainer.views(images, None, None)
+    own = [[(image, raw)] for _, _, image, raw in items]
+    views = trainer.views(images, own, None)
     assert views.shape == (2, 2, 5, 3, 16, 16) and torch.equal(views[1, 1, 4], images[1, 0])
     args.single_crop = False
     gens = [torch.Generator().manual_seed(i) for i in range(2)]
-    crops = trainer.views(images, [raw for *_, raw in items], gens)
+    crops = trainer.views(images, own, gens)
     assert crops.shape == (2, 2, 5, 3, 16, 16) and not torch.equal(crops[0], crops[1])
     preds, ces = trainer.classify(images, torch.tensor([0, 1]))
     model = tiny_model().eval()
@@ -289,3 +290,55 @@ def test_classification_and_views_of_a_group(test_folder):
         logits = model(images[:, 0], mask_ratio=0, reconstruct=False)[3]
     assert torch.equal(preds, logits.argmax(1))
     torch.testing.assert_close(ces, torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1]), reduction='none'))
+
+
+def test_restricted_predictions_are_the_best_of_the_subset():
+    """ImageNet-R/-A: the argmax and the cross-entropy over the subset's outputs; labels and predictions
+    stay indices of the head's outputs."""
+    logits = torch.tensor([[0., 5., 1., 2., 3.], [4., 0., 0., 9., 1.]])
+    subset = torch.tensor([0, 2, 4])
+    preds, ces = ttt.predictions(logits, torch.tensor([4, 0]), subset)
+    assert preds.tolist() == [4, 0]  # unrestricted: 1 and 3, both outside the subset
+    expected = [-torch.log_softmax(torch.tensor([0., 1., 3.]), 0)[2], -torch.log_softmax(torch.tensor([4., 0., 1.]), 0)[0]]
+    torch.testing.assert_close(ces, torch.stack(expected))
+    preds, _ = ttt.predictions(logits, torch.tensor([1, 3]))
+    assert preds.tolist() == [1, 3]
+
+
+def test_trainer_restricts_every_classification(test_folder):
+    trainer = ttt.TestTimeTrainer(tiny_model(norm_pix_loss=True), ttt_args(), 'cpu', class_subset=[1])
+    (preds, ces, _), = adapt_all(trainer, items_of(test_folder, raw=False)[5:6])
+    assert preds.tolist() == [1] * 4 and np.allclose(ces, 0)  # one class left: certain, and always it
+
+
+def test_online_views_are_spread_over_the_window(test_folder):
+    args = ttt_args('--batch_size', '5')
+    trainer = ttt.TestTimeTrainer(tiny_model(), args, 'cpu')
+    items = items_of(test_folder, raw=True)[:3]
+    window = [[(image, raw) for _, _, image, raw in items]]
+    views = trainer.views(items[2][2], window, [None])
+    assert views.shape == (1, 1, 5, 3, 16, 16)
+    sources = [0, 1, 1, 2, 2]  # 5 views over 3 images: the newest take the remainder
+    assert all(torch.equal(views[0, 0, v], items[j][2][0]) for v, j in enumerate(sources))
+    args.single_crop = False
+    crops = trainer.views(items[2][2], window, [torch.Generator().manual_seed(0)])
+    assert crops.shape == (1, 1, 5, 3, 16, 16)
+
+
+def test_online_carries_weights_and_state_round_trips(test_folder):
+    items = items_of(test_folder, raw=False)[:2]
+    online = ttt.TestTimeTrainer(tiny_model(norm_pix_loss=True), ttt_args(), 'cpu')
+    episodic = ttt.TestTimeTrainer(tiny_model(norm_pix_loss=True), ttt_args(), 'cpu')
+    first_online = online.adapt([0], torch.tensor([items[0][1]]), items[0][2][None], reset_weights=False,
+                                reset_optimizer=False)
+    assert np.array_equal(first_online[0][2], adapt_all(episodic, items[:1])[0][2])  # the same start
+    saved = [t.clone() for t in online.state()]
+    second = online.adapt([1], torch.tensor([items[1][1]]), items[1][2][None], reset_weights=False,
+                          reset_optimizer=False)
+    fresh_ce = adapt_all(episodic, items[1:2])[0][1][0]
+    assert abs(second[0][1][0] - fresh_ce) > 1e-4  # classified before its first step with the carried weights
+    fresh = ttt.TestTimeTrainer(tiny_model(norm_pix_loss=True), ttt_args(), 'cpu')
+    fresh.load_state(saved)
+    again = fresh.adapt([1], torch.tensor([items[1][1]]), items[1][2][None], reset_weights=False,
+                        reset_optimizer=False)
+    assert all(np.array_equal(a, b) for a, b in zip(again[0], second[0]))  # a resumed stream continues exactly

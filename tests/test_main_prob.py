@@ -116,3 +116,23 @@ def test_linear_head_probe(color_folder, checkpoints, tmp_path):
     assert state['bn.num_batches_tracked'].item() == 6 * 32 // 4
     mae = load(checkpoints[0])['model']
     assert torch.equal(state['blocks.1.mlp.fc1.weight'], mae['blocks.1.mlp.fc1.weight'])
+
+
+def test_the_head_records_its_classes_and_test_folders_use_them(vit_probe, checkpoints, color_folder, tmp_path):
+    """A test folder lacking a class keeps the others' labels (before, sorted folders were renumbered, so
+    every label after a missing class shifted silently); a folder the head does not know is refused."""
+    out, _, _ = vit_probe
+    assert (out / 'classes.txt').read_text() == 'class_a\nclass_b\n'
+    assert load(out / 'checkpoint-final.pth')['classes'] == ['class_a', 'class_b']
+    only_b = tmp_path / 'only_b'
+    shutil.copytree(os.path.join(color_folder, 'val', 'class_b'), only_b / 'class_b')
+    command = [sys.executable, 'test_without_adaptation.py', '--data_path', str(only_b), '--model', TINY,
+               '--resume_model', checkpoints[0], '--resume_finetune', str(out / 'checkpoint-final.pth'),
+               '--num_classes', '2', '--dataset_name', 'folder', '--num_workers', '0', '--output_dir',
+               str(tmp_path / 'b')]
+    run_script(command)
+    results = json.load(open(tmp_path / 'b' / 'results.json'))
+    assert results['accuracy'] >= 90  # labelled 1, as in training; renumbered it would have been 0
+    shutil.copytree(os.path.join(color_folder, 'val', 'class_a'), only_b / 'class_c')
+    failed = run_script(command[:-1] + [str(tmp_path / 'c')], check=False)
+    assert failed.returncode == 2 and "not among the head's classes: class_c" in failed.stderr

@@ -20,7 +20,7 @@ TTT = ('--batch_size', '4', '--steps_per_example', '3', '--single_crop', '--norm
 def script_args(script, checkpoints, data, out, *extra):
     mae, probe = checkpoints
     return [sys.executable, script, '--data_path', data, '--model', TINY, '--resume_model', mae,
-            '--resume_finetune', probe, '--num_classes', '2', '--dataset_name', 'tiny',
+            '--resume_finetune', probe, '--num_classes', '2', '--dataset_name', 'folder',
             '--output_dir', str(out), '--num_workers', '0', *extra]
 
 
@@ -176,3 +176,77 @@ def test_bad_checkpoints(user_error, checkpoints, test_folder, tmp_path):
     user_error(ttt_command((probe, probe), test_folder, tmp_path / 'o'),
                'missing keys', 'decoder_blocks.0.attn.proj.bias')
     assert not (tmp_path / 'o').exists()  # nothing is created before the inputs are checked
+
+
+def test_imagenet_r_predictions_stay_among_its_200_classes(imagenet_checkpoints, tmp_path):
+    """A 1000-class head (a released probe records no classes: ImageNet's) on an ImageNet-R-style folder:
+    the baseline and every TTT classification choose among the set's 200 classes."""
+    from util.datasets import imagenet_subset, imagenet_wnids
+    wnids, subset = imagenet_wnids(), imagenet_subset('imagenet_r')
+    data = make_image_folder(tmp_path / 'r', [wnids[subset[3]], wnids[subset[150]]], 3, seed=4)
+    mae, probe = imagenet_checkpoints
+    for script, out, extra in (('test_without_adaptation.py', 'b', ()), ('main_test_time_training.py', 't', TTT)):
+        command = script_args(script, imagenet_checkpoints, data, tmp_path / out, '--dataset_name', 'imagenet_r', *extra)
+        command[command.index('--num_classes') + 1] = '1000'
+        run_script(command)
+        records = per_image(tmp_path / out)
+        assert set(records['label'].tolist()) == {subset[3], subset[150]}
+        assert set(records['pred'].ravel().tolist()) <= set(subset)
+
+
+def test_subset_file_selects_exactly_the_listed_images(checkpoints, test_folder, tmp_path, user_error):
+    names = [os.path.relpath(p, test_folder) for p, _ in ImageFolder(test_folder).samples]
+    listed = tmp_path / 'list.txt'
+    listed.write_text('\n'.join([names[7], names[2], names[4]]) + '\n')
+    run_script(script_args('test_without_adaptation.py', checkpoints, test_folder, tmp_path / 'b',
+                           '--subset_file', str(listed)))
+    assert per_image(tmp_path / 'b')['index'].tolist() == [2, 4, 7]
+    selection = json.load(open(tmp_path / 'b' / 'results.json'))['selection']
+    assert selection['images'] == 3 and selection['subset_file'] == str(listed)
+    listed.write_text(f'{names[1]}\nclass_a/nope.png\nclass_b/gone.png\n')
+    user_error(script_args('test_without_adaptation.py', checkpoints, test_folder, tmp_path / 'c',
+                           '--subset_file', str(listed)), '2 of the 3 images', 'class_a/nope.png, class_b/gone.png')
+    user_error(script_args('test_without_adaptation.py', checkpoints, test_folder, tmp_path / 'c',
+                           '--subset_file', str(listed), '--max_examples', '2'), '--subset_file and --max_examples')
+
+
+ONLINE = ('--online', '--online_window', '3', '--batch_size', '6', '--steps_per_example', '2', '--single_crop',
+          '--blr', '0.5', '--flush_every', '1')
+
+
+@pytest.mark.slow
+def test_online_stream_killed_and_resumed_equals_uninterrupted(checkpoints, tmp_path, user_error):
+    data = make_image_folder(tmp_path / 'data', ['class_a', 'class_b'], 30, seed=6)
+    run_script(script_args('main_test_time_training.py', checkpoints, data, tmp_path / 'full', *ONLINE))
+    killed = script_args('main_test_time_training.py', checkpoints, data, tmp_path / 'killed', *ONLINE)
+    proc = subprocess.Popen(killed, cwd=REPO, env={**os.environ, 'OMP_NUM_THREADS': '1'},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    partial = tmp_path / 'killed' / 'partial'
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(partial.glob('*.npz')) if partial.exists() else []) < 8:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / 'killed' / 'results.json').exists(), 'the run finished before it was killed'
+    resumed = run_script(killed)
+    assert 'already done' in resumed.stdout
+    full, again = per_image(tmp_path / 'full'), per_image(tmp_path / 'killed')
+    for key in ('index', 'pred', 'ce_loss', 'mae_loss', 'position'):
+        assert np.array_equal(full[key], again[key]), key
+    order = full['index'][np.argsort(full['position'])]
+    assert sorted(order.tolist()) == list(range(60)) and order.tolist() != list(range(60))  # a shuffled stream
+    assert len(list((tmp_path / 'killed' / 'online').glob('*.pt'))) == 1  # only the state the results end at
+    # the same folder under two processes would run two streams over other images: refused
+    result = run_script(torchrun(2, killed[1:]), check=False)
+    assert result.returncode != 0 and 'online_processes: 1 -> 2' in result.stderr  # torchrun exits 1
+
+
+def test_reconstructions_are_written_for_the_first_images(one_run, checkpoints, tmp_path):
+    from PIL import Image
+    data, _, _, _ = one_run
+    run_script(ttt_command(checkpoints, data, tmp_path / 'r', '--save_reconstructions', '2', '--parallel_images', '3'))
+    pictures = sorted((tmp_path / 'r' / 'reconstructions').glob('*.png'))
+    assert [p.name for p in pictures] == ['000000_img_000.png', '000001_img_001.png']
+    with Image.open(pictures[0]) as picture:
+        assert picture.format == 'PNG' and picture.width > 4 * picture.height / 2  # a row of panels
+        assert len(np.unique(np.asarray(picture.convert('L')))) > 20  # images, not a blank page

@@ -18,7 +18,7 @@ def args_for(checkpoints, data='unused', *extra):
 
 
 def test_the_combined_model_is_the_mae_encoder_with_the_probe_head(checkpoints):
-    model = build_test_model(args_for(checkpoints), 'cpu')
+    model, _ = build_test_model(args_for(checkpoints), 'cpu')
     expected = tiny_model(num_classes=2).state_dict()  # the fixture checkpoints hold its weights
     assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())
 
@@ -30,12 +30,34 @@ def test_a_head_that_does_not_fit_names_the_keys(checkpoints):
         build_test_model(args_for(checkpoints, 'unused', '--head_type', 'linear'), 'cpu')
 
 
-def test_labels_must_fit_the_head(checkpoints, tmp_path):
-    data = make_image_folder(tmp_path / 'd', ['a', 'b', 'c'], 1)
-    with pytest.raises(UserError, match='label 2 .* does not fit --num_classes 2'):
-        load_test_set(args_for(checkpoints, data, '--dataset_name', 'folder'))
-    with pytest.raises(UserError, match='not ImageNet wnids'):
-        load_test_set(args_for(checkpoints, data))  # imagenet_c, the released default, needs wnids
+def test_test_folders_are_labelled_through_the_heads_classes(checkpoints, tmp_path):
+    """A folder lacking a class keeps the labels of the others; one the head does not know is refused."""
+    args = args_for(checkpoints, 'unused', '--dataset_name', 'folder')
+    _, classes = build_test_model(args, 'cpu')
+    assert classes == ['class_a', 'class_b']
+    args.data_path = make_image_folder(tmp_path / 'only_b', ['class_b'], 2)
+    assert {label for _, label in load_test_set(args, classes).samples} == {1}  # not renumbered to 0
+    args.data_path = make_image_folder(tmp_path / 'extra', ['class_a', 'class_c', 'zebra'], 1)
+    with pytest.raises(UserError, match="2 class folder.* not among the head's classes: class_c, zebra"):
+        load_test_set(args, classes)
+    args.dataset_name = 'imagenet_c'  # the released default needs the ImageNet head
+    with pytest.raises(UserError, match='needs a head over the 1000 ImageNet classes'):
+        load_test_set(args, classes)
+
+
+def test_classes_file_and_probes_without_a_record(checkpoints, tmp_path):
+    mae, probe = checkpoints
+    bare = tmp_path / 'bare.pth'  # a probe written elsewhere: no class list
+    torch.save({'model': torch.load(probe, weights_only=True)['model']}, bare)
+    with pytest.raises(UserError, match='records no class names .* pass --classes FILE'):
+        build_test_model(args_for((mae, str(bare)), 'unused'), 'cpu')
+    names = tmp_path / 'classes.txt'
+    names.write_text('cat\ndog\n')
+    _, classes = build_test_model(args_for((mae, str(bare)), 'unused', '--classes', str(names)), 'cpu')
+    assert classes == ['cat', 'dog']
+    names.write_text('cat\ndog\nemu\n')
+    with pytest.raises(UserError, match='lists 3 classes; the head has 2 outputs'):
+        build_test_model(args_for((mae, str(bare)), 'unused', '--classes', str(names)), 'cpu')
 
 
 def test_images_to_do_after_a_partial_and_a_complete_run(tmp_path):
@@ -49,7 +71,10 @@ def test_images_to_do_after_a_partial_and_a_complete_run(tmp_path):
 
 
 def test_run_config_keeps_what_results_depend_on(checkpoints):
-    config = run_config(args_for(checkpoints, 'some/folder', '--num_workers', '3', '--print_freq', '7'))
-    assert config['resume_model'] == 'mae.pth' and config['steps_per_example'] == 20
-    assert config['device_type'] == 'cpu' and config['data'].endswith('some/folder')
-    assert not {'num_workers', 'print_freq', 'output_dir', 'world_size'} & set(config)
+    args = args_for(checkpoints, 'some/folder', '--num_workers', '3', '--print_freq', '7')
+    args.checkpoint_sha256 = {'resume_model': 'aa', 'resume_finetune': 'bb'}
+    config = run_config(args)
+    assert (config['resume_model_sha256'], config['resume_finetune_sha256']) == ('aa', 'bb')
+    assert config['steps_per_example'] == 20 and config['device_type'] == 'cpu'
+    assert config['data'].endswith('some/folder')
+    assert not {'num_workers', 'print_freq', 'output_dir', 'world_size', 'resume_model'} & set(config)

@@ -7,7 +7,7 @@ import pytest
 from conftest import TINY, make_image_folder, run_script, torchrun
 
 CORRUPTIONS = ['gaussian_noise', 'fog']
-EXTRA = ['--', '--model', TINY, '--num_classes', '2', '--dataset_name', 'tiny', '--batch_size', '4',
+EXTRA = ['--', '--model', TINY, '--num_classes', '2', '--dataset_name', 'folder', '--batch_size', '4',
          '--num_workers', '0', '--device', 'cpu', '--classifier_depth', '1']
 
 
@@ -42,8 +42,8 @@ def test_sweep_runs_every_corruption_and_collects_the_table(swept):
     rows = {row['method']: row for row in json.load(open(out / 'summary.json'))['rows']}
     for i, method in enumerate(('baseline', 'ttt')):
         for c in CORRUPTIONS:
-            assert rows[method]['cells'][c]['accuracy'] == accuracies[c][i]
-        assert rows[method]['mean']['accuracy'] == pytest.approx(sum(a[i] for a in accuracies.values()) / 2)
+            assert rows[method]['cells'][c]['value'] == accuracies[c][i]
+        assert rows[method]['mean']['value'] == pytest.approx(sum(a[i] for a in accuracies.values()) / 2)
     assert (out / 'summary.png').read_bytes()[:4] == b'\x89PNG'
 
 

@@ -84,11 +84,13 @@ LINEAR_PROBE_KEYS = {'head.0.running_mean': 'bn.running_mean', 'head.0.running_v
                      'head.1.weight': 'head.weight', 'head.1.bias': 'head.bias'}
 
 
-def combined_state_dict(resume_model, resume_finetune, head_type):
-    """MAE checkpoint (encoder + decoder) plus the head of the probe checkpoint (docs/method.md)."""
+def load_test_checkpoints(resume_model, resume_finetune, head_type):
+    """The test-time model's state (docs/method.md): the MAE checkpoint (encoder + decoder) plus the head
+    of the probe checkpoint, and the probe's class names in label order (None if it records none)."""
     state = {k: v for k, v in model_state(load_checkpoint(resume_model, 'MAE checkpoint (--resume_model)')).items()
              if not k.startswith(HEAD_PREFIXES)}  # a head saved by pre-training is never the trained one
-    probe = model_state(load_checkpoint(resume_finetune, 'probe checkpoint (--resume_finetune)'))
+    probe_checkpoint = load_checkpoint(resume_finetune, 'probe checkpoint (--resume_finetune)')
+    probe = model_state(probe_checkpoint)
     if head_type == 'vit_head':
         head = {k: v for k, v in probe.items() if k.startswith('classifier')}
     else:
@@ -98,7 +100,8 @@ def combined_state_dict(resume_model, resume_finetune, head_type):
         raise UserError(f"probe checkpoint {resume_finetune} holds no {head_type} weights "
                         f"(no {'classifier*' if head_type == 'vit_head' else 'head.*'} keys)")
     state.update(head)
-    return state
+    classes = probe_checkpoint.get('classes') if isinstance(probe_checkpoint, dict) else None
+    return state, classes
 
 
 def load_finetune_for_probe(model, path):
@@ -127,10 +130,11 @@ def checkpoint_path(output_dir, epoch):
     return os.path.join(output_dir, f'checkpoint-{epoch}.pth')
 
 
-def save_checkpoint(path, model, optimizer, epoch, scaler, args):
-    """Atomic torch.save (temp + rename), so the newest checkpoint is never a broken one."""
+def save_checkpoint(path, model, optimizer, epoch, scaler, args, classes=None):
+    """Atomic torch.save (temp + rename), so the newest checkpoint is never a broken one. A probe's
+    checkpoint also holds its head's class names in label order ('classes')."""
     state = {'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'epoch': epoch,
-             'scaler': scaler.state_dict(), 'args': args}
+             'scaler': scaler.state_dict(), 'args': args, **({'classes': list(classes)} if classes else {})}
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 

@@ -6,6 +6,7 @@ import sys
 
 import torch
 
+TEST_SET_NAMES = ('imagenet_c', 'imagenet', 'imagenet_r', 'imagenet_a', 'imagenet_v2', 'imagenet_sketch', 'folder')
 
 class UserError(Exception):
     """A problem with the user's input: reported as one line, exit code 2, no traceback."""
@@ -174,14 +175,22 @@ def add_test_time_args(parser):
                        help='MAE checkpoint with the decoder (e.g. mae_pretrain_vit_large_full.pth)')
     group.add_argument('--resume_finetune', required=True,
                        help='probe checkpoint with the classification head (written by main_prob.py)')
-    group.add_argument('--dataset_name', default='imagenet_c',
-                       help="'imagenet*': class folders must be ImageNet wnids (standard labels); any other "
-                            "name numbers sorted folders 0..K-1 unless they are all wnids")
+    group.add_argument('--dataset_name', default='imagenet_c', choices=TEST_SET_NAMES,
+                       help='what --data_path holds: imagenet_c, imagenet, imagenet_sketch: ImageNet wnid folders; '
+                            'imagenet_r, imagenet_a: wnid folders of their 200 classes, predictions restricted to '
+                            'them; imagenet_v2: folders named by class index 0..999; folder: folders named as the '
+                            "head's classes (a dataset of one's own)")
+    group.add_argument('--classes', default=None,
+                       help="file of the head's class names in label order, one per line (default: the probe "
+                            "checkpoint's record, or the ImageNet-1k wnids for a 1000-class head without one)")
     group.add_argument('--max_examples', default=None, type=POSITIVE_INT,
                        help='evaluate only this many images of the folder (None: all)')
     group.add_argument('--subset', default='stride', choices=['stride', 'random', 'first'],
                        help='which --max_examples images: evenly spaced, random (--subset_seed) or the first')
     group.add_argument('--subset_seed', default=0, type=NON_NEGATIVE_INT, help='seed of --subset random')
+    group.add_argument('--subset_file', default=None,
+                       help="evaluate exactly the images this file lists, one path relative to --data_path per line "
+                            "(e.g. RobustBench's 5,000-image ImageNet-C list, docs/datasets.md)")
     group.add_argument('--amp', default='none', choices=['none', 'bf16', 'fp16'],
                        help='autocast precision; none = fp32 (on CUDA with TF32 matmuls, as the released '
                             'code ran)')

@@ -11,18 +11,89 @@ from torchvision import datasets, transforms
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from util.cli import UserError
+from util.cli import TEST_SET_NAMES, UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def _timm_info(name):
+    return resources.files('timm.data._info').joinpath(name).read_text().split()
+
+
 def imagenet_wnids():
     """The 1000 ImageNet-1k wnids, sorted: a wnid's position is its standard class index."""
-    text = resources.files('timm.data._info').joinpath('imagenet_synsets.txt').read_text()
-    wnids = sorted(text.split())
+    wnids = sorted(_timm_info('imagenet_synsets.txt'))
     assert len(wnids) == 1000
     return wnids
+
+
+# --dataset_name of the test-time scripts: how its class folders are named, and which of the ImageNet-1k
+# classes it holds (ImageNet-R and -A: 200 each, from the lists timm ships)
+TEST_SETS = {
+    'imagenet_c': ('wnid', None), 'imagenet': ('wnid', None),
+    'imagenet_r': ('wnid', 'imagenet_r_synsets.txt'), 'imagenet_a': ('wnid', 'imagenet_a_synsets.txt'),
+    'imagenet_v2': ('index', None),  # folders 0 .. 999: the class index itself
+    'imagenet_sketch': ('wnid', None),
+    'folder': ('class', None),  # folders named as the head's classes (a dataset of one's own)
+}
+assert tuple(TEST_SETS) == TEST_SET_NAMES
+
+
+def imagenet_subset(dataset_name):
+    """The sorted ImageNet-1k class indices a test set holds, or None for all (or not an ImageNet set)."""
+    synsets = TEST_SETS[dataset_name][1]
+    if synsets is None:
+        return None
+    index = {w: i for i, w in enumerate(imagenet_wnids())}
+    return sorted(index[w] for w in _timm_info(synsets))
+
+
+def class_folders(root):
+    """The sorted class sub-folder names of an image folder; a missing or empty one is a UserError."""
+    if not os.path.isdir(root):
+        raise UserError(f"data folder not found: {root}")
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith('.'))
+    if not classes:
+        raise UserError(f"{root} has no class sub-folders (expected {root}/<class>/<image>)")
+    return classes
+
+
+def training_classes(root):
+    """The class list a head trained on this folder predicts, in label order: the 1000 ImageNet wnids
+    when every folder is one (a folder with some ImageNet classes keeps the standard labels), else the
+    sorted folder names."""
+    folders = class_folders(root)
+    wnids = imagenet_wnids()
+    return wnids if set(folders) <= set(wnids) else folders
+
+
+def folder_labels(root, dataset_name, head_classes):
+    """{folder: label} of a test folder, the label being the index of the head's output for it.
+
+    A folder may hold only some of the classes; a class folder the set or the head does not have is a
+    UserError naming the first offenders."""
+    folders = class_folders(root)
+    naming = TEST_SETS[dataset_name][0]
+    wnids = imagenet_wnids()
+    if naming != 'class' and list(head_classes) != wnids:
+        raise UserError(f"--dataset_name {dataset_name} needs a head over the 1000 ImageNet classes; this one "
+                        f"predicts {len(head_classes)} classes ({', '.join(head_classes[:3])}, ...): "
+                        f"use --dataset_name folder")
+    if naming == 'index':
+        allowed = {str(i): i for i in range(1000)}
+        what = 'class indices 0..999 (ImageNet-V2 folders)'
+    else:
+        index = {c: i for i, c in enumerate(head_classes)}
+        subset = imagenet_subset(dataset_name)
+        allowed = index if subset is None else {wnids[i]: i for i in subset}
+        what = {'class': "the head's classes", 'wnid': 'ImageNet wnids'}[naming] + \
+            ('' if subset is None else f' of {dataset_name} (200 classes)')
+    unknown = [c for c in folders if c not in allowed]
+    if unknown:
+        raise UserError(f"{root}: {len(unknown)} class folder(s) not among {what}: {', '.join(unknown[:5])}"
+                        + (' ...' if len(unknown) > 5 else ''))
+    return {c: allowed[c] for c in folders}
 
 
 def load_rgb(path):
@@ -36,38 +107,23 @@ def load_rgb(path):
 
 
 class ImageFolder(datasets.ImageFolder):
-    """torchvision's ImageFolder with checks and a choice of labels.
+    """torchvision's ImageFolder with checks and given labels: `labels` maps each class folder's name
+    to its label (default: the positions in training_classes(root))."""
 
-    With `imagenet_labels` (default: automatic), class folders named by ImageNet wnids get the
-    wnid's index among the 1000 sorted wnids, so a folder holding a subset of classes keeps the
-    standard labels; any other folder gets the position of its name among the sorted folders.
-    """
-
-    def __init__(self, root, transform=None, imagenet_labels=None):
-        if not os.path.isdir(root):
-            raise UserError(f"data folder not found: {root}")
-        classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
-        if not classes:
-            raise UserError(f"{root} has no class sub-folders (expected {root}/<class>/<image>)")
-        self._imagenet_labels = imagenet_labels
+    def __init__(self, root, transform=None, labels=None):
+        folders = class_folders(root)
+        self._labels = labels or {c: i for i, c in enumerate(training_classes(root)) if c in set(folders)}
+        unknown = [c for c in folders if c not in self._labels]
+        if unknown:
+            raise UserError(f"{root}: class folder(s) not among the classes given: {', '.join(unknown[:5])}")
         try:
             super().__init__(root, transform=transform, loader=load_rgb)
         except FileNotFoundError as e:
             raise UserError(f"{root}: {e}") from None
 
     def find_classes(self, directory):
-        classes = sorted(e.name for e in os.scandir(directory) if e.is_dir())
-        wnids = imagenet_wnids()
-        use_wnids = self._imagenet_labels
-        if use_wnids is None:
-            use_wnids = all(c in set(wnids) for c in classes)
-        if use_wnids:
-            index = {w: i for i, w in enumerate(wnids)}
-            unknown = [c for c in classes if c not in index]
-            if unknown:
-                raise UserError(f"{directory}: not ImageNet wnids: {', '.join(unknown[:5])}")
-            return classes, {c: index[c] for c in classes}
-        return classes, {c: i for i, c in enumerate(classes)}
+        classes = class_folders(directory)
+        return classes, {c: self._labels[c] for c in classes}
 
 
 def eval_transform(input_size):

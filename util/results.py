@@ -30,16 +30,20 @@ def select_indices(num_images, max_examples=None, subset='stride', subset_seed=0
     return np.sort(rng.choice(num_images, size=max_examples, replace=False))
 
 
-def check_run_config(store, config, is_main):
-    """A rerun into a folder holding results must compute the same thing as the run it continues."""
+def check_run_config(store, config, is_main, recorded_only=()):
+    """A rerun into a folder holding results must compute the same thing as the run it continues.
+    Keys in recorded_only (e.g. checkpoint paths, which may move) are recorded but not compared; when
+    something else differs they are shown beside it."""
     output_dir = store.output_dir
     path = os.path.join(output_dir, 'run_config.json')
     if os.path.exists(path) and store.has_results():
         with open(path) as f:
             saved = json.load(f)
         changed = sorted(k for k in set(saved) | set(config) if saved.get(k) != config.get(k))
-        if changed:
-            details = ', '.join(f"{k}: {saved.get(k)!r} -> {config.get(k)!r}" for k in changed[:6])
+        shown = [k for k in changed if k not in recorded_only]
+        if shown:
+            details = '; '.join(f"{k}: {saved.get(k)!r} -> {config.get(k)!r}"
+                                for k in shown[:6] + [k for k in changed if k in recorded_only])
             raise UserError(f"{output_dir} holds results of a different run ({details}); "
                             f"use another --output_dir or delete it")
     elif is_main:
@@ -118,6 +122,17 @@ def summarize(records, num_expected):
     }
 
 
+def selection(args, indices):
+    """What results.json and the collector say about which images a number comes from."""
+    if args.subset_file:
+        return {'images': len(indices), 'subset_file': os.path.abspath(args.subset_file),
+                'subset_file_sha256': args.subset_file_sha256}
+    if args.max_examples and args.max_examples < args.num_images_in_folder:
+        return {'images': len(indices), 'max_examples': args.max_examples, 'subset': args.subset,
+                'subset_seed': args.subset_seed}
+    return {'images': len(indices), 'all': True}
+
+
 def write_outputs(args, store, dataset, indices, method, wall_time_s, images_this_run):
     """Merge every process's records and write the released files plus results.json."""
     records = store.load()
@@ -138,12 +153,14 @@ def write_outputs(args, store, dataset, indices, method, wall_time_s, images_thi
         write_text(os.path.join(args.output_dir, 'accuracy.txt'),
                    args_line + '\n' + ''.join(f"{i}\t{a}\n" for i, a in enumerate(steps[1:])))
     result = {'method': method, 'data_path': os.path.abspath(args.data_path), **summary,
+              'selection': selection(args, indices), 'dataset_name': args.dataset_name,
+              'online': getattr(args, 'online', False),
               'steps_per_example': getattr(args, 'steps_per_example', 0),
               'wall_time_s': wall_time_s,
               'images_per_s': images_this_run / wall_time_s if wall_time_s > 0 else None,
               'seconds_per_image': float(records['seconds'].mean()) if method == 'ttt' else None,
-              'checkpoints': {'resume_model': os.path.basename(args.resume_model),
-                              'resume_finetune': os.path.basename(args.resume_finetune)},
+              'checkpoints': {k: {'file': os.path.abspath(getattr(args, k)), 'sha256': args.checkpoint_sha256[k]}
+                              for k in ('resume_model', 'resume_finetune')},
               'args': json.loads(json.dumps(vars(args), default=str))}
     if method == 'baseline':
         result.update(accuracy=steps[0], loss=summary['cross_entropy_per_step'][0])

@@ -1,18 +1,23 @@
 """Set-up of a test-time run (TTT or the baseline): processes, precision, the test images, the combined
 model, and which images are left to do."""
+import hashlib
 import json
 import os
+from types import SimpleNamespace
 
+import numpy as np
 import torch
 
 from util import distributed
 from util.cli import UserError, make_output_dir
+from util.datasets import ImageFolder, class_folders, folder_labels, imagenet_wnids
+from util.online import StreamState, process_share, stream_order, stream_position
 from util.results import ResultStore, check_run_config, select_indices
 
 # flags that do not change per-image results: a rerun may change them and still continue
 RUN_ONLY_ARGS = {'output_dir', 'log_dir', 'device', 'num_workers', 'pin_mem', 'world_size', 'local_rank',
                  'rank', 'gpu', 'distributed', 'dist_url', 'flush_every', 'print_freq',
-                 'data_path', 'resume_model', 'resume_finetune'}
+                 'data_path', 'resume_model', 'resume_finetune', 'checkpoint_sha256', 'num_images_in_folder'}
 
 
 def set_precision(device, strict_fp32):
@@ -22,60 +27,127 @@ def set_precision(device, strict_fp32):
         torch.backends.cudnn.allow_tf32 = not strict_fp32
 
 
+def file_sha256(path):
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 24), b''):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def run_config(args):
-    """The settings a run's per-image results depend on (recorded in run_config.json)."""
+    """The settings a run's per-image results depend on (recorded in run_config.json). The checkpoints
+    are identified by their SHA-256, so that another file of the same name is not taken for them."""
     config = {k: v for k, v in vars(args).items() if k not in RUN_ONLY_ARGS}
-    config.update(data=os.path.abspath(args.data_path), resume_model=os.path.basename(args.resume_model),
-                  resume_finetune=os.path.basename(args.resume_finetune),
-                  device_type=torch.device(args.device).type)  # CPU and CUDA generators draw other masks
+    # device_type: CPU and CUDA generators draw other masks
+    config.update(data=os.path.abspath(args.data_path), device_type=torch.device(args.device).type)
+    for key in ('resume_model', 'resume_finetune'):
+        config[f'{key}_sha256'] = args.checkpoint_sha256[key]
+        config[f'{key}_file'] = os.path.abspath(getattr(args, key))
+    if getattr(args, 'online', False):  # each process runs its own stream: their number changes the results
+        config['online_processes'] = args.world_size
     return config
 
 
+def head_classes(args, probe_classes, num_outputs):
+    """The head's class names in label order: --classes, else the probe's record, else (a released probe,
+    1000 outputs) the ImageNet-1k wnids."""
+    if args.classes:
+        try:
+            with open(args.classes) as f:
+                classes = [line.strip() for line in f if line.strip()]
+        except OSError as e:
+            raise UserError(f"cannot read --classes {args.classes}: {e.strerror}") from None
+        if not classes or len(classes) > num_outputs:
+            raise UserError(f"--classes {args.classes} lists {len(classes)} classes; the head has {num_outputs} outputs")
+        return classes
+    if probe_classes:
+        return list(probe_classes)
+    if num_outputs == 1000:
+        return imagenet_wnids()
+    raise UserError(f"{args.resume_finetune} records no class names and its head is not a 1000-class ImageNet head: "
+                    f"pass --classes FILE, the head's class names in label order, one per line")
+
+
 def build_test_model(args, device):
-    """The MAE checkpoint plus the probe's head, loaded strictly (docs/method.md, checkpoints)."""
+    """The MAE checkpoint plus the probe's head, loaded strictly (docs/method.md), and the head's classes."""
     from models_mae import build_model
-    from util.checkpoint import combined_state_dict, load_state_dict_strict
+    from util.checkpoint import load_state_dict_strict, load_test_checkpoints
     model = build_model(args.model, img_size=args.input_size, norm_pix_loss=getattr(args, 'norm_pix_loss', False),
                         head_type=args.head_type, classifier_depth=args.classifier_depth,
                         num_classes=args.num_classes)
     args.input_size = model.patch_embed.img_size[0]
-    state = combined_state_dict(args.resume_model, args.resume_finetune, args.head_type)
+    state, probe_classes = load_test_checkpoints(args.resume_model, args.resume_finetune, args.head_type)
     load_state_dict_strict(model, state, f"{args.resume_model} + {args.resume_finetune}")
-    return model.to(device)
+    return model.to(device), head_classes(args, probe_classes, args.num_classes)
 
 
-def load_test_set(args):
-    from util.datasets import ImageFolder
-    imagenet = True if args.dataset_name.lower().startswith('imagenet') else None
-    dataset = ImageFolder(args.data_path, imagenet_labels=imagenet)
+def load_test_set(args, classes):
+    """The test folder, each class folder labelled by its index among the head's classes."""
+    dataset = ImageFolder(args.data_path, labels=folder_labels(args.data_path, args.dataset_name, classes))
     if len(dataset) == 0:
         raise UserError(f"no images in {args.data_path}")
-    largest = max(dataset.class_to_idx.values())
-    if largest >= args.num_classes:
-        raise UserError(f"label {largest} of {args.data_path} does not fit --num_classes {args.num_classes}")
     return dataset
+
+
+def select_images(args, dataset):
+    """Indices of the images to evaluate: those --subset_file lists (paths relative to --data_path), in
+    its order; else all of them, or --max_examples spread over the folder."""
+    if not args.subset_file:
+        return select_indices(len(dataset), args.max_examples, args.subset, args.subset_seed)
+    try:
+        with open(args.subset_file) as f:
+            listed = [line.strip() for line in f if line.strip() and not line.startswith('#')]
+    except OSError as e:
+        raise UserError(f"cannot read --subset_file {args.subset_file}: {e.strerror}") from None
+    where = {os.path.relpath(path, args.data_path).replace(os.sep, '/'): i for i, (path, _) in enumerate(dataset.samples)}
+    missing = [p for p in listed if p not in where]
+    if missing or not listed:
+        raise UserError(f"{len(missing)} of the {len(listed)} images --subset_file {args.subset_file} lists are not in "
+                        f"{args.data_path}" + (f": {', '.join(missing[:3])}" + (' ...' if len(missing) > 3 else '')
+                                               if missing else ''))
+    if len(set(listed)) != len(listed):
+        raise UserError(f"--subset_file {args.subset_file} lists {len(listed) - len(set(listed))} images twice")
+    args.subset_file_sha256 = file_sha256(args.subset_file)  # recorded: another list of the same name is refused
+    return np.array([where[p] for p in listed], dtype=np.int64)
 
 
 def prepare_run(args):
     """The shared start of both test-time scripts: processes, precision, data, model, and the images
-    this process has to do.
-
-    Returns (device, dataset, indices, model, store, todo); todo is None when the run is finished.
-    """
+    this process has to do. Returns a namespace: device, dataset, indices (all selected), model, store,
+    todo (this process's images left, or None when the run is finished) and, online, position (how far
+    this process's stream has come) and state."""
+    if args.subset_file and args.max_examples:
+        raise UserError("--subset_file and --max_examples both choose the images: pass one")
+    class_folders(args.data_path)  # a wrong path fails before the checkpoints are read
     distributed.init_distributed_mode(args)
     device = torch.device(args.device)
     set_precision(device, args.strict_fp32)
-    dataset = load_test_set(args)
-    indices = select_indices(len(dataset), args.max_examples, args.subset, args.subset_seed)
-    model = build_test_model(args, device)
+    model, classes = build_test_model(args, device)
+    dataset = load_test_set(args, classes)
+    args.num_images_in_folder = len(dataset)
+    indices = select_images(args, dataset)
+    args.checkpoint_sha256 = {k: file_sha256(getattr(args, k)) for k in ('resume_model', 'resume_finetune')}
     make_output_dir(args.output_dir)
     store = ResultStore(args.output_dir, args.rank)
-    check_run_config(store, run_config(args), distributed.is_main_process())
+    check_run_config(store, run_config(args), distributed.is_main_process(),
+                     recorded_only={'resume_model_file', 'resume_finetune_file'})
+    run = SimpleNamespace(device=device, dataset=dataset, indices=indices, model=model, store=store)
+    if getattr(args, 'online', False):  # each process continues its own stream
+        stream = stream_order(indices, args.stream_order, args.seed)
+        share = process_share(stream, args.rank, args.world_size)
+        run.share, run.position = share, stream_position(share, store.done_indices())
+        run.state = StreamState(args.output_dir, args.rank)
     # rank 0 decides what is left and tells the others, so all shard the same list
     todo = [images_to_do(store, indices) if distributed.is_main_process() else None]
     distributed.broadcast_object(todo)
-    todo = todo[0]
-    return device, dataset, indices, model, store, None if todo is None else todo[args.rank::args.world_size]
+    if todo[0] is None:
+        run.todo = None
+    elif getattr(args, 'online', False):
+        run.todo = share[run.position:]
+    else:
+        run.todo = todo[0][args.rank::args.world_size]
+    return run
 
 
 def images_to_do(store, indices):

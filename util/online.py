@@ -1,0 +1,78 @@
+"""Streams of online TTT-MAE (docs/online.md): the order of the images, each process's share, and the
+stream's state (carried weights and optimiser state) saved beside the results, so that a killed run
+continues exactly where its results end."""
+import glob
+import os
+import re
+
+import numpy as np
+import torch
+
+from util.checkpoint import load_checkpoint
+from util.cli import UserError
+from util.io import atomic_path
+from util.seed import derive_seed
+
+
+def stream_order(indices, order, seed):
+    """The images in stream order: 'listed' keeps the given order (a --subset_file's, or the folder's),
+    'shuffled' is a permutation fixed by the seed (a class-sorted folder is a label-correlated stream)."""
+    indices = [int(i) for i in indices]
+    if order == 'listed':
+        return indices
+    return [indices[i] for i in np.random.default_rng(derive_seed(seed, 3)).permutation(len(indices))]
+
+
+def process_share(stream, rank, world_size):
+    """Process rank's own stream: a contiguous piece of the whole."""
+    return [int(i) for i in np.array_split(np.asarray(stream, dtype=np.int64), world_size)[rank]]
+
+
+def stream_position(share, done):
+    """How many images of this process's stream are done; they must be its first ones."""
+    position = 0
+    while position < len(share) and share[position] in done:
+        position += 1
+    if any(i in done for i in share[position:]):
+        raise UserError("the results on disk are not a prefix of this process's stream (were they made with other "
+                        "settings?); use another --output_dir")
+    return position
+
+
+class StreamState:
+    """OUT/online/rank{r}-{position}.pt: the trainer's state after `position` images of process r's stream.
+
+    save() writes the new file before the results it goes with are flushed, and prune() removes the older
+    files after, so a kill at any moment leaves the state at which the results end."""
+
+    def __init__(self, output_dir, rank):
+        self.folder = os.path.join(output_dir, 'online')
+        self.prefix = f'rank{rank}-'
+
+    def _files(self):
+        found = {}
+        for path in glob.glob(os.path.join(self.folder, self.prefix + '*.pt')):
+            m = re.fullmatch(re.escape(self.prefix) + r'(\d+)\.pt', os.path.basename(path))
+            if m:
+                found[int(m.group(1))] = path
+        return found
+
+    def save(self, position, tensors):
+        os.makedirs(self.folder, exist_ok=True)
+        with atomic_path(os.path.join(self.folder, f'{self.prefix}{position:08d}.pt')) as tmp:
+            torch.save({'position': position, 'tensors': [t.cpu() for t in tensors]}, tmp)
+
+    def prune(self, position):
+        for p, path in self._files().items():
+            if p < position:
+                os.remove(path)
+
+    def load(self, position):
+        """The tensors saved at this position (None at position 0: the stream starts fresh)."""
+        if position == 0:
+            return None
+        path = self._files().get(position)
+        if path is None:
+            raise UserError(f"{position} images of this process's stream are done but {self.folder} holds no state "
+                            f"for that position: the stream cannot continue exactly; use another --output_dir")
+        return load_checkpoint(path, 'online stream state')['tensors']
