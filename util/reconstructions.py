@@ -3,7 +3,6 @@ input and the reconstruction under one fixed mask before adaptation and as the s
 classification loss of every step. One PNG per image in OUT/reconstructions/."""
 import os
 
-import numpy as np
 import torch
 
 from util.datasets import IMAGENET_MEAN, IMAGENET_STD
