@@ -3,13 +3,15 @@
 #
 # Usage:
 #   scripts/sweep_imagenet_c.sh DATA_ROOT OUTPUT_ROOT RESUME_MODEL RESUME_FINETUNE \
-#       [--severity 5] [--corruptions "a b c"] [-- extra flags passed to both python scripts]
+#       [--severity 5] [--corruptions "a b c"] [-- extra flags for the python scripts]
 #
 #   DATA_ROOT/<corruption>/<severity>/ is read; OUTPUT_ROOT/<corruption>/ gets the TTT run and
 #   OUTPUT_ROOT/<corruption>/baseline/ the baseline (the released README's layout). A run whose
 #   results.json says "complete": true is skipped, so rerunning the same command resumes the sweep
 #   (a failing run stops it).
-#   The paper's flags are passed first, so extra flags override them (argparse keeps the last value):
+#   Each extra flag goes to the scripts that take it (--max_examples to both, --steps_per_example to the
+#   TTT run only, a flag neither takes is an error before any run). The paper's flags are passed first,
+#   so extra flags override them (argparse keeps the last value):
 #     scripts/sweep_imagenet_c.sh imagenet-c out ckpt/mae.pth ckpt/probe.pth -- --max_examples 500
 #
 # Environment:
@@ -54,6 +56,12 @@ if [[ -n ${SLURM_ARRAY_TASK_ID:-} ]]; then
     LIST=("${LIST[$SLURM_ARRAY_TASK_ID]}")
 fi
 
+# Each extra flag goes to the scripts that take it; one that neither takes stops the sweep here.
+ROUTED=$(mktemp -d)
+trap 'rm -rf "$ROUTED"' EXIT
+"$PY" "$REPO/scripts/route_flags.py" "$ROUTED/baseline" "$ROUTED/ttt" -- ${EXTRA[@]+"${EXTRA[@]}"} || exit 2
+mapfile -d '' -t BASELINE_EXTRA < "$ROUTED/baseline"
+mapfile -d '' -t TTT_EXTRA < "$ROUTED/ttt"
 # Check every input before the first (long) run starts.
 for f in "$RESUME_MODEL" "$RESUME_FINETUNE"; do [[ -f $f ]] || die "checkpoint not found: $f"; done
 for c in "${LIST[@]}"; do [[ -d $DATA_ROOT/$c/$SEVERITY ]] || die "data folder not found: $DATA_ROOT/$c/$SEVERITY"; done
@@ -76,12 +84,14 @@ run() {  # run LABEL SCRIPT OUTPUT_DIR FLAGS...: one run on corruption $c, skipp
     fi
     echo "== $c: $label"
     "${LAUNCH[@]}" "$REPO/$script" --data_path "$DATA_ROOT/$c/$SEVERITY" --resume_model "$RESUME_MODEL" \
-        --resume_finetune "$RESUME_FINETUNE" --output_dir "$out" "$@" ${EXTRA[@]+"${EXTRA[@]}"}
+        --resume_finetune "$RESUME_FINETUNE" --output_dir "$out" "$@"
 }
 
 for c in "${LIST[@]}"; do
-    run baseline test_without_adaptation.py "$OUTPUT_ROOT/$c/baseline" "${MODEL_FLAGS[@]}"
-    run TTT-MAE main_test_time_training.py "$OUTPUT_ROOT/$c/" "${MODEL_FLAGS[@]}" "${TTT_FLAGS[@]}"
+    run baseline test_without_adaptation.py "$OUTPUT_ROOT/$c/baseline" "${MODEL_FLAGS[@]}" \
+        ${BASELINE_EXTRA[@]+"${BASELINE_EXTRA[@]}"}
+    run TTT-MAE main_test_time_training.py "$OUTPUT_ROOT/$c/" "${MODEL_FLAGS[@]}" "${TTT_FLAGS[@]}" \
+        ${TTT_EXTRA[@]+"${TTT_EXTRA[@]}"}
 done
 
 "$PY" "$REPO/scripts/collect_results.py" "$OUTPUT_ROOT"

@@ -342,3 +342,16 @@ def test_online_carries_weights_and_state_round_trips(test_folder):
     again = fresh.adapt([1], torch.tensor([items[1][1]]), items[1][2][None], reset_weights=False,
                         reset_optimizer=False)
     assert all(np.array_equal(a, b) for a, b in zip(again[0], second[0]))  # a resumed stream continues exactly
+
+
+def test_micro_batches_are_the_same_step(test_folder):
+    """--batch_size 4 --accum_iter 2 (a smaller GPU) is --batch_size 8 up to float rounding: the same masks
+    (one stream for every step, micro-batch and view), the same lr, the mean loss over the 8 views."""
+    items = items_of(test_folder, raw=False)[:3]
+    whole = adapt_all(ttt.TestTimeTrainer(tiny_model(norm_pix_loss=True), ttt_args('--batch_size', '8'), 'cpu'), items)
+    split = adapt_all(ttt.TestTimeTrainer(tiny_model(norm_pix_loss=True),
+                                          ttt_args('--batch_size', '4', '--accum_iter', '2'), 'cpu'), items)
+    for (preds, ces, losses), (ref_preds, ref_ces, ref_losses) in zip(split, whole):
+        assert preds.tolist() == ref_preds.tolist()
+        np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+        np.testing.assert_allclose(ces, ref_ces, rtol=1e-5, atol=1e-6)

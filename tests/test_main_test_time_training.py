@@ -2,6 +2,7 @@
 kills, signals, bad input."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -9,9 +10,10 @@ import time
 
 import numpy as np
 import pytest
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import REPO, TINY, check_error_line, make_image_folder, run_script, torchrun
+from conftest import REPO, TINY, check_error_line, make_image_folder, run_script, tiny_model, torchrun
 from util.datasets import ImageFolder
 
 TTT = ('--batch_size', '4', '--steps_per_example', '3', '--single_crop', '--norm_pix_loss', '--blr', '0.5')
@@ -250,3 +252,19 @@ def test_reconstructions_are_written_for_the_first_images(one_run, checkpoints, 
     with Image.open(pictures[0]) as picture:
         assert picture.format == 'PNG' and picture.width > 4 * picture.height / 2  # a row of panels
         assert len(np.unique(np.asarray(picture.convert('L')))) > 20  # images, not a blank page
+
+
+def test_other_checkpoints_of_the_same_name_are_refused(checkpoints, test_folder, tmp_path, user_error):
+    """The settings record each checkpoint's SHA-256: a rerun with another checkpoint-final.pth (another
+    pre-training) does not continue into the old results (before, only the file names were recorded)."""
+    mae, probe = checkpoints
+    own = tmp_path / 'pretrain'
+    own.mkdir()
+    shutil.copy(mae, own / 'checkpoint-final.pth')
+    run_script(ttt_command((str(own / 'checkpoint-final.pth'), probe), test_folder, tmp_path / 'o', '--max_examples', '2'))
+    other = tiny_model(num_classes=2, seed=9).state_dict()
+    torch.save({'model': {k: v for k, v in other.items() if not k.startswith('classifier')}},
+               own / 'checkpoint-final.pth')
+    line = user_error(ttt_command((str(own / 'checkpoint-final.pth'), probe), test_folder, tmp_path / 'o',
+                                  '--max_examples', '2'), 'resume_model_sha256')
+    assert str(own / 'checkpoint-final.pth') in line

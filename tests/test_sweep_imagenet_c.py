@@ -1,14 +1,17 @@
 """The ImageNet-C sweep end to end: build corrupted sets, sweep baseline + TTT, collect the table."""
+import importlib
 import json
+import os
 import sys
 
 import pytest
 
-from conftest import TINY, make_image_folder, run_script, torchrun
+from conftest import REPO, TINY, make_image_folder, run_script, torchrun
 
 CORRUPTIONS = ['gaussian_noise', 'fog']
+# --steps_per_example: a TTT-only flag (routed away from the baseline, which would refuse it); the rest both take
 EXTRA = ['--', '--model', TINY, '--num_classes', '2', '--dataset_name', 'folder', '--batch_size', '4',
-         '--num_workers', '0', '--device', 'cpu', '--classifier_depth', '1']
+         '--num_workers', '0', '--device', 'cpu', '--classifier_depth', '1', '--steps_per_example', '20']
 
 
 def sweep(corrupted, out, checkpoints, env=None):
@@ -63,3 +66,21 @@ def test_slurm_array_task_under_torchrun_equals_one_process(swept, checkpoints, 
         b = json.load(open(tmp_path / sub / 'results.json'))
         assert a['accuracy_per_step'] == b['accuracy_per_step']
     assert 'fog' in result.stdout
+
+
+def test_extra_flags_go_to_the_scripts_that_take_them(checkpoints, tmp_path):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('route_flags', os.path.join(REPO, 'scripts', 'route_flags.py'))
+    route = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(route)
+    parsers = {s: importlib.import_module(s).get_args_parser() for s in route.SWEPT}
+    groups = route.split_flags(['--max_examples', '5', '--single_crop', '--steps_per_example=3', '--amp', 'bf16'],
+                               parsers)
+    both = set(route.SWEPT)
+    assert groups == [(['--max_examples', '5'], both), (['--single_crop'], {'main_test_time_training'}),
+                      (['--steps_per_example=3'], {'main_test_time_training'}), (['--amp', 'bf16'], both)]
+    mae, probe = checkpoints
+    result = run_script(['bash', 'scripts/sweep_imagenet_c.sh', str(tmp_path), str(tmp_path / 'out'), mae, probe,
+                         '--', '--steps_per_example', '2', '--no_such_flag', '1'],
+                        env={'PYTHON': sys.executable}, check=False)
+    assert result.returncode == 2 and 'error: --no_such_flag is a flag of neither' in result.stderr

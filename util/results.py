@@ -32,8 +32,8 @@ def select_indices(num_images, max_examples=None, subset='stride', subset_seed=0
 
 def check_run_config(store, config, is_main, recorded_only=()):
     """A rerun into a folder holding results must compute the same thing as the run it continues.
-    Keys in recorded_only (e.g. checkpoint paths, which may move) are recorded but not compared; when
-    something else differs they are shown beside it."""
+    Keys in recorded_only (e.g. checkpoint paths, which may move) are recorded but not compared; a
+    changed checkpoint hash is shown with the files of both runs."""
     output_dir = store.output_dir
     path = os.path.join(output_dir, 'run_config.json')
     if os.path.exists(path) and store.has_results():
@@ -41,9 +41,15 @@ def check_run_config(store, config, is_main, recorded_only=()):
             saved = json.load(f)
         changed = sorted(k for k in set(saved) | set(config) if saved.get(k) != config.get(k))
         shown = [k for k in changed if k not in recorded_only]
+
+        def describe(k):
+            file = k[:-len('_sha256')] + '_file'  # a checkpoint: name the file with its hash, then and now
+            if k.endswith('_sha256') and file in recorded_only:
+                return (f"{k}: {saved.get(file)} ({str(saved.get(k))[:12]}) -> {config.get(file)} "
+                        f"({str(config.get(k))[:12]})")
+            return f"{k}: {saved.get(k)!r} -> {config.get(k)!r}"
         if shown:
-            details = '; '.join(f"{k}: {saved.get(k)!r} -> {config.get(k)!r}"
-                                for k in shown[:6] + [k for k in changed if k in recorded_only])
+            details = '; '.join(describe(k) for k in shown[:6])
             raise UserError(f"{output_dir} holds results of a different run ({details}); "
                             f"use another --output_dir or delete it")
     elif is_main:

@@ -1,0 +1,61 @@
+"""Which of a sweep's extra flags each script takes: writes them NUL-separated (for `mapfile -d ''`)
+to one file per script.
+
+  scripts/route_flags.py BASELINE_FILE TTT_FILE -- FLAG [VALUE ...] ...
+
+The flags are those after `--` of scripts/sweep_imagenet_c.sh, meant for the baseline
+(test_without_adaptation.py), test-time training (main_test_time_training.py) or both; each goes to the
+scripts whose parser knows it. A flag neither knows is an error (exit 2), before any run starts.
+"""
+import importlib
+import os
+import sys
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)
+
+SWEPT = ('test_without_adaptation', 'main_test_time_training')
+
+
+def split_flags(argv, parsers):
+    """[(flag tokens, {script names that take the flag})] for argv."""
+    groups, i = [], 0
+    while i < len(argv):
+        token = argv[i]
+        if not token.startswith('--'):
+            raise SystemExit(f"error: {token!r} after -- is not a flag (flags for the python scripts go after --)")
+        name = token.split('=', 1)[0]
+        takers = {s for s, p in parsers.items() if name in p._option_string_actions}
+        if not takers:
+            raise SystemExit(f"error: {name} is a flag of neither {' nor '.join(s + '.py' for s in parsers)}")
+        action = next(p._option_string_actions[name] for s, p in parsers.items() if s in takers)
+        j = i + 1
+        if '=' not in token and action.nargs != 0:
+            if action.nargs in (None, 1):
+                j += 1
+            else:  # several values: up to the next flag
+                while j < len(argv) and not argv[j].startswith('--'):
+                    j += 1
+        groups.append((argv[i:j], takers))
+        i = j
+    return groups
+
+
+def main():
+    if len(sys.argv) < 4 or sys.argv[3] != '--':
+        raise SystemExit("usage: scripts/route_flags.py BASELINE_FILE TTT_FILE -- FLAGS")
+    parsers = {s: importlib.import_module(s).get_args_parser() for s in SWEPT}
+    groups = split_flags(sys.argv[4:], parsers)
+    for script, path in zip(SWEPT, sys.argv[1:3]):
+        with open(path, 'w') as f:
+            f.write(''.join(t + '\0' for group, takers in groups if script in takers for t in group))
+
+
+if __name__ == '__main__':
+    try:
+        main()
+    except SystemExit as e:
+        if isinstance(e.code, str):
+            sys.stderr.write(e.code + '\n')
+            sys.exit(2)
+        raise

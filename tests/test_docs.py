@@ -1,0 +1,53 @@
+"""The commands of the guides (README and docs/) run as written: each parses with its script's parser and,
+run without the data it names, stops at the data check with one clear line."""
+import importlib
+import os
+import re
+import shlex
+
+import pytest
+
+from conftest import REPO, check_error_line
+from util.cli import run_main
+
+GUIDES = ['README.md', 'docs/datasets.md', 'docs/online.md', 'docs/own_data.md']
+SCRIPTS = ('main_pretrain', 'main_prob', 'main_test_time_training', 'test_without_adaptation')
+
+
+def guide_commands():
+    """(guide, script, argv) of every python command of the guides' bash blocks (fragments with '...'
+    left out)."""
+    found = []
+    for guide in GUIDES:
+        with open(os.path.join(REPO, guide)) as f:
+            text = f.read()
+        for block in re.findall(r'```bash\n(.*?)```', text, flags=re.S):
+            for line in re.sub(r'\\\n', ' ', block).splitlines():
+                line = re.sub(r'\s#.*$', '', line).strip()
+                match = re.search(r'(?:^|\s)python (\w+)\.py (.*)$', line)
+                if not match or match.group(1) not in SCRIPTS or '...' in line.split():
+                    continue
+                argv = re.sub(r'\$\{?(\w+)\}?', lambda m: f'/placeholder/{m.group(1)}', match.group(2))
+                found.append((guide, match.group(1), shlex.split(argv)))
+    return found
+
+
+COMMANDS = guide_commands()
+
+
+def test_the_guides_have_commands_of_every_script():
+    assert {script for _, script, _ in COMMANDS} == set(SCRIPTS)
+    assert len(COMMANDS) >= 9
+
+
+@pytest.mark.parametrize('guide, script, argv', COMMANDS, ids=[f'{g}:{s}' for g, s, _ in COMMANDS])
+def test_command_parses_and_reaches_the_data_check(guide, script, argv, tmp_path, monkeypatch, capfd):
+    monkeypatch.chdir(tmp_path)  # the data folders the guides name do not exist here
+    module = importlib.import_module(script)
+    args = module.get_args_parser().parse_args(argv + ['--device', 'cpu'])
+    capfd.readouterr()
+    with pytest.raises(SystemExit) as e:
+        run_main(module.main, args)
+    out, err = capfd.readouterr()
+    line = check_error_line(e.value.code, out, err, [])
+    assert 'not found' in line and ('data folder' in line or 'checkpoint' in line), line
