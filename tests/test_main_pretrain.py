@@ -12,7 +12,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import REPO, TINY, run_script, torchrun
+from conftest import REPO, TINY, run_inprocess, run_script, torchrun
 from util.pos_embed import get_2d_sincos_pos_embed
 
 EPOCHS = 5  # the kill after checkpoint-1.pth has epochs 2..4 to land in
@@ -186,7 +186,7 @@ def test_single_process_tensorboard_and_log(image_folder, tmp_path):
     lrs = [e.value for e in acc.Scalars('lr')]
     assert lrs[0] == 0 and max(lrs) == pytest.approx(1e-3 * 4 / 256, rel=1e-6) and lrs[-1] < lrs[8]
     # a rerun of the finished run resumes and does nothing more
-    again = run_script([sys.executable, *pretrain_args(image_folder, out, 3)])
+    again = run_inprocess([sys.executable, *pretrain_args(image_folder, out, 3)])
     assert 'Resumed from' in again.stdout and 'Epoch: [' not in again.stdout
     assert len((out / 'log.txt').read_text().splitlines()) == 3
     # killed after epoch 2's log line, before its checkpoints, and mid-way through a further line:
@@ -196,7 +196,7 @@ def test_single_process_tensorboard_and_log(image_folder, tmp_path):
     (out / 'checkpoint-final.pth').unlink()
     with open(out / 'log.txt', 'a') as f:
         f.write('{"train_loss": 0.5, "ep')
-    redone = run_script([sys.executable, *pretrain_args(image_folder, out, 3)])
+    redone = run_inprocess([sys.executable, *pretrain_args(image_folder, out, 3)])
     assert 'Epoch: [2]' in redone.stdout and 'Epoch: [1]' not in redone.stdout
     records = [json.loads(line) for line in (out / 'log.txt').read_text().splitlines()]
     assert [r['epoch'] for r in records] == [0, 1, 2]

@@ -8,7 +8,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import TINY, run_script
+from conftest import TINY, run_inprocess, run_script
 from util.pos_embed import get_2d_sincos_pos_embed
 
 # color_folder rather than image_folder: its classes differ by a quadrant that the training
@@ -78,7 +78,7 @@ def test_rerun_resumes_and_redoes_nothing(vit_probe):
     out, command, _ = vit_probe
     before = (out / 'log.txt').read_text()
     final = (out / 'checkpoint-final.pth').read_bytes()
-    again = run_script(command)
+    again = run_inprocess(command)
     assert f'Resumed from {out}/checkpoint-{VIT_EPOCHS - 1}.pth (next epoch {VIT_EPOCHS})' in again.stdout
     assert 'Epoch: [' not in again.stdout
     assert (out / 'log.txt').read_text() == before
@@ -94,7 +94,7 @@ def test_interrupted_probe_resumes_to_the_same_head(vit_probe, tmp_path):
         shutil.copy(done / f'checkpoint-{e}.pth', out)
     # killed after epoch 2's log line, before its checkpoint: the rerun redoes epoch 2, one line per epoch
     (out / 'log.txt').write_text(''.join(line + '\n' for line in (done / 'log.txt').read_text().splitlines()[:3]))
-    resumed = run_script([str(out) if a == str(done) else a for a in command])
+    resumed = run_inprocess([str(out) if a == str(done) else a for a in command])
     assert f'Resumed from {out}/checkpoint-1.pth (next epoch 2)' in resumed.stdout
     assert 'Epoch: [0]' not in resumed.stdout and 'Epoch: [1]' not in resumed.stdout
     assert [r['epoch'] for r in log_records(out)] == list(range(VIT_EPOCHS))
@@ -105,7 +105,7 @@ def test_interrupted_probe_resumes_to_the_same_head(vit_probe, tmp_path):
 def test_linear_head_probe(color_folder, checkpoints, tmp_path):
     out = tmp_path / 'linear'
     # BatchNorm's running statistics need some iterations to settle before evaluation uses them
-    run_script(probe_command(color_folder, checkpoints[0], out, '--head_type', 'linear', '--batch_size', '4',
+    run_inprocess(probe_command(color_folder, checkpoints[0], out, '--head_type', 'linear', '--batch_size', '4',
                              '--epochs', '6'))
     records = log_records(out)
     assert [r['epoch'] for r in records] == list(range(6))
@@ -130,9 +130,9 @@ def test_the_head_records_its_classes_and_test_folders_use_them(vit_probe, check
                '--resume_model', checkpoints[0], '--resume_finetune', str(out / 'checkpoint-final.pth'),
                '--num_classes', '2', '--dataset_name', 'folder', '--num_workers', '0', '--output_dir',
                str(tmp_path / 'b')]
-    run_script(command)
+    run_inprocess(command)
     results = json.load(open(tmp_path / 'b' / 'results.json'))
     assert results['accuracy'] >= 90  # labelled 1, as in training; renumbered it would have been 0
     shutil.copytree(os.path.join(color_folder, 'val', 'class_a'), only_b / 'class_c')
-    failed = run_script(command[:-1] + [str(tmp_path / 'c')], check=False)
+    failed = run_inprocess(command[:-1] + [str(tmp_path / 'c')], check=False)
     assert failed.returncode == 2 and "not among the head's classes: class_c" in failed.stderr

@@ -13,7 +13,8 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import REPO, TINY, check_error_line, make_image_folder, run_script, tiny_model, torchrun
+from conftest import (REPO, TINY, check_error_line, make_image_folder, run_inprocess, run_script, tiny_model,
+                      torchrun)
 from util.datasets import ImageFolder
 
 TTT = ('--batch_size', '4', '--steps_per_example', '3', '--single_crop', '--norm_pix_loss', '--blr', '0.5')
@@ -47,7 +48,7 @@ def one_run(checkpoints, tmp_path_factory):
     data = make_image_folder(root / 'test', ['class_a', 'class_b'], 5, seed=3)
     command = ttt_command(checkpoints, data, root / 'ttt', '--print_freq', '4')
     result = run_script(command)
-    run_script(script_args('test_without_adaptation.py', checkpoints, data, root / 'b'))
+    run_inprocess(script_args('test_without_adaptation.py', checkpoints, data, root / 'b'))
     return data, root, command, result
 
 
@@ -79,7 +80,7 @@ def test_outputs_and_step0_equals_the_baseline(one_run):
 
 def test_parallel_images_runs_the_same_images(one_run, checkpoints, tmp_path):
     data, root, _, _ = one_run
-    result = run_script(ttt_command(checkpoints, data, tmp_path / 'four', '--parallel_images', '4'))
+    result = run_inprocess(ttt_command(checkpoints, data, tmp_path / 'four', '--parallel_images', '4'))
     one, four = per_image(root / 'ttt'), per_image(tmp_path / 'four')
     assert np.array_equal(one['index'], four['index']) and np.array_equal(one['pred'], four['pred'])
     np.testing.assert_allclose(one['mae_loss'], four['mae_loss'], rtol=1e-4)
@@ -93,7 +94,7 @@ def test_two_processes_equal_one_and_a_rerun_redoes_nothing(one_run, checkpoints
     for key in ('index', 'label', 'pred', 'ce_loss', 'mae_loss', 'filename'):
         assert np.array_equal(one[key], two[key]), key
     assert not os.path.exists(tmp_path / 'two' / 'partial')
-    rerun = run_script(command)
+    rerun = run_inprocess(command)
     assert 'already done' in rerun.stdout
 
 
@@ -113,7 +114,7 @@ def test_torchrun_on_cuda_equals_a_plain_cuda_run(checkpoints, test_folder, tmp_
 def test_killed_run_resumes_to_the_uninterrupted_result(checkpoints, tmp_path):
     data = make_image_folder(tmp_path / 'data', ['class_a', 'class_b'], 12, seed=5)
     slow = ('--batch_size', '16', '--steps_per_example', '25', '--flush_every', '1')
-    run_script(ttt_command(checkpoints, data, tmp_path / 'full', *slow))
+    run_inprocess(ttt_command(checkpoints, data, tmp_path / 'full', *slow))
     killed = ttt_command(checkpoints, data, tmp_path / 'killed', *slow)
     proc = subprocess.Popen(killed, cwd=REPO, env={**os.environ, 'OMP_NUM_THREADS': '1'},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -124,7 +125,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(checkpoints, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (tmp_path / 'killed' / 'results.json').exists(), 'the run finished before it was killed'
-    resumed = run_script(killed)
+    resumed = run_inprocess(killed)
     assert 'already done' in resumed.stdout
     full, again = per_image(tmp_path / 'full'), per_image(tmp_path / 'killed')
     for key in ('index', 'pred', 'ce_loss', 'mae_loss'):
@@ -152,20 +153,20 @@ def test_an_unreadable_image_stops_the_run_and_keeps_the_images_before_it(checkp
     bad = os.path.join(data, 'class_b', 'img_001.png')
     with open(bad, 'wb') as f:
         f.write(b'\x89PNG\r\n\x1a\n' + b'\0' * 20)
-    result = run_script(ttt_command(checkpoints, data, tmp_path / 'out', '--flush_every', '1'), check=False)
+    result = run_inprocess(ttt_command(checkpoints, data, tmp_path / 'out', '--flush_every', '1'), check=False)
     check_error_line(result.returncode, result.stdout, result.stderr, ['img_001.png'])
     done = sum(len(np.load(p)['index']) for p in (tmp_path / 'out' / 'partial').glob('*.npz'))
     assert done == 4  # the images before the bad one are kept
 
 
 def test_changed_settings_in_the_same_folder_are_refused(user_error, checkpoints, test_folder, tmp_path):
-    run_script(ttt_command(checkpoints, test_folder, tmp_path / 'o', '--max_examples', '2'))
+    run_inprocess(ttt_command(checkpoints, test_folder, tmp_path / 'o', '--max_examples', '2'))
     user_error(ttt_command(checkpoints, test_folder, tmp_path / 'o', '--max_examples', '2',
                            '--steps_per_example', '5'), 'steps_per_example')
 
 
 def test_non_finite_loss_names_the_image(checkpoints, test_folder, tmp_path):
-    result = run_script(ttt_command(checkpoints, test_folder, tmp_path / 'o', '--lr', '1e30'), check=False)
+    result = run_inprocess(ttt_command(checkpoints, test_folder, tmp_path / 'o', '--lr', '1e30'), check=False)
     check_error_line(result.returncode, result.stdout, result.stderr, ['non-finite', 'class_a'])
 
 
@@ -190,7 +191,7 @@ def test_imagenet_r_predictions_stay_among_its_200_classes(imagenet_checkpoints,
     for script, out, extra in (('test_without_adaptation.py', 'b', ()), ('main_test_time_training.py', 't', TTT)):
         command = script_args(script, imagenet_checkpoints, data, tmp_path / out, '--dataset_name', 'imagenet_r', *extra)
         command[command.index('--num_classes') + 1] = '1000'
-        run_script(command)
+        run_inprocess(command)
         records = per_image(tmp_path / out)
         assert set(records['label'].tolist()) == {subset[3], subset[150]}
         assert set(records['pred'].ravel().tolist()) <= set(subset)
@@ -200,7 +201,7 @@ def test_subset_file_selects_exactly_the_listed_images(checkpoints, test_folder,
     names = [os.path.relpath(p, test_folder) for p, _ in ImageFolder(test_folder).samples]
     listed = tmp_path / 'list.txt'
     listed.write_text('\n'.join([names[7], names[2], names[4]]) + '\n')
-    run_script(script_args('test_without_adaptation.py', checkpoints, test_folder, tmp_path / 'b',
+    run_inprocess(script_args('test_without_adaptation.py', checkpoints, test_folder, tmp_path / 'b',
                            '--subset_file', str(listed)))
     assert per_image(tmp_path / 'b')['index'].tolist() == [2, 4, 7]
     selection = json.load(open(tmp_path / 'b' / 'results.json'))['selection']
@@ -219,7 +220,7 @@ ONLINE = ('--online', '--online_window', '3', '--batch_size', '6', '--steps_per_
 @pytest.mark.slow
 def test_online_stream_killed_and_resumed_equals_uninterrupted(checkpoints, tmp_path, user_error):
     data = make_image_folder(tmp_path / 'data', ['class_a', 'class_b'], 30, seed=6)
-    run_script(script_args('main_test_time_training.py', checkpoints, data, tmp_path / 'full', *ONLINE))
+    run_inprocess(script_args('main_test_time_training.py', checkpoints, data, tmp_path / 'full', *ONLINE))
     killed = script_args('main_test_time_training.py', checkpoints, data, tmp_path / 'killed', *ONLINE)
     proc = subprocess.Popen(killed, cwd=REPO, env={**os.environ, 'OMP_NUM_THREADS': '1'},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -230,7 +231,7 @@ def test_online_stream_killed_and_resumed_equals_uninterrupted(checkpoints, tmp_
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (tmp_path / 'killed' / 'results.json').exists(), 'the run finished before it was killed'
-    resumed = run_script(killed)
+    resumed = run_inprocess(killed)
     assert 'already done' in resumed.stdout
     full, again = per_image(tmp_path / 'full'), per_image(tmp_path / 'killed')
     for key in ('index', 'pred', 'ce_loss', 'mae_loss', 'position'):
@@ -246,7 +247,7 @@ def test_online_stream_killed_and_resumed_equals_uninterrupted(checkpoints, tmp_
 def test_reconstructions_are_written_for_the_first_images(one_run, checkpoints, tmp_path):
     from PIL import Image
     data, _, _, _ = one_run
-    run_script(ttt_command(checkpoints, data, tmp_path / 'r', '--save_reconstructions', '2', '--parallel_images', '3'))
+    run_inprocess(ttt_command(checkpoints, data, tmp_path / 'r', '--save_reconstructions', '2', '--parallel_images', '3'))
     pictures = sorted((tmp_path / 'r' / 'reconstructions').glob('*.png'))
     assert [p.name for p in pictures] == ['000000_img_000.png', '000001_img_001.png']
     with Image.open(pictures[0]) as picture:
@@ -261,7 +262,7 @@ def test_other_checkpoints_of_the_same_name_are_refused(checkpoints, test_folder
     own = tmp_path / 'pretrain'
     own.mkdir()
     shutil.copy(mae, own / 'checkpoint-final.pth')
-    run_script(ttt_command((str(own / 'checkpoint-final.pth'), probe), test_folder, tmp_path / 'o', '--max_examples', '2'))
+    run_inprocess(ttt_command((str(own / 'checkpoint-final.pth'), probe), test_folder, tmp_path / 'o', '--max_examples', '2'))
     other = tiny_model(num_classes=2, seed=9).state_dict()
     torch.save({'model': {k: v for k, v in other.items() if not k.startswith('classifier')}},
                own / 'checkpoint-final.pth')

@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import make_image_folder, run_script
+from conftest import make_image_folder, run_inprocess
 from test_main_test_time_training import per_image, script_args
 
 
@@ -18,8 +18,8 @@ def test_folder(tmp_path):
 
 
 def test_batches_give_the_predictions_of_one_at_a_time_and_the_released_files(checkpoints, test_folder, tmp_path):
-    run_script(baseline(checkpoints, test_folder, tmp_path / 'b1', '--batch_size', '1'))
-    run_script(baseline(checkpoints, test_folder, tmp_path / 'b7', '--batch_size', '7'))
+    run_inprocess(baseline(checkpoints, test_folder, tmp_path / 'b1', '--batch_size', '1'))
+    run_inprocess(baseline(checkpoints, test_folder, tmp_path / 'b7', '--batch_size', '7'))
     b1, b7 = per_image(tmp_path / 'b1'), per_image(tmp_path / 'b7')
     assert np.array_equal(b1['pred'], b7['pred'])
     np.testing.assert_allclose(b1['ce_loss'], b7['ce_loss'], rtol=1e-5)
@@ -32,7 +32,7 @@ def test_batches_give_the_predictions_of_one_at_a_time_and_the_released_files(ch
 
 
 def test_max_examples_subset(checkpoints, test_folder, tmp_path):
-    run_script(baseline(checkpoints, test_folder, tmp_path / 's', '--max_examples', '4'))
+    run_inprocess(baseline(checkpoints, test_folder, tmp_path / 's', '--max_examples', '4'))
     assert per_image(tmp_path / 's')['index'].tolist() == [0, 2, 5, 7]  # evenly spaced over both classes
 
 

@@ -1,10 +1,9 @@
 """Command-line plumbing of the entry scripts: the parser, the argument groups they share, checked
-numbers, and bad input reported as one line with exit status 2."""
+numbers, and bad input reported as one line with exit status 2. (torch is imported where a device is
+asked about, so that the scripts that only read results start quickly.)"""
 import argparse
 import os
 import sys
-
-import torch
 
 TEST_SET_NAMES = ('imagenet_c', 'imagenet', 'imagenet_r', 'imagenet_a', 'imagenet_v2', 'imagenet_sketch', 'folder')
 
@@ -80,6 +79,7 @@ OPEN_FRACTION = number(float, 0, 1, low_open=True, high_open=True)
 
 def device(text):
     """An argparse type: a torch device this machine has."""
+    import torch
     try:
         parsed = torch.device(text)
     except RuntimeError:
@@ -200,6 +200,7 @@ def add_test_time_args(parser):
 
 def add_run_args(parser, seed=True, tensorboard=True):
     """Outputs, device, progress lines and the flags every launcher may pass."""
+    import torch
     group = parser.add_argument_group('run')
     group.add_argument('--output_dir', default='./output_dir', help='where results and checkpoints are written')
     if tensorboard:
