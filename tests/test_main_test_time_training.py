@@ -110,21 +110,26 @@ def test_torchrun_on_cuda_equals_a_plain_cuda_run(checkpoints, test_folder, tmp_
     np.testing.assert_allclose(plain['mae_loss'], launched['mae_loss'], rtol=1e-4)
 
 
+def kill_after_flushes(command, output_dir, flushes):
+    """Start command and kill -9 it once it has flushed `flushes` partial result files."""
+    proc = subprocess.Popen(command, cwd=REPO, env={**os.environ, 'OMP_NUM_THREADS': '1'},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    partial = output_dir / 'partial'
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(partial.glob('*.npz')) if partial.exists() else []) < flushes:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (output_dir / 'results.json').exists(), 'the run finished before it was killed'
+
+
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_uninterrupted_result(checkpoints, tmp_path):
     data = make_image_folder(tmp_path / 'data', ['class_a', 'class_b'], 12, seed=5)
     slow = ('--batch_size', '16', '--steps_per_example', '25', '--flush_every', '1')
     run_inprocess(ttt_command(checkpoints, data, tmp_path / 'full', *slow))
     killed = ttt_command(checkpoints, data, tmp_path / 'killed', *slow)
-    proc = subprocess.Popen(killed, cwd=REPO, env={**os.environ, 'OMP_NUM_THREADS': '1'},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    partial = tmp_path / 'killed' / 'partial'
-    deadline = time.time() + 120
-    while time.time() < deadline and len(list(partial.glob('*.npz')) if partial.exists() else []) < 3:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (tmp_path / 'killed' / 'results.json').exists(), 'the run finished before it was killed'
+    kill_after_flushes(killed, tmp_path / 'killed', 3)
     resumed = run_inprocess(killed)
     assert 'already done' in resumed.stdout
     full, again = per_image(tmp_path / 'full'), per_image(tmp_path / 'killed')
@@ -222,15 +227,7 @@ def test_online_stream_killed_and_resumed_equals_uninterrupted(checkpoints, tmp_
     data = make_image_folder(tmp_path / 'data', ['class_a', 'class_b'], 30, seed=6)
     run_inprocess(script_args('main_test_time_training.py', checkpoints, data, tmp_path / 'full', *ONLINE))
     killed = script_args('main_test_time_training.py', checkpoints, data, tmp_path / 'killed', *ONLINE)
-    proc = subprocess.Popen(killed, cwd=REPO, env={**os.environ, 'OMP_NUM_THREADS': '1'},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    partial = tmp_path / 'killed' / 'partial'
-    deadline = time.time() + 120
-    while time.time() < deadline and len(list(partial.glob('*.npz')) if partial.exists() else []) < 8:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (tmp_path / 'killed' / 'results.json').exists(), 'the run finished before it was killed'
+    kill_after_flushes(killed, tmp_path / 'killed', 8)
     resumed = run_inprocess(killed)
     assert 'already done' in resumed.stdout
     full, again = per_image(tmp_path / 'full'), per_image(tmp_path / 'killed')
