@@ -17,6 +17,8 @@
 #   DEMO_RESULTS           results folder (default: $DEMO_OUT/results_$DEMO_SPLIT)
 #   DEMO_THREADS           OMP_NUM_THREADS (default: 2)
 #   DEMO_DEVICE            --device of every stage (default: cpu)
+#   DEMO_TTT_DEVICE        --device of the corruptions' baseline and TTT stages (default: DEMO_DEVICE), e.g.
+#                          cuda over a demo_out made on a CPU (bench/gpu_checks.sh)
 #   DEMO_SEED              --seed of every stage (default: 0): initial weights, crops, masks
 #   DEMO_CORRUPTIONS       space-separated list (default: the fixed list below)
 #   DEMO_DIGITS            train/val/test images per class (default: "300 100 100")
@@ -108,7 +110,10 @@ NORM_PIX_FLAGS=()  # the MAE loss's target: pre-training and test-time training 
 AUGMENT_FLAGS=()
 [[ $HFLIP == 0 ]] && AUGMENT_FLAGS+=(--no_hflip)
 EVAL_FLAGS=(--resume_model "$PRETRAIN/checkpoint-final.pth" --resume_finetune "$PROBE/checkpoint-final.pth"
-            --dataset_name folder --num_workers 0 ${TTT_MAX_EXAMPLES:+--max_examples "$TTT_MAX_EXAMPLES"})
+            --dataset_name folder --num_workers 0)
+# the corruptions' stages: their device and image limit
+RUN_FLAGS=(--model "$MODEL" --input_size "$SIZE" --device "${DEMO_TTT_DEVICE:-${DEMO_DEVICE:-cpu}}" "${HEAD_FLAGS[@]}"
+           "${EVAL_FLAGS[@]}" ${TTT_MAX_EXAMPLES:+--max_examples "$TTT_MAX_EXAMPLES"})
 
 mkdir -p "$OUT"
 DEMO_START=$EPOCHREALTIME
@@ -204,15 +209,15 @@ for c in $CORRUPTIONS; do
     data=$CORRUPTED/$c/$SEVERITY
     stage "$c baseline" complete "$RESULTS/$c/baseline" "$RESULTS/$c/baseline" \
         "$PY" test_without_adaptation.py --data_path "$data" --output_dir "$RESULTS/$c/baseline" \
-        "${MODEL_FLAGS[@]}" "${HEAD_FLAGS[@]}" "${EVAL_FLAGS[@]}"
+        "${RUN_FLAGS[@]}"
     stage "$c TTT-MAE" complete "$RESULTS/$c" "$RESULTS/$c" \
         "$PY" main_test_time_training.py --data_path "$data" --output_dir "$RESULTS/$c" \
-        "${MODEL_FLAGS[@]}" "${HEAD_FLAGS[@]}" "${SEED_FLAGS[@]}" "${NORM_PIX_FLAGS[@]}" "${EVAL_FLAGS[@]}" \
+        "${RUN_FLAGS[@]}" "${SEED_FLAGS[@]}" "${NORM_PIX_FLAGS[@]}" \
         "${TTT_FLAGS[@]}" --save_reconstructions "$RECONSTRUCTIONS"
     if [[ $ONLINE == 1 ]]; then
         stage "$c TTT-MAE online" complete "$RESULTS/$c/online" "$RESULTS/$c/online" \
             "$PY" main_test_time_training.py --data_path "$data" --output_dir "$RESULTS/$c/online" \
-            "${MODEL_FLAGS[@]}" "${HEAD_FLAGS[@]}" "${SEED_FLAGS[@]}" "${NORM_PIX_FLAGS[@]}" "${EVAL_FLAGS[@]}" \
+            "${RUN_FLAGS[@]}" "${SEED_FLAGS[@]}" "${NORM_PIX_FLAGS[@]}" \
             "${ONLINE_FLAGS[@]}"
     fi
 done
