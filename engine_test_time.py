@@ -111,6 +111,7 @@ class TestTimeTrainer:
         trainable = trainable_parameters(model, args.finetune_mode)
         self.amp_dtype = AMP_DTYPES[args.amp]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.scaler_start = self.scaler.state_dict()  # fp16: every image starts from the same loss scale
         self.num_patches = model.patch_embed.num_patches
         self.flat = k > 1 or args.compile
         if not self.flat:  # the model's own parameters: the released computation, op for op
@@ -119,7 +120,7 @@ class TestTimeTrainer:
                                                       input_mask=masks[0])[0]['mae'].unsqueeze(0)
             self._logits = lambda images: model(images[0], mask_ratio=0, reconstruct=False)[3]
             self._predict = lambda images, masks: model(images[0], mask_ratio=args.mask_ratio,
-                                                        input_mask=masks[0])[1].unsqueeze(0)
+                                                        input_mask=masks[0])[1]
         else:
             start = torch.cat([p.detach().reshape(-1) for p in trainable.values()])
             self.start = [start.expand(k, -1)]
@@ -178,14 +179,23 @@ class TestTimeTrainer:
                 lambda images, masks: batched[2](self.params[0], images, masks))
 
     def state(self):
-        """The adaptation state as a list of tensors, the weights first, then the optimiser's state
-        (online runs save it with their results, and load_state() puts it back in place)."""
-        return [p.detach() for p in self.params] + [v for state in self.optimizer.state.values()
-                                                    for v in state.values() if torch.is_tensor(v)]
+        """The adaptation state as a list of tensors, the weights first, then the optimiser's state, then
+        (fp16) the loss scale and its growth count; online runs save it with their results, and
+        load_state() puts it back in place."""
+        tensors = [p.detach() for p in self.params] + [v for state in self.optimizer.state.values()
+                                                       for v in state.values() if torch.is_tensor(v)]
+        if self.scaler.is_enabled():
+            tensors.append(torch.tensor([self.scaler.get_scale(), self.scaler._get_growth_tracker()],
+                                        dtype=torch.float64))
+        return tensors
 
     def load_state(self, tensors):
+        tensors = list(tensors)
+        if self.scaler.is_enabled():
+            scale, growth = tensors.pop().tolist()
+            self.scaler.load_state_dict({**self.scaler_start, 'scale': scale, '_growth_tracker': int(growth)})
         with torch.no_grad():
-            torch._foreach_copy_(self.state(), list(tensors))
+            torch._foreach_copy_(self.state()[:len(tensors)], tensors)
 
     @torch.no_grad()
     def reconstruct(self, images, masks):
@@ -203,6 +213,7 @@ class TestTimeTrainer:
                     for value in state.values():
                         if torch.is_tensor(value):
                             value.zero_()
+                self.scaler.load_state_dict(self.scaler_start)
         self.optimizer.zero_grad(set_to_none=not self.flat)
 
     def _autocast(self):

@@ -355,3 +355,16 @@ def test_micro_batches_are_the_same_step(test_folder):
         assert preds.tolist() == ref_preds.tolist()
         np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
         np.testing.assert_allclose(ces, ref_ces, rtol=1e-5, atol=1e-6)
+
+
+def test_fp16_loss_scale_starts_afresh_for_every_image_and_travels_with_the_online_state(test_folder):
+    items = items_of(test_folder, raw=False)[:1]
+    trainer = ttt.TestTimeTrainer(tiny_model(norm_pix_loss=True), ttt_args('--amp', 'fp16'), 'cpu')
+    adapt_all(trainer, items)
+    trainer.scaler.update(new_scale=8.)  # as after overflows on this image
+    saved = [t.clone() for t in trainer.state()]
+    assert saved[-1].tolist() == [8., 3.]  # the scale and the steps since its last change
+    trainer.reset()
+    assert trainer.scaler.get_scale() == 2. ** 16  # the next image does not inherit this one's scale
+    trainer.load_state(saved)
+    assert trainer.scaler.get_scale() == 8. and all(torch.equal(a, b) for a, b in zip(trainer.state(), saved))

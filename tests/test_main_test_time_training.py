@@ -241,10 +241,11 @@ def test_online_stream_killed_and_resumed_equals_uninterrupted(checkpoints, tmp_
     assert result.returncode != 0 and 'online_processes: 1 -> 2' in result.stderr  # torchrun exits 1
 
 
-def test_reconstructions_are_written_for_the_first_images(one_run, checkpoints, tmp_path):
+@pytest.mark.parametrize('k', ['1', '3'])  # the model's own weights (the default loop), and flat weights
+def test_reconstructions_are_written_for_the_first_images(one_run, checkpoints, tmp_path, k):
     from PIL import Image
     data, _, _, _ = one_run
-    run_inprocess(ttt_command(checkpoints, data, tmp_path / 'r', '--save_reconstructions', '2', '--parallel_images', '3'))
+    run_inprocess(ttt_command(checkpoints, data, tmp_path / 'r', '--save_reconstructions', '2', '--parallel_images', k))
     pictures = sorted((tmp_path / 'r' / 'reconstructions').glob('*.png'))
     assert [p.name for p in pictures] == ['000000_img_000.png', '000001_img_001.png']
     with Image.open(pictures[0]) as picture:
