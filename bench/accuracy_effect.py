@@ -6,6 +6,7 @@ scripts/sweep_imagenet_c.sh write them). Per image and step, d = correct in the 
 reference, in {-1, 0, 1}; d is averaged over the corruptions per clean image (the same images in every
 corruption, paired by file name), and the mean and its standard error are taken over images.
 
+  DEMO_RESULTS=demo_out/modes/default DEMO_TTT_COMPILE=0 DEMO_TTT_PARALLEL=1 DEMO_ONLINE=0 bash scripts/demo.sh
   python bench/accuracy_effect.py demo_out/modes/default compile+K4=demo_out/results_test bf16=demo_out/modes/bf16
 """
 import argparse
@@ -35,12 +36,15 @@ def correctness(root, corruption):
 def compare(reference, run):
     """Per-step mean difference (points), its SE, the reference's accuracy, and how many image-steps differ."""
     columns = sweep_corruptions(reference)
-    diffs, ref_correct, differing, total = [], [], 0, 0
+    diffs, ref_correct, differing, total, first = [], [], 0, 0, None
     for c in columns:
         ref, other = correctness(reference, c), correctness(run, c)
         if set(ref) != set(other):
             raise UserError(f"{c}: {run} and {reference} hold different images")
         names = sorted(ref)
+        first = first or (c, names)
+        if names != first[1]:  # each clean image's difference is averaged over the corruptions
+            raise UserError(f"{reference}: {c} and {first[0]} hold different images")
         r, o = np.stack([ref[n] for n in names]), np.stack([other[n] for n in names])
         if r.shape != o.shape:
             raise UserError(f"{c}: {run} has {o.shape[1] - 1} steps, {reference} {r.shape[1] - 1}")

@@ -52,7 +52,7 @@ def mode_flags(mode):
     for part in mode.split('+'):
         if part == 'compile':
             flags.append('--compile')
-        elif part[0] == 'K' and part[1:].isdigit():
+        elif part[:1] == 'K' and part[1:].isdigit():
             flags += ['--parallel_images', part[1:]]
         elif part in ('bf16', 'fp16'):
             flags += ['--amp', part]

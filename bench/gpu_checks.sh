@@ -3,8 +3,9 @@
 # benchmarks at the paper's setting, and the accuracy effect of the fast modes on the example's model.
 # Each part has its own time limit and writes its output to OUT_DIR/<part>.txt (JSON beside it).
 #
-#   bash bench/gpu_checks.sh OUT_DIR                      # every part (about 12 min on an H200)
-#   bash bench/gpu_checks.sh OUT_DIR tests profile bench  # some parts: tests profile bench example accuracy pretrain
+#   bash bench/gpu_checks.sh OUT_DIR                          # every part: up to 20 min by the limits
+#   bash bench/gpu_checks.sh OUT_DIR tests profile bench      # or in two calls of under 10 min each:
+#   bash bench/gpu_checks.sh OUT_DIR example accuracy pretrain
 #
 # The accuracy part runs the example's corruption stages on the GPU over a demo_out/ that `make demo`
 # made on a CPU (carry it to the GPU machine), 100 test images per corruption, in three modes: the
@@ -12,17 +13,24 @@
 set -uo pipefail
 OUT=${1:?usage: bench/gpu_checks.sh OUT_DIR [tests profile bench example accuracy pretrain]}
 shift
-PARTS=${*:-tests profile bench example accuracy pretrain}
+ALL='tests profile bench example accuracy pretrain'
+PARTS=${*:-$ALL}
+for p in $PARTS; do
+    [[ " $ALL " == *" $p "* ]] || { echo "error: unknown part '$p' (choose from: $ALL)" >&2; exit 2; }
+done
 export PYTHON=${PYTHON:-python3} PYTHONUNBUFFERED=1
 OUT=$(realpath -m "$OUT")
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 mkdir -p "$OUT"
+FAILED=''
 part() {  # part NAME SECONDS COMMAND...: run COMMAND with a time limit, output appended to OUT/NAME.txt
-    local name=$1 limit=$2 start=$SECONDS
+    local name=$1 limit=$2 start=$SECONDS status
     shift 2
     echo "== $name: $*" | tee -a "$OUT/$name.txt"
     timeout "$limit" "$@" >> "$OUT/$name.txt" 2>&1
-    echo "== $name: exit $? after $((SECONDS - start)) s" | tee -a "$OUT/$name.txt"
+    status=$?
+    echo "== $name: exit $status after $((SECONDS - start)) s" | tee -a "$OUT/$name.txt"
+    (( status == 0 )) || FAILED+=" $name"
 }
 wants() { [[ " $PARTS " == *" $1 "* ]]; }
 
@@ -42,7 +50,7 @@ if wants accuracy; then
     if [[ -f demo_out/probe/checkpoint-final.pth ]]; then
         for mode in "default 1 0 none" "compile+K4 4 1 none" "bf16 1 0 bf16"; do
             read -r name k compile amp <<< "$mode"
-            part accuracy 120 env DEMO_TTT_DEVICE=cuda DEMO_ONLINE=0 DEMO_RECONSTRUCTIONS=0 \
+            part accuracy 240 env DEMO_TTT_DEVICE=cuda DEMO_ONLINE=0 DEMO_RECONSTRUCTIONS=0 \
                 DEMO_TTT_MAX_EXAMPLES=100 DEMO_TTT_PARALLEL="$k" DEMO_TTT_COMPILE="$compile" DEMO_TTT_AMP="$amp" \
                 DEMO_RESULTS="$OUT/accuracy/$name" bash scripts/demo.sh
         done
@@ -55,3 +63,4 @@ if wants accuracy; then
 fi
 wants pretrain && part pretrain 45 "$PYTHON" bench/bench_pretrain.py --model mae_vit_large_patch16 \
     --batch_size 64 --device cuda
+[[ -z $FAILED ]] || { echo "failed or timed out:$FAILED" >&2; exit 1; }

@@ -6,7 +6,7 @@ On the CPU the time of an operation is its self time on the host; on CUDA it is 
 GPU. Idle is the wall time of the image minus the time inside operations (or kernels): Python, the
 dispatcher and launch gaps. A mode is as in bench/bench_ttt.py (default, compile, K<n>, bf16).
 
-  python bench/profile_ttt.py --model mae_vit_tiny_patch4 --image_size 32 --batch_size 16 --modes default compile+K4
+  python bench/profile_ttt.py --model mae_vit_tiny_patch4 --batch_size 16 --modes default compile+K4
   python bench/profile_ttt.py --model mae_vit_large_patch16 --batch_size 128 --modes default compile bf16
 """
 import argparse

@@ -5,10 +5,10 @@
 #   scripts/demo.sh            (or: make demo)
 #
 # Stages: digits -> MAE pre-training -> ViT-head probe -> corrupted test sets (severity 5)
-# -> baseline and TTT-MAE on each corruption -> table, paired gains and accuracy-vs-step figure.
+# -> baseline, TTT-MAE and online TTT-MAE on each corruption -> table, paired gains and figure.
 # Everything goes to $DEMO_OUT (default demo_out/); a stage whose outputs exist is skipped, so
 # rerunning after an interruption continues, and a stage whose folder other settings made stops the
-# script. Each stage prints its wall time, and $DEMO_OUT/stage_times_<split>.tsv keeps them.
+# script. Each stage prints its wall time, and $DEMO_RESULTS/stage_times.tsv keeps them. Needs bash 5.
 #
 # Environment (defaults are the demo's settings, chosen on the validation split, docs/demo.md):
 #   PYTHON                 interpreter (default: python)
@@ -32,13 +32,14 @@
 #   DEMO_TTT_STEPS, DEMO_TTT_BATCH, DEMO_TTT_LR, DEMO_TTT_MASK_RATIO, DEMO_TTT_MAX_EXAMPLES
 #   DEMO_TTT_PARALLEL      --parallel_images (default: 4)
 #   DEMO_TTT_COMPILE       1 (default): --compile; 0: the eager loop
-#   DEMO_TTT_AMP           --amp of the TTT runs (default: none)
+#   DEMO_TTT_AMP           --amp of the episodic TTT runs (default: none)
 #   DEMO_ONLINE            1 (default): also online TTT-MAE on each corruption (weights carried over a
 #                          shuffled stream of its images); 0: not
 #   DEMO_ONLINE_STEPS, DEMO_ONLINE_LR, DEMO_ONLINE_WINDOW  its steps per image, lr and --online_window
 #   DEMO_RECONSTRUCTIONS   reconstruction pictures saved for the first N images of each episodic run (default 3)
 #   DEMO_REPORT_STEP       the TTT step tabulated (default: 2; the figure shows every step)
 set -euo pipefail
+(( BASH_VERSINFO[0] >= 5 )) || { echo "error: scripts/demo.sh needs bash 5 or newer (this is $BASH_VERSION)" >&2; exit 2; }
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$REPO"
@@ -101,7 +102,7 @@ DIGITS=$OUT/digits
 CORRUPTED=$OUT/digits-c/$SPLIT
 PRETRAIN=$OUT/pretrain
 PROBE=$OUT/probe
-TIMES=$OUT/stage_times_$SPLIT.tsv
+TIMES=$RESULTS/stage_times.tsv
 MODEL_FLAGS=(--model "$MODEL" --input_size "$SIZE" --device "${DEMO_DEVICE:-cpu}")
 HEAD_FLAGS=(--head_type vit_head --num_classes 10)
 SEED_FLAGS=(--seed "${DEMO_SEED:-0}")
@@ -115,7 +116,7 @@ EVAL_FLAGS=(--resume_model "$PRETRAIN/checkpoint-final.pth" --resume_finetune "$
 RUN_FLAGS=(--model "$MODEL" --input_size "$SIZE" --device "${DEMO_TTT_DEVICE:-${DEMO_DEVICE:-cpu}}" "${HEAD_FLAGS[@]}"
            "${EVAL_FLAGS[@]}" ${TTT_MAX_EXAMPLES:+--max_examples "$TTT_MAX_EXAMPLES"})
 
-mkdir -p "$OUT"
+mkdir -p "$OUT" "$RESULTS"
 DEMO_START=$EPOCHREALTIME
 # Each stage's folder records the command that made it (the interpreter left out) and the records of
 # the pre-training and probe it read, so that a rerun with other settings stops instead of reusing, or

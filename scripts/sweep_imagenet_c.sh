@@ -20,7 +20,7 @@
 #               LAUNCHER="torchrun --nproc_per_node=8" scripts/sweep_imagenet_c.sh ...
 #   SLURM_ARRAY_TASK_ID  run only the corruption with this index (0-based) in the list; e.g. one
 #             job per corruption, submitted from the repository root:
-#               sbatch --array=0-14 --nodes=1 --gres=gpu:8 --cpus-per-task=80 --time=48:00:00 \
+#               sbatch --array=0-14 --nodes=1 --gres=gpu:8 --cpus-per-task=80 --time=12:00:00 \
 #                 --wrap 'LAUNCHER="torchrun --nproc_per_node=8" scripts/sweep_imagenet_c.sh \
 #                         imagenet-c out ckpt/mae.pth ckpt/probe.pth'
 #             Each task ends by collecting whatever has finished; rerun the collector when all are done:

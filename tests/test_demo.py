@@ -26,7 +26,7 @@ def read_json(path):
 
 
 def stage_times(out):
-    with open(os.path.join(out, 'stage_times_test.tsv')) as f:
+    with open(os.path.join(out, 'results_test', 'stage_times.tsv')) as f:
         return {row['stage']: row for row in csv.DictReader(f, delimiter='\t')}
 
 

@@ -137,15 +137,17 @@ def test_killed_run_resumes_to_the_uninterrupted_result(checkpoints, tmp_path):
         assert np.array_equal(full[key], again[key]), key
 
 
-def test_sigterm_flushes_and_exits(checkpoints, tmp_path):
+@pytest.mark.parametrize('workers', [0, 2])  # 2: the signal goes to the whole group, loader workers too
+def test_sigterm_flushes_and_exits(checkpoints, tmp_path, workers):
     data = make_image_folder(tmp_path / 'data', ['class_a', 'class_b'], 12, seed=5)
     cmd = ttt_command(checkpoints, data, tmp_path / 'out', '--batch_size', '16', '--steps_per_example', '25',
                       '--flush_every', '1000', '--print_freq', '1')
-    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, 'OMP_NUM_THREADS': '1'},
+    cmd[cmd.index('--num_workers') + 1] = str(workers)
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, 'OMP_NUM_THREADS': '1'}, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     while not proc.stdout.readline().startswith('[1/24]'):  # the first image is done
         assert proc.poll() is None
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM)  # as Ctrl-C or SLURM's scancel do
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM
     assert 'rerun the same command' in out
@@ -216,6 +218,8 @@ def test_subset_file_selects_exactly_the_listed_images(checkpoints, test_folder,
                            '--subset_file', str(listed)), '2 of the 3 images', 'class_a/nope.png, class_b/gone.png')
     user_error(script_args('test_without_adaptation.py', checkpoints, test_folder, tmp_path / 'c',
                            '--subset_file', str(listed), '--max_examples', '2'), '--subset_file and --max_examples')
+    user_error(script_args('test_without_adaptation.py', checkpoints, test_folder, tmp_path / 'c',
+                           '--subset', 'random'), '--subset and --subset_seed', 'pass --max_examples')
 
 
 ONLINE = ('--online', '--online_window', '3', '--batch_size', '6', '--steps_per_example', '2', '--single_crop',

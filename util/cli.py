@@ -2,6 +2,7 @@
 numbers, and bad input reported as one line with exit status 2. (torch is imported where a device is
 asked about, so that the scripts that only read results start quickly.)"""
 import argparse
+import math
 import os
 import sys
 
@@ -59,8 +60,8 @@ def number(kind, low=None, high=None, low_open=False, high_open=False):
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {'a whole number' if kind is int else 'a number'}, "
                                              f"got {text!r}") from None
-        if kind is float and value != value:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
+        if kind is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
         too_low = low is not None and (value <= low if low_open else value < low)
         too_high = high is not None and (value >= high if high_open else value > high)
         if too_low or too_high:

@@ -17,7 +17,8 @@ from util.results import ResultStore, check_run_config, select_indices
 # flags that do not change per-image results: a rerun may change them and still continue
 RUN_ONLY_ARGS = {'output_dir', 'log_dir', 'device', 'num_workers', 'pin_mem', 'world_size', 'local_rank',
                  'rank', 'gpu', 'distributed', 'dist_url', 'flush_every', 'print_freq',
-                 'data_path', 'resume_model', 'resume_finetune', 'checkpoint_sha256', 'num_images_in_folder'}
+                 'data_path', 'resume_model', 'resume_finetune', 'checkpoint_sha256', 'num_images_in_folder',
+                 'save_reconstructions'}
 
 
 def set_precision(device, strict_fp32):
@@ -119,6 +120,8 @@ def prepare_run(args):
     this process's stream has come) and state."""
     if args.subset_file and args.max_examples:
         raise UserError("--subset_file and --max_examples both choose the images: pass one")
+    if args.max_examples is None and (args.subset != 'stride' or args.subset_seed != 0):
+        raise UserError("--subset and --subset_seed choose which --max_examples images: pass --max_examples too")
     class_folders(args.data_path)  # a wrong path fails before the checkpoints are read
     distributed.init_distributed_mode(args)
     device = torch.device(args.device)
