@@ -1,5 +1,4 @@
 """The ImageNet-C sweep end to end: build corrupted sets, sweep baseline + TTT, collect the table."""
-import importlib
 import json
 import os
 import sys
