@@ -346,7 +346,8 @@ def run_test_time_training(trainer, loader, store, args, log_writer=None, online
     weights carry over, each image's views come from the window of the last --online_window images, and
     the state is saved before each flush of the results it goes with. Episodic runs also flush on an
     error; an online run does not (the state is then mid-image), so its rerun redoes the images since
-    the last flush. observe(indices): for a group's image indices, an observer for adapt() or None (reconstructions).
+    the last flush. observe(indices): for a group's image indices, an observer for adapt() or None
+    (reconstructions).
     Returns the number of images done."""
     device, done, correct_last = trainer.device, 0, 0
     progress = ProgressLine(len(loader), args.print_freq)
