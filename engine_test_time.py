@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from util.checkpoint import HEAD_PREFIXES
 from util.cli import UserError
-from util.datasets import random_resized_crops
+from util.datasets import training_views
 from util.logger import ProgressLine
 from util.seed import derive_seed
 from util.signals import StopRequested
@@ -254,28 +254,6 @@ class TestTimeTrainer:
             orders.append(noise.argsort(dim=-1))
         return torch.stack(orders, dim=2)
 
-    def views(self, images, sources, crop_gens):
-        """(A, K, B, 3, H, W): the B views of each image k for each of A micro-batches, spread evenly
-        over its sources, a list of (eval crop (1, 3, H, W), decoded uint8 image) pairs: its own, or
-        online the window's, the newest taking the remainder. With --single_crop the views are the eval
-        crops, else random resized crops cut with image k's crop generator."""
-        args, b = self.args, self.args.batch_size
-        if args.single_crop and all(len(source) == 1 for source in sources):
-            return images.unsqueeze(0).expand(args.accum_iter, -1, b, -1, -1, -1)
-        per_image = []
-        for source, gen in zip(sources, crop_gens):
-            counts = [b // len(source) + (j >= len(source) - b % len(source)) for j in range(len(source))]
-            micro = []
-            for _ in range(args.accum_iter):
-                if args.single_crop:
-                    parts = [image.expand(c, -1, -1, -1) for (image, _), c in zip(source, counts) if c]
-                else:
-                    parts = [random_resized_crops(raw, c, images.shape[-1], gen) for (_, raw), c in zip(source, counts)
-                             if c]
-                micro.append(torch.cat(parts))
-            per_image.append(torch.stack(micro))
-        return torch.stack(per_image, dim=1)
-
     def adapt(self, indices, labels, images, raws=None, windows=None, reset_weights=True, reset_optimizer=True,
               observe=None):
         """Adapt to K images. labels (K,), images (K, 1, 3, H, W) on the device, raws: their decoded uint8
@@ -302,7 +280,7 @@ class TestTimeTrainer:
         if observe:
             observe(0, self, images, ce)
         for step in range(self.args.steps_per_example):
-            losses.append(self.step(self.views(images, sources, crop_gens), masks[step]))
+            losses.append(self.step(training_views(images, sources, crop_gens, self.args), masks[step]))
             pred, ce = self.classify(images, labels)
             preds.append(pred)
             ces.append(ce)

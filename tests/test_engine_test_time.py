@@ -8,7 +8,7 @@ import torch
 import engine_test_time as ttt
 from conftest import REPO, TINY, make_image_folder, tiny_model
 from main_test_time_training import get_args_parser
-from util.datasets import ImageFolder, TestTimeDataset
+from util.datasets import ImageFolder, TestTimeDataset, training_views
 from util.reference_loop import reference_adapt
 
 DEVICES = ['cpu', pytest.param('cuda', marks=pytest.mark.cuda)]
@@ -278,11 +278,11 @@ def test_classification_and_views_of_a_group(test_folder):
     items = items_of(test_folder, raw=True)[:2]
     images = torch.stack([image for _, _, image, _ in items])
     own = [[(image, raw)] for _, _, image, raw in items]
-    views = trainer.views(images, own, None)
+    views = training_views(images, own, None, trainer.args)
     assert views.shape == (2, 2, 5, 3, 16, 16) and torch.equal(views[1, 1, 4], images[1, 0])
     args.single_crop = False
     gens = [torch.Generator().manual_seed(i) for i in range(2)]
-    crops = trainer.views(images, own, gens)
+    crops = training_views(images, own, gens, trainer.args)
     assert crops.shape == (2, 2, 5, 3, 16, 16) and not torch.equal(crops[0], crops[1])
     preds, ces = trainer.classify(images, torch.tensor([0, 1]))
     model = tiny_model().eval()
@@ -316,12 +316,12 @@ def test_online_views_are_spread_over_the_window(test_folder):
     trainer = ttt.TestTimeTrainer(tiny_model(), args, 'cpu')
     items = items_of(test_folder, raw=True)[:3]
     window = [[(image, raw) for _, _, image, raw in items]]
-    views = trainer.views(items[2][2], window, [None])
+    views = training_views(items[2][2], window, [None], trainer.args)
     assert views.shape == (1, 1, 5, 3, 16, 16)
     sources = [0, 1, 1, 2, 2]  # 5 views over 3 images: the newest take the remainder
     assert all(torch.equal(views[0, 0, v], items[j][2][0]) for v, j in enumerate(sources))
     args.single_crop = False
-    crops = trainer.views(items[2][2], window, [torch.Generator().manual_seed(0)])
+    crops = training_views(items[2][2], window, [torch.Generator().manual_seed(0)], trainer.args)
     assert crops.shape == (1, 1, 5, 3, 16, 16)
 
 

@@ -205,6 +205,29 @@ def random_resized_crops(image, n, size, generator, scale=(0.2, 1.0), ratio=(3 /
     return (views - mean) / std
 
 
+def training_views(images, sources, crop_gens, args):
+    """(A, K, B, 3, H, W): the B = --batch_size views of each image k for each of A = --accum_iter
+    micro-batches, spread evenly over its sources, a list of (eval crop (1, 3, H, W), decoded uint8
+    image) pairs: its own, or online the window's, the newest taking the remainder. With --single_crop
+    the views are the eval crops, else random resized crops cut with image k's crop generator."""
+    b = args.batch_size
+    if args.single_crop and all(len(source) == 1 for source in sources):
+        return images.unsqueeze(0).expand(args.accum_iter, -1, b, -1, -1, -1)
+    per_image = []
+    for source, gen in zip(sources, crop_gens):
+        counts = [b // len(source) + (j >= len(source) - b % len(source)) for j in range(len(source))]
+        micro = []
+        for _ in range(args.accum_iter):
+            if args.single_crop:
+                parts = [image.expand(c, -1, -1, -1) for (image, _), c in zip(source, counts) if c]
+            else:
+                parts = [random_resized_crops(raw, c, images.shape[-1], gen) for (_, raw), c in zip(source, counts)
+                         if c]
+            micro.append(torch.cat(parts))
+        per_image.append(torch.stack(micro))
+    return torch.stack(per_image, dim=1)
+
+
 def make_loader(dataset, args, train=True, shuffle=None):
     """A DataLoader over this process's share of the dataset (DistributedSampler, seeded by args.seed).
 
