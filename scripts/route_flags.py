@@ -14,6 +14,8 @@ import sys
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
+from util.cli import UserError, run_main  # noqa: E402
+
 SWEPT = ('test_without_adaptation', 'main_test_time_training')
 
 
@@ -23,11 +25,11 @@ def split_flags(argv, parsers):
     while i < len(argv):
         token = argv[i]
         if not token.startswith('--'):
-            raise SystemExit(f"error: {token!r} after -- is not a flag (flags for the python scripts go after --)")
+            raise UserError(f"{token!r} after -- is not a flag (flags for the python scripts go after --)")
         name = token.split('=', 1)[0]
         takers = {s for s, p in parsers.items() if name in p._option_string_actions}
         if not takers:
-            raise SystemExit(f"error: {name} is a flag of neither {' nor '.join(s + '.py' for s in parsers)}")
+            raise UserError(f"{name} is a flag of neither {' nor '.join(s + '.py' for s in parsers)}")
         action = next(p._option_string_actions[name] for s, p in parsers.items() if s in takers)
         j = i + 1
         if '=' not in token and action.nargs != 0:
@@ -41,21 +43,15 @@ def split_flags(argv, parsers):
     return groups
 
 
-def main():
-    if len(sys.argv) < 4 or sys.argv[3] != '--':
-        raise SystemExit("usage: scripts/route_flags.py BASELINE_FILE TTT_FILE -- FLAGS")
+def main(argv):
+    if len(argv) < 4 or argv[3] != '--':
+        raise UserError("usage: scripts/route_flags.py BASELINE_FILE TTT_FILE -- FLAGS")
     parsers = {s: importlib.import_module(s).get_args_parser() for s in SWEPT}
-    groups = split_flags(sys.argv[4:], parsers)
-    for script, path in zip(SWEPT, sys.argv[1:3]):
+    groups = split_flags(argv[4:], parsers)
+    for script, path in zip(SWEPT, argv[1:3]):
         with open(path, 'w') as f:
             f.write(''.join(t + '\0' for group, takers in groups if script in takers for t in group))
 
 
 if __name__ == '__main__':
-    try:
-        main()
-    except SystemExit as e:
-        if isinstance(e.code, str):
-            sys.stderr.write(e.code + '\n')
-            sys.exit(2)
-        raise
+    run_main(main, sys.argv)
