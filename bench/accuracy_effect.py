@@ -20,17 +20,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import print_table  # noqa: E402
 from util.cli import UserError, run_main  # noqa: E402
 from util.io import write_json  # noqa: E402
-from util.results import sweep_corruptions  # noqa: E402
+from util.results import load_per_image, sweep_corruptions  # noqa: E402
 
 
 def correctness(root, corruption):
     """{file name: correct per step} of one run."""
-    path = os.path.join(root, corruption, 'per_image.npz')
-    if not os.path.exists(path):
-        raise UserError(f"{path} not found (is the run complete?)")
-    with np.load(path, allow_pickle=False) as f:
-        correct = f['pred'] == f['label'][:, None]
-        return dict(zip(f['filename'].tolist(), correct.astype(np.int64)))
+    f = load_per_image(os.path.join(root, corruption))
+    correct = f['pred'] == f['label'][:, None]
+    return dict(zip(f['filename'].tolist(), correct.astype(np.int64)))
 
 
 def compare(reference, run):

@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 
 from util.cli import UserError, run_main  # noqa: E402
 from util.io import write_json, write_text  # noqa: E402
-from util.results import sweep_corruptions  # noqa: E402
+from util.results import load_per_image, sweep_corruptions  # noqa: E402
 
 
 def get_args_parser():
@@ -36,14 +36,6 @@ def get_args_parser():
                         help='step of the online runs compared (default: their last one)')
     parser.add_argument('--out', default=None, help='output prefix (default: ROOT/paired_gain)')
     return parser
-
-
-def load(folder):
-    path = os.path.join(folder, 'per_image.npz')
-    if not os.path.exists(path):
-        raise UserError(f"{path} not found (is the run complete?)")
-    with np.load(path, allow_pickle=False) as f:
-        return {k: f[k] for k in f.files}
 
 
 def mean_se(d):
@@ -58,7 +50,7 @@ def top_class_share(pred):
 
 def compare(folder, base_folder, step):
     """Per-corruption numbers and the per-image differences keyed by file name."""
-    ttt, base = load(folder), load(base_folder)
+    ttt, base = load_per_image(folder), load_per_image(base_folder)
     if not np.array_equal(ttt['index'], base['index']):
         raise UserError(f"{folder}: the TTT run and the baseline hold different images "
                         f"({len(ttt['index'])} vs {len(base['index'])})")

@@ -176,6 +176,15 @@ def write_outputs(args, store, dataset, indices, method, wall_time_s, images_thi
     return result
 
 
+def load_per_image(folder):
+    """A finished run's per-image records (FOLDER/per_image.npz) as {field: array}."""
+    path = os.path.join(folder, 'per_image.npz')
+    if not os.path.exists(path):
+        raise UserError(f"{path} not found (is the run complete?)")
+    with np.load(path, allow_pickle=False) as f:
+        return {k: f[k] for k in f.files}
+
+
 def sweep_corruptions(root):
     """The corruption folders of a sweep's results root (ROOT/<corruption>/), in the standard order."""
     if not os.path.isdir(root):
