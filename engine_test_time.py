@@ -292,15 +292,19 @@ class TestTimeTrainer:
         return list(zip(preds, ces, losses))[:n]
 
 
+def _not_the_no_cuda_note(record):
+    # building the CPU kernels imports torch.utils.cpp_extension, which notes that a CUDA toolkit
+    # without a GPU is not used: true, and nothing the user needs to act on
+    return not record.getMessage().startswith('No CUDA runtime is found')
+
+
 def compiled(fn, device):
     """fn through torch.compile's inductor: fused kernels for fixed shapes. On the CPU the kernels are
     called from generated C++ (at the example's size, Python's per-kernel overhead is much of what is
     left); on CUDA the compiled code is replayed as CUDA graphs."""
     if device.type == 'cpu':
-        # building the CPU kernels imports torch.utils.cpp_extension, which notes that a CUDA toolkit
-        # without a GPU is not used: true, and nothing the user needs to act on
-        logging.getLogger('torch.utils.cpp_extension').addFilter(
-            lambda record: not record.getMessage().startswith('No CUDA runtime is found'))
+        # one function, so a logger holds it once however many trainers compile
+        logging.getLogger('torch.utils.cpp_extension').addFilter(_not_the_no_cuda_note)
         return torch.compile(fn, dynamic=False, options={'cpp_wrapper': True})
     return torch.compile(fn, dynamic=False, options={'triton.cudagraphs': True})
 
@@ -348,7 +352,8 @@ def run_test_time_training(trainer, loader, store, args, log_writer=None, online
                 raws = None if args.single_crop else [item['raw'].to(device, non_blocking=True) for item in group]
                 if window is not None:
                     window.append((images[0], None if raws is None else raws[0]))
-                results = trainer.adapt(indices, labels, images, raws, windows=None if window is None else [list(window)],
+                results = trainer.adapt(indices, labels, images, raws,
+                                        windows=None if window is None else [list(window)],
                                         reset_weights=window is None,
                                         reset_optimizer=window is None or args.online_reset_optimizer,
                                         observe=observe and observe(indices))

@@ -123,8 +123,7 @@ def main():
     model.to(device)
     fp32 = 'fp32' if device.type == 'cpu' or bench.strict_fp32 else 'tf32'
     precisions = sorted({next((p for p in m.split('+') if p in AMP_DTYPES), 'none') for m in bench.modes})
-    rates = {p: matmul_tflops(device, {'none': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}[p])
-             for p in precisions}
+    rates = {p: matmul_tflops(device, AMP_DTYPES[p] or torch.float32) for p in precisions}
     with tempfile.TemporaryDirectory() as folder:
         samples = make_images(folder, bench.images, bench.image_size)
         args = ttt_args(bench, 'default', size)

@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.bench_ttt import ttt_args  # noqa: E402
 from bench.common import count_flops, device_name, matmul_tflops, print_table, sync  # noqa: E402
 import engine_test_time  # noqa: E402
-from engine_test_time import TestTimeTrainer  # noqa: E402
+from engine_test_time import AMP_DTYPES, TestTimeTrainer  # noqa: E402
 from models_mae import build_model  # noqa: E402
 from util.io import write_json  # noqa: E402
 from util.run_setup import set_precision  # noqa: E402
@@ -120,7 +120,7 @@ def main():
         args = ttt_args(bench, mode, size)
         trainer = TestTimeTrainer(copy.deepcopy(model), args, device, k=args.parallel_images)
         parts, wall = breakdown(trainer, device, args.parallel_images)
-        dtype = {'none': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}[args.amp]
+        dtype = AMP_DTYPES[args.amp] or torch.float32
         floor = flops / 1e12 / matmul_tflops(device, dtype)
         results[mode] = {'seconds_per_image': wall, 'floor_s_per_image': floor, 'parts_s_per_image': parts}
         rows.append([mode, f"{wall:.3f}", f"{floor:.3f}"] + [f"{parts[c]:.3f} ({parts[c] / wall:.0%})"
