@@ -55,6 +55,9 @@ export OMP_NUM_THREADS=${DEMO_THREADS:-2}
 # pixelate's 4x4 blocks line up with the 4x4 patches; it stays in whatever TTT does on it.
 CORRUPTIONS=${DEMO_CORRUPTIONS:-gaussian_noise motion_blur fog contrast pixelate}
 SEVERITY=5
+zero_or_one() {  # zero_or_one NAME VALUE: a switch of the environment is 0 or 1
+    [[ $2 == 0 || $2 == 1 ]] || { echo "error: $1 must be 0 or 1, got '$2'" >&2; exit 2; }
+}
 # Sizes and TTT settings below were chosen on the validation split (docs/demo.md).
 read -r N_TRAIN N_VAL N_TEST <<< "${DEMO_DIGITS:-300 100 100}"
 EVAL_PER_CLASS=${DEMO_EVAL_PER_CLASS:-30}
@@ -65,11 +68,11 @@ PRETRAIN_WARMUP=${DEMO_PRETRAIN_WARMUP:-5}
 PRETRAIN_BATCH=${DEMO_PRETRAIN_BATCH:-128}
 PRETRAIN_BLR=${DEMO_PRETRAIN_BLR:-3e-3}
 NORM_PIX=${DEMO_NORM_PIX:-1}
-[[ $NORM_PIX == 0 || $NORM_PIX == 1 ]] || { echo "error: DEMO_NORM_PIX must be 0 or 1, got '$NORM_PIX'" >&2; exit 2; }
+zero_or_one DEMO_NORM_PIX "$NORM_PIX"
 PRETRAIN_MIN_SCALE=${DEMO_PRETRAIN_MIN_SCALE:-0.2}
 PROBE_MIN_SCALE=${DEMO_PROBE_MIN_SCALE:-0.08}
 HFLIP=${DEMO_HFLIP:-1}
-[[ $HFLIP == 0 || $HFLIP == 1 ]] || { echo "error: DEMO_HFLIP must be 0 or 1, got '$HFLIP'" >&2; exit 2; }
+zero_or_one DEMO_HFLIP "$HFLIP"
 PROBE_EPOCHS=${DEMO_PROBE_EPOCHS:-10}
 PROBE_WARMUP=${DEMO_PROBE_WARMUP:-1}
 PROBE_BATCH=${DEMO_PROBE_BATCH:-128}
@@ -83,11 +86,10 @@ TTT_MAX_EXAMPLES=${DEMO_TTT_MAX_EXAMPLES:-}
 # rounding, about twice the released-style loop's speed on 2 cores (docs/performance.md)
 TTT_PARALLEL=${DEMO_TTT_PARALLEL:-4}
 TTT_COMPILE=${DEMO_TTT_COMPILE:-1}
-[[ $TTT_COMPILE == 0 || $TTT_COMPILE == 1 ]] || {
-    echo "error: DEMO_TTT_COMPILE must be 0 or 1, got '$TTT_COMPILE'" >&2; exit 2; }
+zero_or_one DEMO_TTT_COMPILE "$TTT_COMPILE"
 TTT_AMP=${DEMO_TTT_AMP:-none}
 ONLINE=${DEMO_ONLINE:-1}
-[[ $ONLINE == 0 || $ONLINE == 1 ]] || { echo "error: DEMO_ONLINE must be 0 or 1, got '$ONLINE'" >&2; exit 2; }
+zero_or_one DEMO_ONLINE "$ONLINE"
 ONLINE_STEPS=${DEMO_ONLINE_STEPS:-2}
 ONLINE_LR=${DEMO_ONLINE_LR:-1e-3}
 ONLINE_WINDOW=${DEMO_ONLINE_WINDOW:-1}
