@@ -47,36 +47,68 @@ def adapt_all(trainer, items):
 
 
 # Recorded with main at 4f1db74 (the engine before it was rewritten around one step for K images), with
-# one thread, on the x86-64 AVX512 CPUs this project is tested on: per-image predictions, cross-entropies
-# and reconstruction losses of the default mode on the fixtures above.
+# one thread, on an Intel x86-64 AVX512 CPU: per-image predictions, cross-entropies and reconstruction
+# losses of the default mode on the fixtures above. Another CPU (another vendor or kernel library, even
+# at the same capability string) rounds matrix products differently, so the recorded values are compared
+# with tolerances; exact comparisons are made within this process (against the eager oracle below).
 GOLDEN = np.load(f'{REPO}/tests/data/engine_golden.npz')
 GOLDEN_CASES = {'single_crop': ((), True), 'random_crops_accum2': (('--accum_iter', '2'), False),
                 'adam_w': (('--optimizer_type', 'adam_w', '--steps_per_example', '4'), True),
                 'adam_crops': (('--optimizer_type', 'adam',), False), 'all_mode': (('--finetune_mode', 'all'), True)}
+# A prediction of the two-class fixtures can only flip where its two logits are this close: far beyond
+# what rounding moves logits of order 1 (about 1e-5 after the steps, see the tolerances below).
+NEAR_TIE = 1e-3
+
+
+def assert_matches_recorded(results, case, rtol, atol=0.):
+    """Results (pred, ce, mae per image) against the recording: values to rtol/atol; predictions equal
+    wherever the recorded logits are not a near tie. With two classes the gap between the logits is
+    recovered from the label's cross-entropy: ce = log(1 + exp(-gap)), so |gap| = |log(exp(ce) - 1)|."""
+    preds, ces, maes = (np.stack([r[i] for r in results]) for i in range(3))
+    recorded_ces = GOLDEN[f'{case}/ce_loss'].astype(np.float64)
+    decided = np.abs(np.log(np.expm1(recorded_ces))) > NEAR_TIE
+    assert decided.mean() > 0.9  # the check below checks something
+    assert np.array_equal(preds[decided], GOLDEN[f'{case}/pred'][decided])
+    np.testing.assert_allclose(ces, GOLDEN[f'{case}/ce_loss'], rtol=rtol, atol=atol, err_msg='ce_loss')
+    np.testing.assert_allclose(maes, GOLDEN[f'{case}/mae_loss'], rtol=rtol, atol=atol, err_msg='mae_loss')
 
 
 @pytest.fixture
 def one_thread():
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the recorded values are one thread's: more split the sums differently
+    torch.set_num_threads(1)  # as recorded: more threads split the sums differently
     yield
     torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize('case', GOLDEN_CASES)
-def test_default_mode_is_bitwise_the_recorded_engine(test_folder, case, one_thread):
+def test_default_mode_matches_the_recorded_engine(test_folder, case, one_thread):
+    """The default mode against the engine as it was before the rewrite, recorded on another machine:
+    rounding differences of matrix products (a few units of 6e-8 relative per product) pass through
+    three or four optimiser steps (Adam divides by the gradients' RMS, which amplifies them where a
+    gradient is near zero), so values agree to rtol 1e-5 (SGD) or 1e-3 absolute (Adam)."""
     extra, single_crop = GOLDEN_CASES[case]
     args = ttt_args(*extra)
     args.single_crop = single_crop
     results = adapt_all(ttt.TestTimeTrainer(tiny_model(norm_pix_loss=True), args, 'cpu'),
                         items_of(test_folder, raw=not single_crop))
-    same_cpu = str(GOLDEN['cpu_capability']) == torch.backends.cpu.get_cpu_capability()
-    for i, key in enumerate(('pred', 'ce_loss', 'mae_loss')):
-        got, expected = np.stack([r[i] for r in results]), GOLDEN[f'{case}/{key}']
-        if same_cpu or key == 'pred':
-            assert np.array_equal(got, expected), key
-        else:  # other vector units round matrix products differently
-            np.testing.assert_allclose(got, expected, rtol=1e-5, err_msg=key)
+    assert_matches_recorded(results, case, rtol=1e-5, atol=1e-3 if args.optimizer_type != 'sgd' else 1e-6)
+
+
+@pytest.mark.parametrize('case', [c for c, (_, single_crop) in GOLDEN_CASES.items() if single_crop])
+def test_default_mode_is_bitwise_the_eager_oracle(test_folder, case):
+    """The default mode (in-place reset, decode once, multi-tensor update) against the released-style
+    loop (util/reference_loop.py: a deep copy of the model, a new per-parameter optimiser and a new
+    decode for every step), in this process: the same operations in the same order, so bit for bit."""
+    extra, _ = GOLDEN_CASES[case]
+    args = ttt_args(*extra, '--accum_iter', '2') if case == 'single_crop' else ttt_args(*extra)
+    model = tiny_model(norm_pix_loss=True)
+    base_cpu = copy.deepcopy(model)
+    trainer = ttt.TestTimeTrainer(model, args, 'cpu')
+    for item, (path, label) in list(zip(items_of(test_folder, raw=False), ImageFolder(test_folder).samples))[:4]:
+        (preds, ces, losses), = adapt_all(trainer, [item])
+        ref_preds, ref_ces, ref_losses = reference_adapt(base_cpu, path, label, item[0], args, 'cpu')
+        assert preds.tolist() == ref_preds and ces.tolist() == ref_ces and losses.tolist() == ref_losses
 
 
 @pytest.mark.parametrize('case', GOLDEN_CASES)
@@ -88,13 +120,8 @@ def test_parallel_images_equal_one_at_a_time(test_folder, case, one_thread):
     args.single_crop = single_crop
     results = adapt_all(ttt.TestTimeTrainer(tiny_model(norm_pix_loss=True), args, 'cpu', k=3),
                         items_of(test_folder, raw=not single_crop))  # 10 images: the last group has 1
-    adam = args.optimizer_type != 'sgd'
-    for i, key in enumerate(('pred', 'ce_loss', 'mae_loss')):
-        got, expected = np.stack([r[i] for r in results]), GOLDEN[f'{case}/{key}']
-        if key == 'pred':
-            assert np.array_equal(got, expected)
-        else:  # Adam: where a gradient is near zero, a rounding difference can change its step by up to lr
-            np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-3 if adam else 1e-6, err_msg=key)
+    # Adam: where a gradient is near zero, a rounding difference can change its step by up to lr
+    assert_matches_recorded(results, case, rtol=1e-4, atol=1e-3 if args.optimizer_type != 'sgd' else 1e-6)
 
 
 @pytest.fixture(scope='module')
@@ -115,12 +142,7 @@ def test_compiled_step_equals_the_eager_loop(compiled_cpu_results):
     patches x 48 values; reassociating such a reduction changes it by about log2(2304) = 11 roundings of
     6e-8 relative, and three SGD steps carry that through the weights: rtol 1e-5 leaves a margin of
     about ten. Predictions must be equal."""
-    for i, key in enumerate(('pred', 'ce_loss', 'mae_loss')):
-        got, expected = np.stack([r[i] for r in compiled_cpu_results]), GOLDEN[f'single_crop/{key}']
-        if key == 'pred':
-            assert np.array_equal(got, expected)
-        else:
-            np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6, err_msg=key)
+    assert_matches_recorded(compiled_cpu_results, 'single_crop', rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.cuda
@@ -154,22 +176,22 @@ def test_parallel_images_equal_one_at_a_time_on_the_device(test_folder, single_c
         np.testing.assert_allclose(losses, ref_losses, rtol=1e-4)
 
 
-@pytest.mark.parametrize('device', DEVICES)
-def test_engine_equals_the_reference_loop(test_folder, device):
-    """In-place reset + decode once + multi-tensor update == deep-copy the model, new per-parameter
-    optimiser, decode every step (util/reference_loop.py)."""
+@pytest.mark.cuda
+def test_engine_equals_the_reference_loop_on_cuda(test_folder):
+    """As test_default_mode_is_bitwise_the_eager_oracle, on CUDA: the two loops run different kernels
+    (one expanded batch against stacked copies; some backward kernels sum with atomics), so float sums
+    differ in order and values agree to rounding."""
     args = ttt_args('--accum_iter', '2')
     model = tiny_model(norm_pix_loss=True)
     base_cpu = copy.deepcopy(model)
-    trainer = ttt.TestTimeTrainer(model.to(device), args, device)
+    trainer = ttt.TestTimeTrainer(model.to('cuda'), args, 'cuda')
     samples = ImageFolder(test_folder).samples
-    for item, (path, label) in zip(items_of(test_folder, raw=False, device=device)[:4], samples):
-        (preds, _, losses), = adapt_all(trainer, [item])
-        ref_preds, ref_losses = reference_adapt(base_cpu, path, label, item[0], args, device)
+    for item, (path, label) in zip(items_of(test_folder, raw=False, device='cuda')[:4], samples):
+        (preds, ces, losses), = adapt_all(trainer, [item])
+        ref_preds, ref_ces, ref_losses = reference_adapt(base_cpu, path, label, item[0], args, 'cuda')
         assert preds.tolist() == ref_preds
-        # CUDA: the two loops run different kernels (one expanded batch against stacked copies; some
-        # backward kernels sum with atomics), so float sums differ in order
-        np.testing.assert_allclose(losses, ref_losses, rtol=1e-6 if device == 'cpu' else 1e-4)
+        np.testing.assert_allclose(losses, ref_losses, rtol=1e-4)
+        np.testing.assert_allclose(ces, ref_ces, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize('k', [1, 3])

@@ -8,7 +8,7 @@ from conftest import TINY, make_image_folder, tiny_model
 from main_test_time_training import get_args_parser
 from util.cli import UserError
 from util.results import ResultStore
-from util.run_setup import build_test_model, images_to_do, load_test_set, run_config
+from util.run_setup import build_test_model, images_to_do, load_test_set, run_config, set_precision
 
 
 def args_for(checkpoints, data='unused', *extra):
@@ -78,3 +78,15 @@ def test_run_config_keeps_what_results_depend_on(checkpoints):
     assert config['steps_per_example'] == 20 and config['device_type'] == 'cpu'
     assert config['data'].endswith('some/folder')
     assert not {'num_workers', 'print_freq', 'output_dir', 'world_size', 'resume_model'} & set(config)
+
+
+def test_cuda_precision_is_tf32_as_released_unless_strict():
+    set_precision('cuda', strict_fp32=False)  # sets the flags whether or not a GPU is there
+    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    set_precision('cuda', strict_fp32=True)
+    assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True  # left on: the next test checks that conftest restores it
+
+
+def test_no_test_leaks_tf32_into_the_next():
+    assert not torch.backends.cuda.matmul.allow_tf32  # torch's default, restored after the test above

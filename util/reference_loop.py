@@ -10,14 +10,16 @@ import copy
 
 import torch
 
-from engine_test_time import build_optimizer, trainable_parameters
+from engine_test_time import build_optimizer, predictions, trainable_parameters
 from util.datasets import eval_transform, load_rgb
 from util.seed import derive_seed
 
 
 def reference_adapt(base_model_cpu, path, label, index, args, device, amp_dtype=None):
-    """Returns (predictions per step, MAE loss per step) for one image, single-crop views; amp_dtype:
-    autocast the forward passes (the released code had none; for comparisons in the same precision)."""
+    """Returns (prediction, cross-entropy) before and after each step and the MAE loss of each step, for
+    one image with single-crop views; amp_dtype: autocast the forward passes (the released code had none;
+    for comparisons in the same precision). The loss is summed over micro-batches in float32, as the
+    engine records it."""
     model = copy.deepcopy(base_model_cpu).to(device)
     autocast = lambda: torch.autocast(torch.device(device).type, dtype=amp_dtype, enabled=amp_dtype is not None)
     optimizer = build_optimizer(list(trainable_parameters(model, args.finetune_mode).values()), args, foreach=None)
@@ -34,9 +36,10 @@ def reference_adapt(base_model_cpu, path, label, index, args, device, amp_dtype=
             with autocast():
                 logits = model(image, mask_ratio=0, reconstruct=False)[3]
         model.train()
-        return logits.argmax(dim=1).item()
+        pred, ce = predictions(logits, torch.tensor([label], device=device))
+        return pred.item(), ce.item()
 
-    preds, losses = [classify()], []
+    classified, losses = [classify()], []
     for step in range(args.steps_per_example):
         step_loss = 0.
         for micro in range(args.accum_iter):
@@ -45,9 +48,10 @@ def reference_adapt(base_model_cpu, path, label, index, args, device, amp_dtype=
             with autocast():
                 loss = model(views, mask_ratio=args.mask_ratio, input_mask=masks[step, micro])[0]['mae']
             (loss / args.accum_iter).backward()
-            step_loss += loss.item() / args.accum_iter
+            step_loss = step_loss + (loss.float() / args.accum_iter).detach()
         optimizer.step()
         optimizer.zero_grad()
-        losses.append(step_loss)
-        preds.append(classify())
-    return preds, losses
+        losses.append(float(step_loss))
+        classified.append(classify())
+    preds, ces = zip(*classified)
+    return list(preds), list(ces), losses
