@@ -8,12 +8,12 @@ the eval crop (also once before the first step). Masks and crops come from (seed
 so results do not depend on the other images, the number of processes or interruptions.
 
 `TestTimeTrainer` holds the adaptation state of K images at once (K = --parallel_images): one set of
-weights and optimiser state per image. K = 1 trains the model's own parameters, as the released code
-does; K > 1 trains K stacked copies through torch.func.vmap. Both go through the same step.
+weights and optimiser state per image, the weights as one row of a flat tensor. K = 1 runs the model on
+row 0, op for op the released computation; K > 1 runs it on K rows through torch.func.vmap. Both go
+through the same step.
 """
 import logging
 import time
-import warnings
 
 import numpy as np
 import torch
@@ -89,12 +89,12 @@ def mode_dependent_modules(model):
 class TestTimeTrainer:
     """Weights and optimiser state of K images, reset in place, and the step that adapts them.
 
-    By default (K = 1, not compiled) the step trains the model's own parameters, op for op the
-    released computation. Otherwise each image's trainable weights are one row of a flat (K, N)
-    tensor: K > 1 runs the model on each row through torch.func.vmap, and --compile turns the step
-    (forward, loss, backward), the optimiser update and the classification into fused kernels, on CUDA
-    replayed as CUDA graphs (the optimiser update on the one flat tensor stays eager: a few passes over
-    it). All modes share reset(), step() and classify().
+    Each image's trainable weights are one row of a flat (K, N) tensor, trained with the model's other
+    weights fixed (torch.func.functional_call): K = 1 runs the model on row 0, the released computation
+    op for op (bitwise its own parameters, tested); K > 1 runs it on every row through torch.func.vmap.
+    --compile turns the step (forward, loss, backward) and the classification of either into fused
+    kernels, on CUDA replayed as CUDA graphs (the optimiser update on the one flat tensor stays eager: a
+    few passes over it). Weights, gradients and optimiser state stay at fixed addresses, as graphs need.
 
     The released loop puts the model in train mode for the reconstruction steps and in eval mode to
     classify. When no module outside the head depends on the mode (the MAE ViTs: no dropout, drop path
@@ -113,52 +113,43 @@ class TestTimeTrainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.scaler_start = self.scaler.state_dict()  # fp16: every image starts from the same loss scale
         self.num_patches = model.patch_embed.num_patches
-        self.flat = k > 1 or args.compile
-        if not self.flat:  # the model's own parameters: the released computation, op for op
-            self.params, self.start = list(trainable.values()), [p.detach().clone() for p in trainable.values()]
-            self._losses = lambda views, masks: model(views[0], mask_ratio=args.mask_ratio,
-                                                      input_mask=masks[0])[0]['mae'].unsqueeze(0)
-            self._logits = lambda images: model(images[0], mask_ratio=0, reconstruct=False)[3]
-            self._predict = lambda images, masks: model(images[0], mask_ratio=args.mask_ratio,
-                                                        input_mask=masks[0])[1]
-        else:
-            start = torch.cat([p.detach().reshape(-1) for p in trainable.values()])
-            self.start = [start.expand(k, -1)]
-            self.params = [start.expand(k, -1).clone().requires_grad_()]
-            for p in trainable.values():
-                p.requires_grad_(False)
-            self._losses, self._logits, self._predict = self._flat_forward(model, trainable, args)
+        start = torch.cat([p.detach().reshape(-1) for p in trainable.values()])
+        self.start = [start.expand(k, -1)]
+        self.params = [start.expand(k, -1).clone().requires_grad_()]
+        torch._dynamo.mark_static_address(self.params[0])  # updated in place: a graph reads it where it is
+        for p in trainable.values():
+            p.requires_grad_(False)
+        self._losses, self._logits, self._predict = self._flat_forward(model, trainable, args)
         self.optimizer = build_optimizer(self.params, args)
         if args.compile:
             self._losses, self._logits = compiled(self._losses, self.device), compiled(self._logits, self.device)
-            if self.device.type == 'cuda':  # the graphs read the weights where they are, not a copy
-                torch._dynamo.mark_static_address(self.params[0])
         # optimiser state exists from here on and is zeroed by reset(): a zeroed SGD momentum or Adam
         # state is what a fresh optimiser starts from, and the tensors stay where a capture finds them
-        for p in self.params:
-            p.grad = torch.zeros_like(p)
+        self.params[0].grad = torch.zeros_like(self.params[0])
         self.optimizer.step()
         self.reset()
 
     def _flat_forward(self, model, trainable, args):
-        """losses(views, masks) and logits(images) of the model with row k of the flat weights for image k."""
+        """losses(views, masks), logits(images) and predict(images, masks) of the model with row k of the
+        flat weights for image k."""
         names, shapes = list(trainable), [p.shape for p in trainable.values()]
         sizes = [p.numel() for p in trainable.values()]
+        self.weights = lambda row: {n: w.view(shape) for n, w, shape in zip(names, row.split(sizes), shapes)}
         fixed = {n: p.detach() for n, p in model.named_parameters() if n not in trainable}
         fixed.update(dict(model.named_buffers()))
-        if self.device.type == 'cpu':
+        # the graphs of --compile read these where they are: without the mark, CUDA graphs copy every
+        # frozen weight and buffer (decoder, head) into the graph's own memory on every replay
+        for tensor in fixed.values():
+            torch._dynamo.mark_static_address(tensor)
+        if self.device.type == 'cpu' and (self.k > 1 or args.compile):
             # timm's explicit attention: vmap has no batching rule for the CPU's fused kernel, and for
-            # sequences this short (17 and 65 tokens for the example) the explicit products are faster
+            # sequences this short (17 and 65 tokens for the example) the explicit products compile faster
             for m in model.modules():
                 if hasattr(m, 'fused_attn'):
                     m.fused_attn = False
-        else:  # vmap may run the fused attention once per image: wanted here, so its notice says nothing
-            warnings.filterwarnings('ignore', message='There is a performance drop because we have not yet '
-                                                      'implemented the batching rule')
 
         def call(row, *inputs, **kwargs):
-            weights = {n: w.view(shape) for n, w, shape in zip(names, row.split(sizes), shapes)}
-            return torch.func.functional_call(model, (weights, fixed), inputs, kwargs)
+            return torch.func.functional_call(model, (self.weights(row), fixed), inputs, kwargs)
 
         def loss(row, views, masks):
             return call(row, views, mask_ratio=args.mask_ratio, input_mask=masks)[0]['mae']
@@ -214,7 +205,7 @@ class TestTimeTrainer:
                         if torch.is_tensor(value):
                             value.zero_()
                 self.scaler.load_state_dict(self.scaler_start)
-        self.optimizer.zero_grad(set_to_none=not self.flat)
+        self.optimizer.zero_grad(set_to_none=False)
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
@@ -239,9 +230,9 @@ class TestTimeTrainer:
                 losses = self._losses(views[micro], masks[micro]).float() / len(views)
             self.scaler.scale(losses.sum()).backward()
             total = total + losses.detach()
-        self.scaler.step(self.optimizer)  # one flat tensor in the flat modes: a few fused passes, left eager
+        self.scaler.step(self.optimizer)  # one flat tensor: a few fused passes, left eager
         self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=not self.flat)  # flat modes: gradients stay where a graph finds them
+        self.optimizer.zero_grad(set_to_none=False)  # the gradients stay where a graph finds them
         return total
 
     def masks(self, indices):

@@ -132,7 +132,10 @@ def compiled_cpu_results():
     with tempfile.TemporaryDirectory() as folder:
         data = make_image_folder(f'{folder}/test', ['class_a', 'class_b'], 5, seed=3)
         trainer = ttt.TestTimeTrainer(tiny_model(norm_pix_loss=True), args, 'cpu', k=3)
-        return adapt_all(trainer, items_of(data, raw=False))
+        items = items_of(data, raw=False)
+        results = adapt_all(trainer, items[:3])
+        with torch.compiler.set_stance('fail_on_recompile'):  # one compilation serves the later groups
+            return results + adapt_all(trainer, items[3:])  # the last of them padded
 
 
 @pytest.mark.slow
@@ -201,19 +204,18 @@ def test_reset_restores_start_weights_and_adaptation_touches_only_the_encoder(te
     trainer = ttt.TestTimeTrainer(model, ttt_args(), 'cpu', k=k)
     adapt_all(trainer, items_of(test_folder, raw=False)[:k])
     state = model.state_dict()
-    changed = {n for n in start if not torch.equal(start[n], state[n])}
-    if k == 1:  # the model's own parameters move, the encoder's only
-        assert {'blocks.0.attn.qkv.weight', 'cls_token', 'patch_embed.proj.weight'} <= changed
-        assert not any(n.startswith(('decoder', 'classifier')) or n.endswith('pos_embed') for n in changed)
-    else:  # one flat row of encoder weights per image moves; the model keeps the start weights
-        assert not changed and trainer.params[0].shape == (3, sum(p.numel() for p in trainer_weights(model)))
-        assert all(not torch.equal(row, trainer.start[0][0]) for row in trainer.params[0])
+    assert all(torch.equal(start[n], state[n]) for n in start)  # the model keeps the start weights
+    assert trainer.params[0].shape == (k, sum(p.numel() for p in trainer_weights(model)))
+    assert all(not torch.equal(row, trainer.start[0][0]) for row in trainer.params[0])  # each image's row moved
+    moved = dict(zip(ttt.trainable_parameters(tiny_model(), 'encoder'),
+                     (trainer.params[0][0] - trainer.start[0][0]).split([p.numel() for p in trainer_weights(model)])))
+    assert all(torch.count_nonzero(moved[n]) for n in ('blocks.0.attn.qkv.weight', 'cls_token', 'patch_embed.proj.weight'))
     assert any(torch.count_nonzero(v) for s in trainer.optimizer.state.values() for v in s.values())
     trainer.reset()
     assert all(torch.equal(p, s) for p, s in zip(trainer.params, trainer.start))
     assert all(torch.equal(start[n], v) for n, v in model.state_dict().items())
     assert all(not torch.count_nonzero(v) for s in trainer.optimizer.state.values() for v in s.values())
-    assert all(p.grad is None if k == 1 else not torch.count_nonzero(p.grad) for p in trainer.params)
+    assert all(not torch.count_nonzero(p.grad) for p in trainer.params)
 
 
 def trainer_weights(model):
@@ -241,7 +243,7 @@ def test_two_steps_equal_hand_computed_sgd_with_momentum(test_folder):
             for n, g in zip(names, grads):
                 buffers[n] = g if step == 0 else 0.9 * buffers[n] + g  # SGD momentum, no dampening
                 params[n] -= args.lr * buffers[n]
-    adapted = dict(model.named_parameters())
+    adapted = trainer.weights(trainer.params[0][0])
     for n in names:
         torch.testing.assert_close(adapted[n], params[n], rtol=0, atol=1e-6)
 
@@ -390,3 +392,69 @@ def test_fp16_loss_scale_starts_afresh_for_every_image_and_travels_with_the_onli
     assert trainer.scaler.get_scale() == 2. ** 16  # the next image does not inherit this one's scale
     trainer.load_state(saved)
     assert trainer.scaler.get_scale() == 8. and all(torch.equal(a, b) for a, b in zip(trainer.state(), saved))
+
+
+# What CUDA graphs need of the compiled step, checked on the CPU: dynamo traces the step and the
+# classification as one graph each, reads every input that stays between replays (the weights, frozen or
+# trained) where it is, and does not compile again for another image, group or reset.
+
+def graph_inputs_copied_per_call(fn, *inputs):
+    """fn traced as one graph (fullgraph: a graph break is an error); returns the names of its inputs not
+    marked static, which a CUDA graph would copy into its own memory on every replay."""
+    copied = []
+
+    def audit(graph_module, example_inputs):
+        copied.extend(node.name for node in graph_module.graph.find_nodes(op='placeholder')
+                      if not node.meta.get('tensor_dict', {}).get('_dynamo_static_input_type'))
+        return graph_module.forward
+    torch._dynamo.reset()
+    torch.compile(fn, backend=audit, fullgraph=True, dynamic=False)(*inputs)
+    return copied
+
+
+@pytest.mark.filterwarnings('ignore:There is a performance drop')  # vmap of the CPU's fused kernel: expected
+@pytest.mark.parametrize('fused_attention', [False, True])  # the CPU's explicit products, CUDA's fused kernel
+@pytest.mark.parametrize('k', [1, 3])
+def test_step_and_classification_are_one_graph_that_copies_only_the_images(test_folder, k, fused_attention):
+    trainer = ttt.TestTimeTrainer(tiny_model(norm_pix_loss=True), ttt_args('--parallel_images', str(k)), 'cpu', k=k)
+    for m in trainer.model.modules():
+        if hasattr(m, 'fused_attn'):
+            m.fused_attn = fused_attention
+    items = items_of(test_folder, raw=False)[:k]
+    images = torch.stack([image for _, _, image, _ in items])
+    views = training_views(images, [[(image, None)] for image in images], None, trainer.args)
+    masks = trainer.masks([index for index, *_ in items])
+    # the per-call inputs only: views and masks of one micro-batch, the images to classify
+    assert len(graph_inputs_copied_per_call(trainer._losses, views[0], masks[0, 0])) == 2
+    assert len(graph_inputs_copied_per_call(trainer._logits, images)) == 1
+
+
+@pytest.mark.parametrize('k', [1, 3])
+def test_no_recompile_across_images_padded_groups_micro_batches_resets_and_resumes(test_folder, k):
+    args = ttt_args('--parallel_images', str(k), '--accum_iter', '2', '--optimizer_type', 'adam_w')
+    trainer = ttt.TestTimeTrainer(tiny_model(norm_pix_loss=True), args, 'cpu', k=k)
+    torch._dynamo.reset()
+    # the dynamo front end of --compile (its guards decide recompiles), with a cheap back end
+    trainer._losses, trainer._logits = (torch.compile(f, backend='aot_eager', fullgraph=True, dynamic=False)
+                                        for f in (trainer._losses, trainer._logits))
+    items = items_of(test_folder, raw=False)[:k + 1]  # a full group, then one padded
+    adapt_all(trainer, items[:k])
+    with torch.compiler.set_stance('fail_on_recompile'):
+        adapt_all(trainer, items)
+        saved = [t.clone() for t in trainer.state()]
+        trainer.reset()
+        trainer.load_state(saved)
+        adapt_all(trainer, items[:1])
+
+
+def test_weights_gradients_and_optimizer_state_stay_where_a_graph_reads_them(test_folder):
+    trainer = ttt.TestTimeTrainer(tiny_model(norm_pix_loss=True), ttt_args('--optimizer_type', 'adam_w'), 'cpu', k=3)
+    addresses = lambda: [trainer.params[0].data_ptr(), trainer.params[0].grad.data_ptr()] + \
+        [t.data_ptr() for t in trainer.state()[1:]]
+    before = addresses()
+    assert len(before) == 5  # weights, gradients, Adam's step and two moments
+    adapt_all(trainer, items_of(test_folder, raw=False)[:3])
+    saved = [t.clone() for t in trainer.state()]
+    trainer.reset()
+    trainer.load_state(saved)
+    assert addresses() == before
