@@ -1,5 +1,6 @@
-"""Shared helpers for the benchmarks: timing with device sync, peak memory, matmul rate, FLOP counts."""
+"""Shared helpers for the benchmarks: timing with device sync, memory, matmul rate, FLOP counts, versions."""
 import resource
+import subprocess
 import time
 
 import torch
@@ -22,6 +23,11 @@ def timed(fn, device):
 def reset_peak_memory(device):
     if torch.device(device).type == 'cuda':
         torch.cuda.reset_peak_memory_stats()
+
+
+def memory_allocated_gib(device):
+    """GPU memory held by tensors now (0 on the CPU, where only the process's peak is known)."""
+    return torch.cuda.memory_allocated() / 2 ** 30 if torch.device(device).type == 'cuda' else 0.
 
 
 def peak_memory_gib(device):
@@ -56,6 +62,16 @@ def device_name(device):
     except (OSError, StopIteration):
         cpu = 'CPU'
     return f"{cpu}, {torch.get_num_threads()} threads"
+
+
+def driver_version():
+    """The NVIDIA driver's version (nvidia-smi), or None without one."""
+    try:
+        out = subprocess.run(['nvidia-smi', '--query-gpu=driver_version', '--format=csv,noheader'],
+                             capture_output=True, text=True, timeout=30).stdout.split()
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out[0] if out else None
 
 
 def print_table(header, rows):
