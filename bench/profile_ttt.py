@@ -19,7 +19,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.bench_ttt import ttt_args  # noqa: E402
+from bench.bench_ttt import free, ttt_args  # noqa: E402
 from bench.common import count_flops, device_name, matmul_tflops, print_table, sync  # noqa: E402
 import engine_test_time  # noqa: E402
 from engine_test_time import AMP_DTYPES, TestTimeTrainer  # noqa: E402
@@ -36,10 +36,12 @@ def category(name, shapes, k):
     n = name.lower()
     if n == 'aten::bmm' and shapes and shapes[0] and shapes[0][0] == k and k > 1:
         return 'matmul'  # a linear layer under vmap: one product per image's weights
-    if any(k in n for k in ('scaled_dot_product', 'flash', 'fmha', 'efficient_attention', 'softmax', 'bmm')):
+    if any(key in n for key in ('scaled_dot_product', 'sdpa', 'flash', 'fmha', 'efficient_attention', 'softmax',
+                                'bmm')):
         return 'attention'  # bmm otherwise: the explicit attention's products
-    if any(k in n for k in ('aten::mm', 'aten::addmm', 'gemm', 'cutlass', 'convolution', 'sm90', 'sm80_xmma',
-                            'cublas', 'mkldnn')):
+    # cuBLAS names its kernels gemm, cutlass, sm80_xmma / sm90_xmma and, on Hopper, nvjet_*
+    if any(key in n for key in ('aten::mm', 'aten::addmm', 'gemm', 'cutlass', 'xmma', 'nvjet', 'convolution',
+                                'cublas', 'mkldnn')):
         return 'matmul'
     if 'compiledfxgraph' in n or n.startswith('triton_') or 'cpp_fused' in n:
         return 'fused kernels'
@@ -77,16 +79,14 @@ def breakdown(trainer, device, k):
                 region = parent.name[4:]
                 break
             parent = parent.cpu_parent
-        if device.type == 'cuda':
-            seconds = sum(k.device_time for k in event.kernels) / 1e6 if event.kernels else 0.
-            name = event.kernels[0].name if event.kernels else ''
+        if device.type == 'cuda':  # each kernel by its own name: one graph replay launches them all
+            parts = [(kernel.name, kernel.duration / 1e6) for kernel in event.kernels]
+        elif event.name.startswith(('ttt/', 'Torch-Compiled Region', 'CompiledFunction')):
+            parts = []  # wrappers: their operations are counted themselves
         else:
-            seconds = 0. if event.name.startswith(('ttt/', 'Torch-Compiled Region', 'CompiledFunction')) \
-                else event.self_cpu_time_total / 1e6
-            name = event.name
-        if not seconds:
-            continue
-        totals[region or category(name, event.input_shapes, k)] += seconds
+            parts = [(event.name, event.self_cpu_time_total / 1e6)]
+        for name, seconds in parts:
+            totals[region or category(name, event.input_shapes, k)] += seconds
     totals['idle between operations'] = max(wall - sum(totals.values()), 0.)
     return {c: v / k for c, v in totals.items()}, wall / k
 
@@ -112,25 +112,30 @@ def main():
     model = build_model(bench.model, norm_pix_loss=True)
     size = model.patch_embed.img_size[0]
     model.to(device)
+    unsupported = [m for m in bench.modes if {'released', 'crops'} & set(m.split('+'))]
+    if unsupported:
+        raise SystemExit(f"error: {' '.join(unsupported)}: the profile runs the trainer on single-crop views")
     reference = TestTimeTrainer(copy.deepcopy(model), ttt_args(bench, 'default', size), device)
     images = torch.randn(1, 1, 3, size, size, device=device)
     flops = count_flops(lambda: reference.adapt([0], torch.zeros(1, dtype=torch.long, device=device), images))
-    results, rows = {}, []
+    del reference
+    result = {'device': device_name(device), 'torch': torch.__version__, 'model': bench.model,
+              'batch_size': bench.batch_size, 'steps': bench.steps, 'modes': {}}
+    rows = []
     for mode in bench.modes:
         args = ttt_args(bench, mode, size)
-        trainer = TestTimeTrainer(copy.deepcopy(model), args, device, k=args.parallel_images)
-        parts, wall = breakdown(trainer, device, args.parallel_images)
-        dtype = AMP_DTYPES[args.amp] or torch.float32
-        floor = flops / 1e12 / matmul_tflops(device, dtype)
-        results[mode] = {'seconds_per_image': wall, 'floor_s_per_image': floor, 'parts_s_per_image': parts}
+        parts, wall = breakdown(TestTimeTrainer(copy.deepcopy(model), args, device, k=args.parallel_images), device,
+                                args.parallel_images)
+        free(device)
+        floor = flops / 1e12 / matmul_tflops(device, AMP_DTYPES[args.amp] or torch.float32)
+        result['modes'][mode] = {'seconds_per_image': wall, 'floor_s_per_image': floor, 'parts_s_per_image': parts}
+        if bench.json:  # after every mode: a run cut short keeps the modes that finished
+            write_json(bench.json, result)
         rows.append([mode, f"{wall:.3f}", f"{floor:.3f}"] + [f"{parts[c]:.3f} ({parts[c] / wall:.0%})"
                                                               for c in CATEGORIES])
     print(f"{device_name(device)}, torch {torch.__version__}, {bench.model}, batch {bench.batch_size}, "
           f"{bench.steps} steps, single crop; seconds per image (share of the image's wall time)")
     print_table(['mode', 's/image', 'floor'] + list(CATEGORIES), rows)
-    if bench.json:
-        write_json(bench.json, {'device': device_name(device), 'torch': torch.__version__, 'model': bench.model,
-                                'batch_size': bench.batch_size, 'steps': bench.steps, 'modes': results})
 
 
 if __name__ == '__main__':
