@@ -2,13 +2,15 @@
 it meets a GPU; what it writes; the profile's categories."""
 import argparse
 import json
+import os
 import re
+import shlex
 import sys
 
 import pytest
 import torch
 
-from conftest import TINY, run_script
+from conftest import REPO, TINY, run_script
 
 import bench.bench_ttt as bench_ttt
 from bench.profile_ttt import CATEGORIES, breakdown, category
@@ -89,6 +91,18 @@ def test_mode_flags():
                           ('released+crops', 'only a precision')):
         with pytest.raises(UserError, match=fragment):
             bench_ttt.mode_flags(bad)
+
+
+def test_the_documented_bench_commands_parse():
+    with open(os.path.join(REPO, 'docs', 'performance.md')) as f:
+        blocks = re.findall(r'```bash\n(.*?)```', f.read(), flags=re.S)
+    commands = [line.split('bench/bench_ttt.py', 1)[1] for block in blocks
+                for line in re.sub(r'\\\n', ' ', block).splitlines() if 'bench/bench_ttt.py' in line]
+    assert commands
+    for command in commands:
+        args = bench_ttt.get_args_parser().parse_args(shlex.split(command))
+        for mode in args.modes:
+            bench_ttt.mode_flags(mode)
 
 
 @pytest.mark.parametrize('name, expected', [
