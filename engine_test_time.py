@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from util import distributed
 from util.checkpoint import HEAD_PREFIXES
 from util.cli import UserError
 from util.datasets import training_views
@@ -332,6 +333,7 @@ def run_test_time_training(trainer, loader, store, args, log_writer=None, online
         store.flush()
         if state is not None:
             state.prune(position + done)
+        distributed.raise_if_another_failed()  # with what is done saved
 
     with StopRequested() as stop:
         try:

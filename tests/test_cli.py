@@ -60,11 +60,25 @@ def test_bad_flags_are_one_line_before_any_work(capsys, script, argv, fragment):
     assert fragment in line and f'see {script}.py --help' in line
 
 
+def without_device(command):
+    i = command.index('--device')
+    return command[:i] + command[i + 2:]
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason='this machine has CUDA')
-@pytest.mark.parametrize('script', SCRIPTS)
-def test_device_cuda_without_a_gpu(capsys, script):
-    assert "'cuda': this machine has no usable CUDA GPU; use --device cpu" in parse_error(capsys, script, '--device',
-                                                                                           'cuda')
+def test_the_default_device_is_cuda_and_without_a_gpu_one_line_says_to_pass_cpu(user_error, checkpoints,
+                                                                                  image_folder, tmp_path):
+    mae, probe_ckpt = checkpoints
+    test_time = ['--data_path', f'{image_folder}/val', '--model', TINY, '--resume_model', mae, '--resume_finetune',
+                 probe_ckpt, '--num_classes', '2', '--dataset_name', 'folder', '--num_workers', '0', '--output_dir']
+    commands = [pretrain(image_folder, tmp_path / 'a'), probe(image_folder, tmp_path / 'b'),
+                [sys.executable, 'main_test_time_training.py', *test_time, str(tmp_path / 'c'), '--device', 'cpu'],
+                [sys.executable, 'test_without_adaptation.py', *test_time, str(tmp_path / 'd'), '--device', 'cpu']]
+    fragment = '--device cuda: this machine has no usable CUDA GPU; pass --device cpu to run on the CPU'
+    for command in commands:
+        user_error(without_device(command), fragment)
+    result = run_script(without_device(commands[0]), check=False)  # as a user runs it
+    check_error_line(result.returncode, result.stdout, result.stderr, [fragment])
 
 
 def test_unknown_device(capsys):
@@ -102,12 +116,13 @@ def test_world_size_that_disagrees_with_the_launcher(user_error, image_folder, t
 
 def pretrain(data, out, *extra):
     return [sys.executable, 'main_pretrain.py', '--data_path', str(data), '--model', TINY, '--batch_size', '4',
-            '--epochs', '1', '--num_workers', '0', '--output_dir', str(out), *extra]
+            '--epochs', '1', '--num_workers', '0', '--device', 'cpu', '--output_dir', str(out), *extra]
 
 
 def probe(data, out, *extra):
     return [sys.executable, 'main_prob.py', '--data_path', str(data), '--model', TINY, '--batch_size', '4',
-            '--epochs', '1', '--num_classes', '2', '--num_workers', '0', '--output_dir', str(out), *extra]
+            '--epochs', '1', '--num_classes', '2', '--num_workers', '0', '--device', 'cpu', '--output_dir',
+            str(out), *extra]
 
 
 def with_option(command, flag, value):

@@ -21,7 +21,7 @@ EPOCHS = 5  # the kill after checkpoint-1.pth has epochs 2..4 to land in
 def pretrain_args(data, out, epochs=EPOCHS, *extra):
     return ['main_pretrain.py', '--data_path', data, '--model', TINY, '--batch_size', '4',
             '--epochs', str(epochs), '--warmup_epochs', '1', '--save_ckpt_freq', '1', '--num_workers', '0',
-            '--output_dir', str(out), *extra]
+            '--device', 'cpu', '--output_dir', str(out), *extra]
 
 
 def final_model(out):
@@ -155,8 +155,9 @@ def test_slurm_two_processes_equal_torchrun(torchrun_run, image_folder, tmp_path
     out = tmp_path / 'slurm'
     # the README's --dist_url file://$OUTPUT_DIR/$TIME: the store's folder does not exist yet
     args = [sys.executable, *pretrain_args(image_folder, out, EPOCHS, '--dist_url', f'file://{out}/1700000000000')]
-    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'SLURM_NTASKS': '2'}
-    procs = [subprocess.Popen(args, cwd=REPO, env={**env, 'SLURM_PROCID': str(rank)}, stdout=subprocess.PIPE,
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'SLURM_NTASKS': '2', 'SLURM_STEP_NUM_TASKS': '2'}  # as srun sets
+    procs = [subprocess.Popen(args, cwd=REPO, env={**env, 'SLURM_PROCID': str(rank), 'SLURM_LOCALID': str(rank)},
+                              stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]

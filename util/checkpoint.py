@@ -15,10 +15,11 @@ from util.pos_embed import interpolate_pos_embed
 
 def _allowed_globals():
     """What a training checkpoint may hold besides tensors: its argparse args and numpy scalars."""
+    multiarray = (np._core if hasattr(np, '_core') else np.core).multiarray  # numpy 2 / numpy 1 (a GPU image's)
     allowed = [argparse.Namespace, np.dtype, np.ndarray,
-               (np._core.multiarray.scalar, 'numpy.core.multiarray.scalar'),
-               (np._core.multiarray._reconstruct, 'numpy.core.multiarray._reconstruct'),
-               np._core.multiarray.scalar, np._core.multiarray._reconstruct]
+               (multiarray.scalar, 'numpy.core.multiarray.scalar'),
+               (multiarray._reconstruct, 'numpy.core.multiarray._reconstruct'),
+               multiarray.scalar, multiarray._reconstruct]
     allowed += [type(np.dtype(t)) for t in (np.float16, np.float32, np.float64, np.int32, np.int64, np.bool_)]
     return allowed
 

@@ -13,6 +13,7 @@ class UserError(Exception):
 
 
 def run_main(main, args):
+    from util.distributed import report_failure
     try:
         return main(args)
     except UserError as e:
@@ -20,7 +21,11 @@ def run_main(main, args):
         if 'Original Traceback' in message:  # raised in a DataLoader worker: keep its last line
             message = message.splitlines()[-1].split('UserError: ', 1)[-1]
         sys.stderr.write(f"error: {message}\n")  # on every rank: only one may have hit it
+        report_failure(message)  # the other processes stop now, not at a collective's timeout
         sys.exit(2)
+    except Exception as e:
+        report_failure(f"{type(e).__name__}: {e}")
+        raise
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -79,17 +84,17 @@ OPEN_FRACTION = number(float, 0, 1, low_open=True, high_open=True)
 
 
 def device(text):
-    """An argparse type: a torch device this machine has."""
+    """An argparse type: cpu, cuda or cuda:N (whether this machine has a GPU is checked when the run
+    starts, so that a command still parses on another machine)."""
     import torch
     try:
         parsed = torch.device(text)
     except RuntimeError:
         raise argparse.ArgumentTypeError(f"unknown device {text!r} (e.g. cpu, cuda, cuda:1)") from None
-    if parsed.type == 'cuda' and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"{text!r}: this machine has no usable CUDA GPU; use --device cpu")
     if parsed.type not in ('cpu', 'cuda'):
         raise argparse.ArgumentTypeError(f"unsupported device {text!r}: cpu or cuda")
-    if parsed.type == 'cuda' and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+    if parsed.type == 'cuda' and parsed.index is not None and torch.cuda.is_available() \
+            and parsed.index >= torch.cuda.device_count():
         raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
     return text
 
@@ -201,13 +206,13 @@ def add_test_time_args(parser):
 
 def add_run_args(parser, seed=True, tensorboard=True):
     """Outputs, device, progress lines and the flags every launcher may pass."""
-    import torch
     group = parser.add_argument_group('run')
     group.add_argument('--output_dir', default='./output_dir', help='where results and checkpoints are written')
     if tensorboard:
         group.add_argument('--log_dir', default=None, help='TensorBoard folder (None: --output_dir)')
-    group.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', type=device,
-                       help='cpu or cuda (with several processes each takes the GPU of its local rank)')
+    group.add_argument('--device', default='cuda', type=device,
+                       help='cuda (as the released scripts) or cpu; with several processes each takes the GPU '
+                            'of its local rank')
     if seed:
         group.add_argument('--seed', default=0, type=NON_NEGATIVE_INT,
                            help='seed of initial weights, data order, crops and masks')

@@ -1,6 +1,7 @@
 """Distributed set-up for every launcher: none, torch.distributed.launch, torchrun, SLURM."""
 import datetime
 import os
+import time
 
 import torch
 import torch.distributed as dist
@@ -9,31 +10,40 @@ from util.cli import UserError
 
 
 def init_distributed_mode(args):
-    """Fill args.rank/world_size/gpu/distributed and start the process group when there is one.
+    """Fill args.rank/world_size/gpu/distributed, check the device, say what runs where, and start the
+    process group when there is one.
 
-    torchrun and torch.distributed.launch set RANK/WORLD_SIZE/LOCAL_RANK/MASTER_*; SLURM sets
-    SLURM_PROCID/SLURM_NTASKS. When MASTER_ADDR is set we rendezvous through env://, whatever
-    --dist_url says, so that a rerun of the same command never trips over a stale file:// store.
+    torchrun and torch.distributed.launch set RANK/WORLD_SIZE/LOCAL_RANK/MASTER_*. Under SLURM only the
+    tasks srun starts are ranks (SLURM_STEP_NUM_TASKS, SLURM_PROCID): a plain `python SCRIPT` in an
+    allocation of several tasks is one process, whatever SLURM_NTASKS says. When MASTER_ADDR is set we
+    rendezvous through env://, whatever --dist_url says, so that a rerun of the same command never trips
+    over a stale file:// store.
     """
     env, requested, launched = os.environ, args.world_size, True
     if 'RANK' in env and 'WORLD_SIZE' in env:
         args.rank, args.world_size = int(env['RANK']), int(env['WORLD_SIZE'])
-        args.gpu = int(env.get('LOCAL_RANK', args.local_rank if args.local_rank >= 0 else 0))
-    elif 'SLURM_PROCID' in env and int(env.get('SLURM_NTASKS', '1')) > 1:
-        args.rank, args.world_size = int(env['SLURM_PROCID']), int(env['SLURM_NTASKS'])
-        args.gpu = int(env.get('SLURM_LOCALID', args.rank % max(torch.cuda.device_count(), 1)))
+        local_rank = int(env.get('LOCAL_RANK', args.local_rank if args.local_rank >= 0 else 0))
+    elif 'SLURM_PROCID' in env and int(env.get('SLURM_STEP_NUM_TASKS', '1')) > 1:
+        args.rank, args.world_size = int(env['SLURM_PROCID']), int(env['SLURM_STEP_NUM_TASKS'])
+        local_rank = int(env.get('SLURM_LOCALID', 0))
     else:
-        args.rank, args.world_size, args.gpu, launched = 0, 1, 0, False
+        args.rank, args.world_size, local_rank, launched = 0, 1, 0, False
     if requested is not None and requested != args.world_size:
         raise UserError(f"--world_size {requested}, but {args.world_size} process(es) were launched "
                         f"(the launcher sets the number: torchrun --nproc_per_node, srun --ntasks)")
     args.distributed = args.world_size > 1
-    if not launched:
-        return
-    use_cuda = str(args.device).startswith('cuda')
-    if use_cuda:
+    use_cuda = torch.device(args.device).type == 'cuda'
+    if use_cuda and not torch.cuda.is_available():
+        raise UserError(f"--device {args.device}: this machine has no usable CUDA GPU; pass --device cpu to run "
+                        f"on the CPU")
+    # one GPU bound to each task (CUDA_VISIBLE_DEVICES of one device, e.g. srun --gpus-per-task=1): it is
+    # device 0 of the task, whatever its local rank
+    args.gpu = local_rank if use_cuda and torch.cuda.device_count() > 1 else 0
+    if use_cuda and launched:
         torch.cuda.set_device(args.gpu)
         args.device = f'cuda:{args.gpu}'
+    if args.rank == 0:
+        print(describe_device(args.device), flush=True)
     if not args.distributed:
         return
     init_method = 'env://' if 'MASTER_ADDR' in env and 'MASTER_PORT' in env else args.dist_url
@@ -46,8 +56,59 @@ def init_distributed_mode(args):
     print(f"| distributed init (rank {args.rank} of {args.world_size}, {backend}): {init_method}", flush=True)
     dist.init_process_group(backend=backend, init_method=init_method, world_size=args.world_size,
                             rank=args.rank, timeout=datetime.timedelta(minutes=60))
-    dist.barrier()
+    global _store
+    _store = dist.PrefixStore('ttt_mae/', dist.distributed_c10d._get_default_store())
+    wait_for_all()
     setup_for_distributed(args.rank == 0)
+
+
+def describe_device(device):
+    """One line: the device, its GPU's name, torch and CUDA versions."""
+    device = torch.device(device)
+    where = 'CPU' if device.type == 'cpu' else f"{device} ({torch.cuda.get_device_name(device)})"
+    return f"| device {where}, torch {torch.__version__}, CUDA {torch.version.cuda or 'none'}"
+
+
+# The processes' rendezvous store: a process that stops on an error says so there, and the others,
+# waiting for it at a synchronisation point or checking at a flush, stop at once instead of at the
+# collective's timeout.
+_store = None
+_waits = 0
+
+
+def report_failure(message):
+    if _store is not None:
+        try:
+            if not _store.check(['failed']):  # the first failure is the one to report
+                _store.set('failed', f"rank {get_rank()}: {message}")
+        except RuntimeError:  # the store went with a process that stopped first
+            pass
+
+
+def raise_if_another_failed():
+    if _store is None:
+        return
+    try:
+        failed = _store.check(['failed']) and _store.get('failed').decode()
+    except RuntimeError:  # the store's host (rank 0) is gone
+        failed = 'rank 0: stopped'
+    if failed:
+        raise UserError(f"another process stopped ({failed}); this one stops too")
+
+
+def wait_for_all():
+    """Every process reaches this point (as a barrier), unless one reports a failure first."""
+    global _waits
+    if _store is None:
+        return
+    _waits += 1
+    key = f'arrived/{_waits}'
+    _store.add(key, 1)
+    while True:
+        raise_if_another_failed()
+        if _store.add(key, 0) >= dist.get_world_size():
+            return
+        time.sleep(0.05)
 
 
 def setup_for_distributed(is_master):
@@ -78,13 +139,13 @@ def is_main_process():
 
 
 def barrier():
-    if is_dist_avail_and_initialized():
-        dist.barrier()
+    wait_for_all()
 
 
 def broadcast_object(objects):
     """Replace the list `objects` in place by rank 0's."""
     if is_dist_avail_and_initialized():
+        wait_for_all()
         dist.broadcast_object_list(objects, src=0)
 
 
@@ -98,8 +159,11 @@ def all_reduce_mean(x):
 
 
 def destroy():
+    global _store
     if is_dist_avail_and_initialized():
+        wait_for_all()  # rank 0 hosts the store: it leaves last
         dist.destroy_process_group()
+    _store = None
 
 
 def wrap_model(model, args, device):
