@@ -17,13 +17,21 @@ from util.datasets import ImageFolder, eval_transform, make_loader, train_transf
 from util.io import write_text
 from util.logger import append_json_line, keep_log_before, tensorboard_writer
 from util.lr_sched import set_lr_from_blr
-from util.train_loop import start_training
+from util.train_setup import start_training
 from util.seed import derive_seed, seed_all
 
 
 def get_args_parser():
     parser = ArgumentParser('Probing: train a classification head on frozen MAE features', prog='main_prob.py')
     add_training_args(parser, batch_size=32, epochs=20, warmup_epochs=5)
+    # the released main_prob.py's min_lr; weight decay as its README's probing command passes it
+    parser.set_defaults(min_lr=1e-6, weight_decay=0.2)
+    for action in parser._actions:  # the shared help says pre-training's rule, which probing does not follow
+        if action.dest == 'weight_decay':
+            action.help = 'AdamW weight decay of every head parameter, as the released probe'
+    parser.add_argument('--no_weight_decay_1d', action='store_true',
+                        help="no weight decay on biases and other 1-D parameters (LayerNorm weights), MAE's "
+                             'fine-tuning habit; the released probe decays them too')
     parser.add_argument('--finetune', default='', help='pre-trained MAE checkpoint for the encoder')
     parser.add_argument('--drop_path', type=number(float, 0, 1, high_open=True), default=0.0,
                         help='drop path rate of the ViT head')
@@ -74,8 +82,9 @@ def main(args):
             p.requires_grad = False
     model, model_without_ddp = distributed.wrap_model(model.to(device), args, device)
     set_lr_from_blr(args)
-    optimizer = torch.optim.AdamW(param_groups_weight_decay(model_without_ddp, args.weight_decay),
-                                  lr=args.lr, betas=(0.9, 0.999))
+    params = (param_groups_weight_decay(model_without_ddp, args.weight_decay) if args.no_weight_decay_1d
+              else [p for p in model_without_ddp.parameters() if p.requires_grad])
+    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
     loss_scaler = torch.amp.GradScaler('cuda', enabled=device.type == 'cuda')
     criterion = (LabelSmoothingCrossEntropy(args.smoothing) if args.smoothing > 0
                  else torch.nn.CrossEntropyLoss())

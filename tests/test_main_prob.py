@@ -18,7 +18,7 @@ VIT_EPOCHS = 4
 
 def probe_command(data, finetune, out, *extra):
     return [sys.executable, 'main_prob.py', '--data_path', data, '--model', TINY, '--num_classes', '2',
-            '--finetune', finetune, '--warmup_epochs', '1', '--blr', '0.2', '--num_workers', '0',
+            '--finetune', finetune, '--warmup_epochs', '1', '--blr', '0.2', '--num_workers', '0', '--device', 'cpu',
             '--output_dir', str(out), *extra]
 
 
@@ -128,11 +128,41 @@ def test_the_head_records_its_classes_and_test_folders_use_them(vit_probe, check
     shutil.copytree(os.path.join(color_folder, 'val', 'class_b'), only_b / 'class_b')
     command = [sys.executable, 'test_without_adaptation.py', '--data_path', str(only_b), '--model', TINY,
                '--resume_model', checkpoints[0], '--resume_finetune', str(out / 'checkpoint-final.pth'),
-               '--num_classes', '2', '--dataset_name', 'folder', '--num_workers', '0', '--output_dir',
-               str(tmp_path / 'b')]
+               '--num_classes', '2', '--dataset_name', 'folder', '--num_workers', '0', '--device', 'cpu',
+               '--output_dir', str(tmp_path / 'b')]
     run_inprocess(command)
     results = json.load(open(tmp_path / 'b' / 'results.json'))
     assert results['accuracy'] >= 90  # labelled 1, as in training; renumbered it would have been 0
     shutil.copytree(os.path.join(color_folder, 'val', 'class_a'), only_b / 'class_c')
     failed = run_inprocess(command[:-1] + [str(tmp_path / 'c')], check=False)
     assert failed.returncode == 2 and "not among the head's classes: class_c" in failed.stderr
+
+
+def test_defaults_are_the_released_recipes():
+    import main_prob
+    args = main_prob.get_args_parser().parse_args(['--data_path', 'd'])
+    assert args.min_lr == 1e-6  # the released main_prob.py's
+    assert args.weight_decay == 0.2 and not args.no_weight_decay_1d  # the released README's probing command
+
+
+def decay_groups(out):
+    """{weight decay: number of parameters} of the optimiser a probe saved with its final checkpoint."""
+    groups = load(out / 'checkpoint-final.pth')['optimizer']['param_groups']
+    return {g['weight_decay']: len(g['params']) for g in groups}
+
+
+def test_every_head_parameter_gets_the_weight_decay(vit_probe, checkpoints):
+    """The released probe: one AdamW group over the head, biases and LayerNorm weights decayed too."""
+    out, _, _ = vit_probe
+    state = load(checkpoints[1])['model']
+    trainable = [k for k in state if k.startswith('classifier') and k != 'classifier_pos_embed']
+    assert decay_groups(out) == {0.2: len(trainable)}
+
+
+def test_no_weight_decay_1d_exempts_biases_and_norms(color_folder, checkpoints, tmp_path):
+    run_inprocess(probe_command(color_folder, checkpoints[0], tmp_path, '--batch_size', '16', '--epochs', '1',
+                                '--weight_decay', '0.1', '--no_weight_decay_1d'))
+    state = load(checkpoints[1])['model']
+    trainable = [k for k in state if k.startswith('classifier') and k != 'classifier_pos_embed']
+    one_d = [k for k in trainable if state[k].ndim <= 1]
+    assert one_d and decay_groups(tmp_path) == {0.1: len(trainable) - len(one_d), 0.: len(one_d)}
