@@ -1,8 +1,9 @@
 """Test-time training with masked autoencoders on one folder of test images (docs/method.md).
 
-Each process adapts a disjoint share of the images; the per-image learning rate is
-blr * batch_size * accum_iter / 256 whatever the number of processes, since every image is
-still adapted alone (the released code also multiplied by the world size, which on one GPU is 1).
+Each process adapts a disjoint share of the images (the released loop did not split them: every
+process adapted every image); the per-image learning rate is blr * batch_size * accum_iter / 256
+whatever the number of processes, since every image is still adapted alone (the released code also
+multiplied by the world size, which on one GPU is 1).
 """
 import time
 from collections import deque
@@ -17,7 +18,7 @@ from util.cli import (NON_NEGATIVE_FLOAT, NON_NEGATIVE_INT, OPEN_FRACTION, POSIT
 from util.datasets import TestTimeDataset, imagenet_subset
 from util.logger import tensorboard_writer
 from util.reconstructions import Reconstructions
-from util.results import write_outputs
+from util.results import keep_outputs_readable, write_outputs
 from util.run_setup import prepare_run
 
 
@@ -30,6 +31,8 @@ def get_args_parser():
     group.add_argument('--mask_ratio', default=0.75, type=OPEN_FRACTION, help='fraction of patches removed')
     group.add_argument('--single_crop', action='store_true',
                        help='every view is the eval crop (the paper); otherwise random resized crops + flips')
+    group.add_argument('--no_single_crop', action='store_false', dest='single_crop',
+                       help='random resized crops + flips (the default; the released flag)')
     group.add_argument('--finetune_mode', default='encoder', choices=FINETUNE_MODES,
                        help='what adapts: encoder = everything but the decoder (the paper); all = the decoder '
                             'too; encoder_no_cls_no_msk = the encoder without cls_token and mask_token')
@@ -51,6 +54,9 @@ def get_args_parser():
                             'classification into fused kernels (CUDA graphs on a GPU); the same function up to '
                             'float rounding, minutes of compilation the first time (docs/performance.md)')
     group.add_argument('--flush_every', default=10, type=POSITIVE_INT, help='save results every N images')
+    group.add_argument('--verbose', action='store_true',
+                       help="print every step's reconstruction and classification loss of each image once it is "
+                            'done (the released lines)')
     group.add_argument('--save_reconstructions', default=0, type=NON_NEGATIVE_INT,
                        help='for the first N images, a PNG of the masked input and the reconstruction as TTT proceeds '
                             '(OUT/reconstructions/)')
@@ -116,6 +122,9 @@ def main(args):
     observe = Reconstructions(args, run.dataset, run.indices[:args.save_reconstructions]) \
         if args.save_reconstructions else None
     log_writer = tensorboard_writer(args.log_dir)
+    run.store.verbose = args.verbose
+    if distributed.is_main_process():
+        keep_outputs_readable(args, run.store, run.dataset, run.indices, 'ttt')
     start = time.time()
     done = run_test_time_training(trainer, loader, run.store, args, log_writer, online, observe)
     distributed.barrier()

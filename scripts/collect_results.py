@@ -2,8 +2,9 @@
 
 Layout (the released README's): ROOT/<corruption>/ holds the test-time training run and
 ROOT/<corruption>/baseline/ the baseline; each holds our results.json or only the released accuracy.txt
-(results.json wins when both exist; an accuracy.txt alone does not say whether the run finished, so
-it counts as complete and is marked with a dagger).
+(results.json wins when both exist; a released accuracy.txt does not say whether the run finished, so
+it counts as complete and is marked with a dagger; ours ends with "partial: N of M images" while the
+run is unfinished).
 
 Prints a Markdown table and writes PREFIX.csv, PREFIX.json and PREFIX.png (accuracy or error vs TTT step).
 It says which images each number comes from (all of a folder, --max_examples of them, or a --subset_file's list).
@@ -15,6 +16,7 @@ import csv
 import io
 import json
 import os
+import re
 import sys
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,6 +62,12 @@ def read_run(folder, method):
         try:
             with open(txt_path) as f:
                 lines = [line.split() for line in f.read().splitlines()[1:] if line.strip()]  # line 1: the run's args
+            counts = [None, None]
+            if lines and lines[-1][0] == 'partial:':  # an unfinished run of ours
+                match = re.fullmatch(r'partial: (\d+) of (\d+) images', ' '.join(lines.pop()))
+                if not match:
+                    raise ValueError('a last line "partial: N of M images" was expected')
+                counts = [int(n) for n in match.groups()]
             if method == 'baseline':  # one line "{acc} {loss}"
                 if len(lines) != 1:
                     raise ValueError(f'expected one "accuracy loss" line after the args line, found {len(lines)}')
@@ -70,8 +78,8 @@ def read_run(folder, method):
                     raise ValueError('no "step<TAB>accuracy" lines after the args line')
         except (OSError, ValueError) as e:
             raise UserError(f"cannot read {txt_path}: {e}") from None
-        return {'curve': curve, 'complete': True, 'num_images': None, 'num_images_expected': None,
-                'source': 'accuracy.txt', 'selection': None}
+        return {'curve': curve, 'complete': counts[0] is None, 'num_images': counts[0],
+                'num_images_expected': counts[1], 'source': 'accuracy.txt', 'selection': None}
     return None
 
 

@@ -9,7 +9,7 @@ and takes the standard error over images, so it is only given when every corrupt
 images. Also shown: the mean gain at every step (how a step is chosen on a validation split) and, per
 corruption, the share of the most predicted class before and after TTT: near 100% means the model
 answers one class for nearly every image, and a gain from there is a reshuffling of that guess.
-When every corruption also holds an online run (ROOT/<corruption>/online/, main_test_time_training.py
+When every corruption also holds a finished online run (ROOT/<corruption>/online/, main_test_time_training.py
 --online), its step (--online_step, default its last) and paired gain are shown beside the episodic ones.
 Prints a Markdown table and writes PREFIX.md and PREFIX.json.
 """
@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 
 from util.cli import UserError, run_main  # noqa: E402
 from util.io import write_json, write_text  # noqa: E402
-from util.results import load_per_image, sweep_corruptions  # noqa: E402
+from util.results import is_finished, load_per_image, sweep_corruptions  # noqa: E402
 
 
 def get_args_parser():
@@ -106,7 +106,7 @@ def collect(root, step=None, online_step=None):
     columns = sweep_corruptions(root)
     rows, mean = method_summary(root, columns, '', step)
     summary = {'root': root, 'columns': columns, 'rows': rows, 'mean': mean}
-    if all(os.path.exists(os.path.join(root, c, 'online', 'per_image.npz')) for c in columns):
+    if all(is_finished(os.path.join(root, c, 'online')) for c in columns):
         summary['online_rows'], summary['online_mean'] = method_summary(root, columns, 'online', online_step)
     return summary
 

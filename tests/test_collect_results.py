@@ -134,6 +134,22 @@ def test_partial_and_missing_runs_are_flagged_not_averaged(complete_root):
     assert markdown_rows(r.stdout)[3][-1] == 'n/a'
 
 
+def test_our_accuracy_txt_of_an_unfinished_run_is_partial(complete_root):
+    """Without results.json, the last line of our accuracy.txt says how far an unfinished run came."""
+    released_ttt(complete_root / 'snow', [(0, 1.5), (1, 2.5)])
+    with open(complete_root / 'snow' / 'accuracy.txt', 'a') as f:
+        f.write('partial: 41 of 100 images\n')
+    released_baseline(complete_root / 'snow' / 'baseline', 1.0)
+    with open(complete_root / 'snow' / 'baseline' / 'accuracy.txt', 'a') as f:
+        f.write('partial: 64 of 100 images\n')
+    r = collect(complete_root)
+    assert r.returncode == 0, r.stderr
+    _, _, baseline, ttt = markdown_rows(r.stdout)
+    assert (baseline[3], ttt[3], ttt[-1]) == ('1.0*\u2020', '2.5*\u2020', 'n/a')
+    assert '* partial: TTT-MAE (step 2), snow: 41/100 images' in r.stdout
+    assert '* partial: no adaptation, snow: 64/100 images' in r.stdout
+
+
 def test_extra_corruptions_are_shown_but_not_averaged(complete_root):
     ttt_json(complete_root / 'saturate', [60.0, 61.0, 62.0])
     r = collect(complete_root)
@@ -142,7 +158,8 @@ def test_extra_corruptions_are_shown_but_not_averaged(complete_root):
     assert ttt[-2:] == ['62.0', '29.1'] and baseline[-2:] == ['missing', '18.4']
 
 
-@pytest.mark.parametrize('case', ['missing_root', 'no_corruptions', 'bad_json', 'wrong_method', 'bad_txt', 'no_step'])
+@pytest.mark.parametrize('case', ['missing_root', 'no_corruptions', 'bad_json', 'wrong_method', 'bad_txt',
+                                  'bad_partial_line', 'no_step'])
 def test_bad_input_is_one_line_and_exit_2(case, complete_root, tmp_path):
     args = [complete_root]
     if case == 'missing_root':
@@ -156,6 +173,8 @@ def test_bad_input_is_one_line_and_exit_2(case, complete_root, tmp_path):
         baseline_json(complete_root / 'gaussian_noise', 3.0)
     elif case == 'bad_txt':
         (complete_root / 'fog' / 'baseline' / 'accuracy.txt').write_text(ARGS_LINE)
+    elif case == 'bad_partial_line':
+        (complete_root / 'fog' / 'baseline' / 'accuracy.txt').write_text(ARGS_LINE + '40.5 3.25\npartial: 41\n')
     else:
         args += ['--step', 7]
     r = collect(*args)
@@ -164,7 +183,7 @@ def test_bad_input_is_one_line_and_exit_2(case, complete_root, tmp_path):
     assert len(lines) == 1 and lines[0].startswith('error: '), r.stderr
     if case in ('bad_json', 'wrong_method'):
         assert os.path.join('gaussian_noise', 'results.json') in lines[0]
-    if case == 'bad_txt':
+    if case in ('bad_txt', 'bad_partial_line'):
         assert os.path.join('fog', 'baseline', 'accuracy.txt') in lines[0]
 
 

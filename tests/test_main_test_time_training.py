@@ -15,7 +15,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from conftest import (REPO, TINY, check_error_line, make_image_folder, run_inprocess, run_script, tiny_model,
                       torchrun)
+from test_collect_results import collect
 from util.datasets import ImageFolder
+from util.results import ResultStore
 
 TTT = ('--batch_size', '4', '--steps_per_example', '3', '--single_crop', '--norm_pix_loss', '--blr', '0.5')
 
@@ -24,7 +26,7 @@ def script_args(script, checkpoints, data, out, *extra):
     mae, probe = checkpoints
     return [sys.executable, script, '--data_path', data, '--model', TINY, '--resume_model', mae,
             '--resume_finetune', probe, '--num_classes', '2', '--dataset_name', 'folder',
-            '--output_dir', str(out), '--num_workers', '0', *extra]
+            '--output_dir', str(out), '--num_workers', '0', '--device', 'cpu', *extra]
 
 
 def ttt_command(checkpoints, data, out, *extra):
@@ -120,21 +122,57 @@ def kill_after_flushes(command, output_dir, flushes):
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not (output_dir / 'results.json').exists(), 'the run finished before it was killed'
+    results = output_dir / 'results.json'
+    assert not results.exists() or not json.loads(results.read_text())['complete'], 'the run finished first'
+
+
+TIMINGS = ('wall_time_s', 'images_per_s', 'seconds_per_image')  # of results.json; per_image.npz: 'seconds'
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_to_the_uninterrupted_result(checkpoints, tmp_path):
+def test_killed_run_shows_partial_results_and_resumes_to_the_uninterrupted_files(checkpoints, tmp_path):
+    """After a kill -9, the readable outputs hold the images flushed so far, marked partial, and the
+    collector shows them as such; the rerun ends with the files of an uninterrupted run."""
     data = make_image_folder(tmp_path / 'data', ['class_a', 'class_b'], 12, seed=5)
     slow = ('--batch_size', '16', '--steps_per_example', '25', '--flush_every', '1')
-    run_inprocess(ttt_command(checkpoints, data, tmp_path / 'full', *slow))
-    killed = ttt_command(checkpoints, data, tmp_path / 'killed', *slow)
-    kill_after_flushes(killed, tmp_path / 'killed', 3)
-    resumed = run_inprocess(killed)
-    assert 'already done' in resumed.stdout
-    full, again = per_image(tmp_path / 'full'), per_image(tmp_path / 'killed')
-    for key in ('index', 'pred', 'ce_loss', 'mae_loss'):
-        assert np.array_equal(full[key], again[key]), key
+    out = tmp_path / 'sweep' / 'gaussian_noise'  # the same folder for both runs: the same args line
+    command = ttt_command(checkpoints, data, out, *slow)
+    run_inprocess(command)
+    full = tmp_path / 'full'
+    out.rename(full)
+    kill_after_flushes(command, out, 3)
+
+    # Each readable file holds the first n images (one process adapts them in order) for its own n: the
+    # kill may fall between two of them, so n is that of the last flush or the one before.
+    done = ResultStore(str(out)).load()  # every flushed record
+    flushed = len(done['index'])
+    assert 3 <= flushed < 24
+
+    def accuracy(n):
+        return 100 * (done['pred'][:n, -1] == done['label'][:n]).mean()
+    shown = json.loads((out / 'results.json').read_text())
+    n = shown['num_images']
+    assert not shown['complete'] and shown['num_images_expected'] == 24 and flushed - 1 <= n <= flushed
+    assert shown['accuracy_per_step'][-1] == accuracy(n)
+    *_, last_step, marker = (out / 'accuracy.txt').read_text().splitlines()
+    n_txt = int(marker.split()[1])
+    assert marker == f'partial: {n_txt} of 24 images' and last_step == f"24\t{accuracy(n_txt)}"
+    snapshot = per_image(out)
+    assert flushed - 1 <= len(snapshot['index']) <= flushed and snapshot['num_images_expected'] == 24
+    assert np.array_equal(snapshot['pred'], done['pred'][:len(snapshot['index'])])
+    table = collect(tmp_path / 'sweep').stdout
+    assert f'| {accuracy(n):.1f}* |' in table.splitlines()[3]  # the TTT row
+    assert f'* partial: TTT-MAE (step 25), gaussian_noise: {n}/24 images' in table
+
+    resumed = run_inprocess(command)
+    assert 'already done' in resumed.stdout and not (out / 'partial').exists()
+    assert (out / 'accuracy.txt').read_bytes() == (full / 'accuracy.txt').read_bytes()
+    a, b = (json.loads((d / 'results.json').read_text()) for d in (out, full))
+    assert {k: v for k, v in a.items() if k not in TIMINGS} == {k: v for k, v in b.items() if k not in TIMINGS}
+    a, b = per_image(out), per_image(full)
+    assert list(a) == list(b) and 'num_images_expected' not in a
+    for key in b:
+        assert key == 'seconds' or (a[key].dtype == b[key].dtype and np.array_equal(a[key], b[key])), key
 
 
 @pytest.mark.parametrize('workers', [0, 2])  # 2: the signal goes to the whole group, loader workers too
@@ -164,6 +202,21 @@ def test_an_unreadable_image_stops_the_run_and_keeps_the_images_before_it(checkp
     check_error_line(result.returncode, result.stdout, result.stderr, ['img_001.png'])
     done = sum(len(np.load(p)['index']) for p in (tmp_path / 'out' / 'partial').glob('*.npz'))
     assert done == 4  # the images before the bad one are kept
+
+
+def test_the_released_flags_verbose_and_no_single_crop(checkpoints, test_folder, tmp_path):
+    """--verbose prints the released per-step lines; --no_single_crop (after --single_crop here) chooses
+    random resized crops."""
+    out = tmp_path / 'o'
+    result = run_inprocess(ttt_command(checkpoints, test_folder, out, '--max_examples', '2', '--verbose',
+                                       '--no_single_crop'))
+    assert json.loads((out / 'results.json').read_text())['args']['single_crop'] is False
+    records, expected = per_image(out), []
+    for index, mae, ce in zip(records['index'], records['mae_loss'], records['ce_loss']):
+        for step in range(3):
+            expected += [f'datapoint {index} iter {step}: rec_loss {mae[step]}',
+                         f'datapoint {index} iter {step}: class_loss {ce[step + 1]}']
+    assert [line for line in result.stdout.splitlines() if line.startswith('datapoint')] == expected
 
 
 def test_changed_settings_in_the_same_folder_are_refused(user_error, checkpoints, test_folder, tmp_path):

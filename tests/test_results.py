@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from util.cli import UserError
-from util.results import ResultStore, check_run_config, select_indices, summarize
+from util.results import ResultStore, check_run_config, is_finished, load_per_image, select_indices, summarize
 
 
 def add(store, index, steps=1):
@@ -39,6 +39,37 @@ def test_results_survive_a_kill_between_final_write_and_chunk_removal(tmp_path):
     assert again['index'].tolist() == [0, 1, 2] and again['pred'].ravel().tolist() == [0, 1, 0]
     ResultStore(str(tmp_path)).finalize(again)
     assert not (tmp_path / 'partial').exists() and ResultStore(str(tmp_path)).load()['index'].tolist() == [0, 1, 2]
+
+
+def test_an_unfinished_runs_per_image_npz_is_marked_and_refused_by_readers(tmp_path):
+    store = ResultStore(str(tmp_path))
+    for i in range(3):
+        add(store, i)
+    store.flush()
+    records = store.load()
+    with open(tmp_path / 'per_image.npz', 'wb') as f:  # as an unfinished run's flush leaves it
+        np.savez(f, **records, filename=np.array(['a', 'b', 'c']), num_images_expected=5)
+    add(store, 3)
+    store.flush()
+    again = ResultStore(str(tmp_path)).load()  # the snapshot and the chunks, without the marker
+    assert again['index'].tolist() == [0, 1, 2, 3] and 'num_images_expected' not in again
+    assert not is_finished(str(tmp_path))
+    with pytest.raises(UserError, match=r'unfinished run.s \(3 of 5 images\)'):
+        load_per_image(str(tmp_path))
+    (tmp_path / 'partial').rename(tmp_path / 'gone')  # the snapshot alone still holds its images
+    assert ResultStore(str(tmp_path)).done_indices() == {0, 1, 2}
+    ResultStore(str(tmp_path)).finalize(again)
+    assert is_finished(str(tmp_path)) and load_per_image(str(tmp_path))['index'].tolist() == [0, 1, 2, 3]
+
+
+def test_every_flush_calls_the_hook_after_its_chunk_is_written(tmp_path):
+    store, seen = ResultStore(str(tmp_path)), []
+    store.after_flush = lambda: seen.append(len(store.load()['index']))
+    for i in range(3):
+        add(store, i)
+        store.flush()
+    store.flush()  # nothing new: no chunk, no call
+    assert seen == [1, 2, 3] and store.records_written == 3
 
 
 def test_a_failed_start_does_not_block_the_corrected_rerun(tmp_path):

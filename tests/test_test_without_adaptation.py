@@ -1,11 +1,14 @@
 """test_without_adaptation.py run as a user does: released outputs, batch size, subsets, bad folders."""
 import json
+import os
 
 import numpy as np
 import pytest
 
 from conftest import make_image_folder, run_inprocess
 from test_main_test_time_training import per_image, script_args
+from util.cli import UserError
+from util.results import load_per_image
 
 
 def baseline(checkpoints, data, out, *extra):
@@ -28,7 +31,9 @@ def test_batches_give_the_predictions_of_one_at_a_time_and_the_released_files(ch
     acc, loss = map(float, open(tmp_path / 'b7' / 'accuracy.txt').read().splitlines()[1].split())
     assert (acc, loss) == (results['accuracy'], results['loss'])
     assert acc == 100 * (b7['pred'][:, 0] == b7['label']).mean()
-    assert np.load(tmp_path / 'b7' / 'accuracy.npy').tolist() == (b7['pred'][:, 0] == b7['label']).tolist()
+    released = np.load(tmp_path / 'b7' / 'accuracy.npy')  # the released content: 0 or 100 per image, floats
+    assert released.dtype == np.float64 and released.tolist() == (100. * (b7['pred'][:, 0] == b7['label'])).tolist()
+    assert 0 < released.mean() < 100  # both values occur: the check above compares something
 
 
 def test_max_examples_subset(checkpoints, test_folder, tmp_path):
@@ -41,3 +46,32 @@ def test_bad_folders(user_error, checkpoints, tmp_path):
     empty.mkdir()
     user_error(baseline(checkpoints, str(empty), tmp_path / 'o'), 'no class sub-folders')
     user_error(baseline(checkpoints, str(tmp_path / 'missing'), tmp_path / 'o'), 'not found')
+
+
+def test_stopped_baseline_shows_partial_outputs_and_resumes_to_the_same_files(checkpoints, test_folder, tmp_path):
+    out, full = tmp_path / 'out', tmp_path / 'full'
+    command = baseline(checkpoints, test_folder, out, '--batch_size', '2')
+    run_inprocess(command)
+    out.rename(full)  # the same folder for both runs: the same args line
+    bad = os.path.join(test_folder, 'class_b', 'img_001.png')  # image 6, in the fourth batch
+    good = open(bad, 'rb').read()
+    with open(bad, 'wb') as f:
+        f.write(b'not a png')
+    assert run_inprocess(command, check=False).returncode == 2
+
+    results = json.load(open(out / 'results.json'))
+    assert not results['complete'] and (results['num_images'], results['num_images_expected']) == (6, 10)
+    assert open(out / 'accuracy.txt').read().splitlines()[-1] == 'partial: 6 of 10 images'
+    assert not (out / 'accuracy.npy').exists()  # the released file has every image
+    assert per_image(out)['index'].tolist() == list(range(6))
+    with pytest.raises(UserError, match='unfinished run'):
+        load_per_image(str(out))
+
+    with open(bad, 'wb') as f:
+        f.write(good)
+    run_inprocess(command)
+    for name in ('accuracy.txt', 'accuracy.npy'):
+        assert (out / name).read_bytes() == (full / name).read_bytes(), name
+    a, b = per_image(out), per_image(full)
+    assert list(a) == list(b) and all(np.array_equal(a[k], b[k]) for k in b if k != 'seconds')
+    assert json.load(open(out / 'results.json'))['complete']

@@ -3,7 +3,9 @@ their summary, and the output files (the released accuracy.txt / accuracy.npy, r
 
 Every process appends its records to small chunk files in OUT/partial/ (each written atomically);
 the set of finished images is the union of all chunks and of OUT/per_image.npz, so a rerun with
-any number of processes skips them. The merge sorts records by image index.
+any number of processes skips them. The merge sorts records by image index. While a run is
+unfinished, the main process rewrites the readable outputs after each of its flushes, marked partial
+(keep_outputs_readable), so a run stopped early shows how far it came.
 """
 import glob
 import json
@@ -16,6 +18,9 @@ import numpy as np
 from util.cli import UserError
 from util.corruptions import CORRUPTIONS, EXTRA_CORRUPTIONS
 from util.io import atomic_open, write_json, write_text
+
+# only in the per_image.npz of an unfinished run: how many images the run will hold when it is finished
+PARTIAL_KEY = 'num_images_expected'
 
 
 def select_indices(num_images, max_examples=None, subset='stride', subset_seed=0):
@@ -62,7 +67,10 @@ class ResultStore:
         self.partial_dir = os.path.join(output_dir, 'partial')
         self.final_path = os.path.join(output_dir, 'per_image.npz')
         self.prefix = f"rank{rank}-{os.getpid()}-{time.time_ns()}"
-        self.pending, self.chunks_written = [], 0
+        self.pending, self.chunks_written, self.records_written = [], 0, 0
+        self._chunks = {}  # chunk files read so far: each is written once, so it is read once
+        self.after_flush = None  # set by keep_outputs_readable on the main process
+        self.verbose = False  # print each record's losses per step as it is added (--verbose)
 
     def _files(self):
         files = sorted(glob.glob(os.path.join(self.partial_dir, '*.npz')))
@@ -72,11 +80,16 @@ class ResultStore:
         """All records on disk as a dict of arrays sorted by index (first record of an index wins)."""
         parts = []
         for path in self._files():
+            if path in self._chunks:
+                parts.append(self._chunks[path])
+                continue
             try:
                 with np.load(path, allow_pickle=False) as f:
-                    parts.append({k: f[k] for k in f.files})
+                    parts.append({k: f[k] for k in f.files if k != PARTIAL_KEY})
             except (OSError, ValueError) as e:
                 raise UserError(f"cannot read result file {path}: {e}") from None
+            if path != self.final_path:
+                self._chunks[path] = parts[-1]
         if not parts:
             return None
         # per_image.npz also holds file names: merge the fields every part has (a kill may fall
@@ -95,6 +108,10 @@ class ResultStore:
 
     def add(self, **record):
         self.pending.append(record)
+        if self.verbose:  # the released --verbose lines, here once the image is done
+            for step, loss in enumerate(record['mae_loss']):
+                print(f"datapoint {record['index']} iter {step}: rec_loss {loss}")
+                print(f"datapoint {record['index']} iter {step}: class_loss {record['ce_loss'][step + 1]}")
 
     def flush(self):
         if not self.pending:
@@ -103,7 +120,10 @@ class ResultStore:
         path = os.path.join(self.partial_dir, f"{self.prefix}-{self.chunks_written:06d}.npz")
         with atomic_open(path, 'wb') as f:
             np.savez(f, **arrays)
+        self.records_written += len(self.pending)
         self.pending, self.chunks_written = [], self.chunks_written + 1
+        if self.after_flush is not None:
+            self.after_flush()
 
     def finalize(self, records):
         """Write the merged records to per_image.npz, then drop the chunks they came from."""
@@ -111,6 +131,7 @@ class ResultStore:
             np.savez(f, **records)
         for path in glob.glob(os.path.join(self.partial_dir, '*.npz')):
             os.remove(path)
+        self._chunks = {}
         if os.path.isdir(self.partial_dir) and not os.listdir(self.partial_dir):
             os.rmdir(self.partial_dir)
 
@@ -139,25 +160,37 @@ def selection(args, indices):
     return {'images': len(indices), 'all': True}
 
 
-def write_outputs(args, store, dataset, indices, method, wall_time_s, images_this_run):
-    """Merge every process's records and write the released files plus results.json."""
+def write_outputs(args, store, dataset, indices, method, wall_time_s, images_this_run, final=True):
+    """Merge every process's records and write the released files plus results.json and per_image.npz.
+
+    Unfinished, they hold the images done so far and say so: results.json's `complete` is false, a last
+    line of accuracy.txt says `partial: N of M images`, per_image.npz holds PARTIAL_KEY, and the released
+    accuracy.npy (one entry per image of the set) waits for the end. final=False (after a flush) writes
+    nothing once every image is done: the script's final call does."""
     records = store.load()
     summary = summarize(records, len(indices))
+    if summary['complete'] and not final:
+        return None
+    records['filename'] = np.array([os.path.relpath(dataset.samples[i][0], args.data_path)
+                                    for i in records['index']])
     if summary['complete']:
-        records['filename'] = np.array([os.path.relpath(dataset.samples[i][0], args.data_path)
-                                        for i in records['index']])
         store.finalize(records)
+    else:
+        with atomic_open(store.final_path, 'wb') as f:
+            np.savez(f, **records, **{PARTIAL_KEY: len(indices)})
+    partial = '' if summary['complete'] else f"partial: {summary['num_images']} of {len(indices)} images\n"
     steps = summary['accuracy_per_step']
     args_line = str(args)
     if method == 'baseline':
         write_text(os.path.join(args.output_dir, 'accuracy.txt'),
-                   f"{args_line}\n{steps[0]} {summary['cross_entropy_per_step'][0]}\n")
-        with atomic_open(os.path.join(args.output_dir, 'accuracy.npy'), 'wb') as f:
-            np.save(f, (records['pred'][:, 0] == records['label']).astype(np.float64))
+                   f"{args_line}\n{steps[0]} {summary['cross_entropy_per_step'][0]}\n{partial}")
+        if summary['complete']:  # the released content: 0 or 100 per image
+            with atomic_open(os.path.join(args.output_dir, 'accuracy.npy'), 'wb') as f:
+                np.save(f, 100. * (records['pred'][:, 0] == records['label']))
     else:
         # released numbering: line i is the accuracy after i + 1 steps (step 0 is in results.json)
         write_text(os.path.join(args.output_dir, 'accuracy.txt'),
-                   args_line + '\n' + ''.join(f"{i}\t{a}\n" for i, a in enumerate(steps[1:])))
+                   args_line + '\n' + ''.join(f"{i}\t{a}\n" for i, a in enumerate(steps[1:])) + partial)
     result = {'method': method, 'data_path': os.path.abspath(args.data_path), **summary,
               'selection': selection(args, indices), 'dataset_name': args.dataset_name,
               'online': getattr(args, 'online', False),
@@ -171,9 +204,27 @@ def write_outputs(args, store, dataset, indices, method, wall_time_s, images_thi
     if method == 'baseline':
         result.update(accuracy=steps[0], loss=summary['cross_entropy_per_step'][0])
     write_json(os.path.join(args.output_dir, 'results.json'), result)
-    print(f"{method}: {summary['num_images']}/{len(indices)} images, accuracy per step: "
-          + ' '.join(f"{a:.2f}" for a in steps))
+    if final:
+        print(f"{method}: {summary['num_images']}/{len(indices)} images, accuracy per step: "
+              + ' '.join(f"{a:.2f}" for a in steps))
     return result
+
+
+def keep_outputs_readable(args, store, dataset, indices, method):
+    """From now on, every flush of this (the main) process rewrites the outputs with the images done so
+    far, marked partial: a run stopped by a time limit or kill -9 shows how far it came."""
+    start = time.time()
+    store.after_flush = lambda: write_outputs(args, store, dataset, indices, method, time.time() - start,
+                                              store.records_written * args.world_size, final=False)
+
+
+def is_finished(folder):
+    """Whether FOLDER/per_image.npz exists and is a finished run's."""
+    path = os.path.join(folder, 'per_image.npz')
+    if not os.path.exists(path):
+        return False
+    with np.load(path, allow_pickle=False) as f:
+        return PARTIAL_KEY not in f.files
 
 
 def load_per_image(folder):
@@ -182,6 +233,9 @@ def load_per_image(folder):
     if not os.path.exists(path):
         raise UserError(f"{path} not found (is the run complete?)")
     with np.load(path, allow_pickle=False) as f:
+        if PARTIAL_KEY in f.files:
+            raise UserError(f"{path} is an unfinished run's ({len(f['index'])} of {int(f[PARTIAL_KEY])} images): "
+                            f"rerun its command to finish it")
         return {k: f[k] for k in f.files}
 
 
