@@ -1,16 +1,17 @@
 """Training and evaluation loops for the classification head on frozen features (probing)."""
 import torch
 
+import engine_pretrain
 from util.logger import MetricLogger
-from util.train_loop import train_one_epoch as run_epoch
 
 
 def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, loss_scaler,
                     log_writer=None, args=None):
-    def classification_loss(samples, targets):
+    """One epoch of the head on frozen features: pre-training's loop with the classification loss."""
+    def classification_loss(samples, targets):  # through forward: DistributedDataParallel synchronises there
         return criterion(model(samples, mask_ratio=0, reconstruct=False)[3], targets)
-    return run_epoch(model, classification_loss, data_loader, optimizer, device, epoch, loss_scaler, args,
-                     log_writer, tag='loss')
+    return engine_pretrain.train_one_epoch(model, data_loader, optimizer, device, epoch, loss_scaler, log_writer,
+                                           args, compute_loss=classification_loss, tag='loss')
 
 
 @torch.no_grad()

@@ -392,7 +392,7 @@ def run_baseline(model, loader, store, device, args, class_subset=None):
         for batch in loader:
             images = batch['image'].to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                _, _, _, logits = model(images, mask_ratio=0, reconstruct=False)
+                logits = model.logits(images)
             preds, ces = (x.numpy() for x in predictions(logits.cpu(), batch['label'], class_subset))
             for i, index in enumerate(batch['index'].tolist()):
                 store.add(index=index, label=int(batch['label'][i]), pred=preds[i:i + 1], ce_loss=ces[i:i + 1],

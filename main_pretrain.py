@@ -14,7 +14,7 @@ from util.cli import (OPEN_FRACTION, POSITIVE_INT, ArgumentParser, UserError, ad
 from util.datasets import ImageFolder, make_loader, train_transform
 from util.logger import append_json_line, keep_log_before, tensorboard_writer
 from util.lr_sched import set_lr_from_blr
-from util.train_loop import start_training
+from util.train_setup import start_training
 from util.seed import derive_seed, seed_all
 from timm.optim import param_groups_weight_decay
 

@@ -209,6 +209,19 @@ class MaskedAutoencoderViT(nn.Module):
                 loss['classification'] = F.cross_entropy(logits, target)
         return loss, pred, latent[:, 0], logits
 
+    # Named outputs of forward (the released signature above stays as it is), for call sites that want one.
+    def mae_loss(self, imgs, mask_ratio=0.75, input_mask=None):
+        """The masked-reconstruction loss of a batch (mean over the removed patches of every image)."""
+        return self(imgs, mask_ratio=mask_ratio, input_mask=input_mask)[0]['mae']
+
+    def logits(self, imgs):
+        """The head's outputs for unmasked images."""
+        return self(imgs, mask_ratio=0, reconstruct=False)[3]
+
+    def reconstruct(self, imgs, mask_ratio, input_mask=None):
+        """The decoder's predictions (N, L, p*p*3) of every patch, for the masks input_mask gives."""
+        return self(imgs, mask_ratio=mask_ratio, input_mask=input_mask)[1]
+
 
 # ---- registry of builders by name (used by --model) ----
 MODELS = {}

@@ -3,7 +3,7 @@ next to the arithmetic floor (FLOPs per image over the measured matmul rate), an
 
 A mode is parts joined by '+': default (the faithful loop), compile, K<n> (--parallel_images n), bf16 or
 fp16 (--amp), crops (random-crop views: the script without --single_crop), released (the released-style
-loop of util/reference_loop.py, which deep-copies the model and decodes the image for every step; with
+loop of bench/reference_loop.py, which deep-copies the model and decodes the image for every step; with
 bf16 or fp16 in that precision). Each mode runs alone, one after the other: its first group of images is
 the warm-up (compilation, CUDA graph recording), then --repeats timings of every image, the median
 reported; then its trainer, compiled code and CUDA graphs are freed before the next mode starts. The
@@ -39,7 +39,7 @@ from models_mae import build_model  # noqa: E402
 from util.cli import UserError, run_main  # noqa: E402
 from util.datasets import TestTimeDataset  # noqa: E402
 from util.io import write_json  # noqa: E402
-from util.reference_loop import reference_adapt  # noqa: E402
+from bench.reference_loop import reference_adapt  # noqa: E402
 from util.run_setup import set_precision  # noqa: E402
 
 PEAK_MEMORY = {'cuda': "the mode's own peak of GPU memory held by tensors, over what was held before it started",

@@ -9,7 +9,7 @@ import engine_test_time as ttt
 from conftest import REPO, TINY, make_image_folder, tiny_model
 from main_test_time_training import get_args_parser
 from util.datasets import ImageFolder, TestTimeDataset, training_views
-from util.reference_loop import reference_adapt
+from bench.reference_loop import reference_adapt
 
 DEVICES = ['cpu', pytest.param('cuda', marks=pytest.mark.cuda)]
 
@@ -98,7 +98,7 @@ def test_default_mode_matches_the_recorded_engine(test_folder, case, one_thread)
 @pytest.mark.parametrize('case', [c for c, (_, single_crop) in GOLDEN_CASES.items() if single_crop])
 def test_default_mode_is_bitwise_the_eager_oracle(test_folder, case):
     """The default mode (in-place reset, decode once, multi-tensor update) against the released-style
-    loop (util/reference_loop.py: a deep copy of the model, a new per-parameter optimiser and a new
+    loop (bench/reference_loop.py: a deep copy of the model, a new per-parameter optimiser and a new
     decode for every step), in this process: the same operations in the same order, so bit for bit."""
     extra, _ = GOLDEN_CASES[case]
     args = ttt_args(*extra, '--accum_iter', '2') if case == 'single_crop' else ttt_args(*extra)

@@ -34,7 +34,7 @@ def reference_adapt(base_model_cpu, path, label, index, args, device, amp_dtype=
         with torch.no_grad():
             image = transform(load_rgb(path)).unsqueeze(0).to(device)
             with autocast():
-                logits = model(image, mask_ratio=0, reconstruct=False)[3]
+                logits = model.logits(image)
         model.train()
         pred, ce = predictions(logits, torch.tensor([label], device=device))
         return pred.item(), ce.item()
@@ -46,7 +46,7 @@ def reference_adapt(base_model_cpu, path, label, index, args, device, amp_dtype=
             image = transform(load_rgb(path))
             views = torch.stack([image for _ in range(args.batch_size)]).to(device)
             with autocast():
-                loss = model(views, mask_ratio=args.mask_ratio, input_mask=masks[step, micro])[0]['mae']
+                loss = model.mae_loss(views, mask_ratio=args.mask_ratio, input_mask=masks[step, micro])
             (loss / args.accum_iter).backward()
             step_loss = step_loss + (loss.float() / args.accum_iter).detach()
         optimizer.step()

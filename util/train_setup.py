@@ -1,0 +1,16 @@
+"""The start that pre-training and probing share: output folder, processes, and the seed."""
+import torch
+
+from util import distributed
+from util.cli import make_output_dir
+from util.seed import derive_seed, seed_all
+
+
+def start_training(args):
+    """Output folder, processes, and the seed of the initial weights (from --seed); returns the device."""
+    if args.output_dir:
+        make_output_dir(args.output_dir)
+    distributed.init_distributed_mode(args)
+    torch.backends.cudnn.benchmark = True
+    seed_all(derive_seed(args.seed, args.rank))
+    return torch.device(args.device)
