@@ -169,33 +169,46 @@ class TestTimeDataset(torch.utils.data.Dataset):
         return item
 
 
+def crop_box(height, width, generator, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)):
+    """(top, left, h, w) of a RandomResizedCrop of a height x width image, drawn as torchvision draws
+    it, from `generator` (CPU)."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _attempt in range(10):
+        target_area = area * torch.empty(1).uniform_(*scale, generator=generator).item()
+        aspect = math.exp(torch.empty(1).uniform_(*log_ratio, generator=generator).item())
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = torch.randint(0, height - h + 1, (1,), generator=generator).item()
+            left = torch.randint(0, width - w + 1, (1,), generator=generator).item()
+            return top, left, h, w
+    # fall back to a central crop of the nearest allowed aspect ratio, as torchvision does
+    if width / height < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif width / height > ratio[1]:
+        w, h = int(round(height * ratio[1])), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def resized_crop(image, top, left, h, w, size):
+    """A crop of a uint8 (3, H, W) image resized to size x size on its device as PIL's bicubic resize
+    (the released host path) does: the width, then the height, each pass rounded to uint8. On the CPU
+    this is bitwise torchvision's single resize; on a GPU one resize would keep the intermediate in float
+    and differ from PIL by up to 29 levels on noisy images (docs/method.md)."""
+    bicubic = TF.InterpolationMode.BICUBIC
+    crop = TF.resize(image[:, top:top + h, left:left + w], [h, size], interpolation=bicubic, antialias=True)
+    return TF.resize(crop, [size, size], interpolation=bicubic, antialias=True)
+
+
 def random_resized_crops(image, n, size, generator, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)):
     """n views of a uint8 (3, H, W) image on its device, each RandomResizedCrop(size, bicubic) + flip,
     normalised. Crop parameters are drawn as torchvision draws them, from `generator` (CPU)."""
-    _, height, width = image.shape
-    area = height * width
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
     views = []
     for _ in range(n):
-        for _attempt in range(10):
-            target_area = area * torch.empty(1).uniform_(*scale, generator=generator).item()
-            aspect = math.exp(torch.empty(1).uniform_(*log_ratio, generator=generator).item())
-            w = int(round(math.sqrt(target_area * aspect)))
-            h = int(round(math.sqrt(target_area / aspect)))
-            if 0 < w <= width and 0 < h <= height:
-                top = torch.randint(0, height - h + 1, (1,), generator=generator).item()
-                left = torch.randint(0, width - w + 1, (1,), generator=generator).item()
-                break
-        else:  # fall back to a central crop of the nearest allowed aspect ratio, as torchvision does
-            if width / height < ratio[0]:
-                w, h = width, int(round(width / ratio[0]))
-            elif width / height > ratio[1]:
-                w, h = int(round(height * ratio[1])), height
-            else:
-                w, h = width, height
-            top, left = (height - h) // 2, (width - w) // 2
-        view = TF.resized_crop(image, top, left, h, w, [size, size],
-                               interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+        view = resized_crop(image, *crop_box(*image.shape[1:], generator, scale, ratio), size)
         if torch.rand(1, generator=generator).item() < 0.5:
             view = view.flip(-1)
         views.append(view)
