@@ -3,7 +3,7 @@ import math
 
 import torch
 
-from util.cli import UserError
+from util.errors import UserError
 from util.logger import MetricLogger
 from util.lr_sched import adjust_learning_rate
 

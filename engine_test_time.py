@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from util import distributed
 from util.checkpoint import HEAD_PREFIXES
-from util.cli import UserError
+from util.errors import UserError
 from util.datasets import training_views
 from util.logger import ProgressLine
 from util.seed import derive_seed

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 
-from util.cli import UserError
+from util.errors import UserError
 from util.pos_embed import get_2d_sincos_pos_embed
 
 HEAD_TYPES = ('vit_head', 'linear', None)  # None: no head (pre-training writes the released MAE layout)

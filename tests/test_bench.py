@@ -16,7 +16,7 @@ import bench.bench_ttt as bench_ttt
 from bench.profile_ttt import CATEGORIES, breakdown, category
 from engine_test_time import TestTimeTrainer
 from models_mae import build_model
-from util.cli import UserError
+from util.errors import UserError
 
 LEASE_CALL_S = 420  # one call of at most 7 minutes
 

@@ -13,7 +13,7 @@ from models_mae import build_model
 from util import checkpoint as ckpt
 from util.checkpoint import (load_test_checkpoints, latest_checkpoint, load_checkpoint, load_finetune_for_probe,
                              load_state_dict_strict, save_checkpoint)
-from util.cli import UserError
+from util.errors import UserError
 from util.io import atomic_open, write_json
 
 

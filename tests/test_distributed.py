@@ -8,7 +8,7 @@ import pytest
 
 from conftest import REPO, TINY, make_image_folder
 from main_test_time_training import get_args_parser
-from util.cli import UserError
+from util.errors import UserError
 from util.distributed import init_distributed_mode
 
 LAUNCHER_VARS = ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT', 'SLURM_PROCID', 'SLURM_NTASKS',

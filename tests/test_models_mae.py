@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from conftest import TINY, tiny_model
 from models_mae import MODELS, MaskedAutoencoderViT, build_model
-from util.cli import UserError
+from util.errors import UserError
 from util.pos_embed import get_2d_sincos_pos_embed
 
 BLOCK_SUFFIXES = {  # timm Block layout, as in the released checkpoints: suffix -> shape for width D

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from util.cli import UserError
+from util.errors import UserError
 from util.results import ResultStore, check_run_config, is_finished, load_per_image, select_indices, summarize
 
 

@@ -6,7 +6,7 @@ import torch
 
 from conftest import TINY, make_image_folder, tiny_model
 from main_test_time_training import get_args_parser
-from util.cli import UserError
+from util.errors import UserError
 from util.results import ResultStore
 from util.run_setup import build_test_model, images_to_do, load_test_set, run_config, set_precision
 

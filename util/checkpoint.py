@@ -8,7 +8,7 @@ import re
 import numpy as np
 import torch
 
-from util.cli import UserError
+from util.errors import UserError
 from util.io import atomic_path
 from util.pos_embed import interpolate_pos_embed
 

@@ -6,10 +6,9 @@ import math
 import os
 import sys
 
-TEST_SET_NAMES = ('imagenet_c', 'imagenet', 'imagenet_r', 'imagenet_a', 'imagenet_v2', 'imagenet_sketch', 'folder')
+from util.errors import UserError  # the scripts import it from here, with the CLI's other helpers
 
-class UserError(Exception):
-    """A problem with the user's input: reported as one line, exit code 2, no traceback."""
+TEST_SET_NAMES = ('imagenet_c', 'imagenet', 'imagenet_r', 'imagenet_a', 'imagenet_v2', 'imagenet_sketch', 'folder')
 
 
 def run_main(main, args):

@@ -6,7 +6,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from util.cli import UserError
+from util.errors import UserError
 
 
 def init_distributed_mode(args):

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from util.checkpoint import load_checkpoint
-from util.cli import UserError
+from util.errors import UserError
 from util.io import atomic_path
 from util.seed import derive_seed
 

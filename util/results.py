@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from util.cli import UserError
+from util.errors import UserError
 from util.corruptions import CORRUPTIONS, EXTRA_CORRUPTIONS
 from util.io import atomic_open, write_json, write_text
 

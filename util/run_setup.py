@@ -9,7 +9,8 @@ import numpy as np
 import torch
 
 from util import distributed
-from util.cli import UserError, make_output_dir
+from util.cli import make_output_dir
+from util.errors import UserError
 from util.datasets import ImageFolder, class_folders, folder_labels, imagenet_wnids
 from util.online import StreamState, process_share, stream_order, stream_position
 from util.results import ResultStore, check_run_config, select_indices
