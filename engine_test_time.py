@@ -87,6 +87,18 @@ def mode_dependent_modules(model):
     return found
 
 
+class NamedOutputs(torch.nn.Module):
+    """The model's named outputs (mae_loss, logits, reconstruct) as one forward(name, *inputs), for
+    torch.func.functional_call, which calls a module's forward only."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, name, *inputs):
+        return getattr(self.model, name)(*inputs)
+
+
 class TestTimeTrainer:
     """Weights and optimiser state of K images, reset in place, and the step that adapts them.
 
@@ -149,17 +161,21 @@ class TestTimeTrainer:
                 if hasattr(m, 'fused_attn'):
                     m.fused_attn = False
 
-        def call(row, *inputs, **kwargs):
-            return torch.func.functional_call(model, (self.weights(row), fixed), inputs, kwargs)
+        methods = NamedOutputs(model)
+        fixed = {f'model.{n}': t for n, t in fixed.items()}
+
+        def call(row, method, *inputs):
+            weights = {f'model.{n}': w for n, w in self.weights(row).items()}
+            return torch.func.functional_call(methods, (weights, fixed), (method, *inputs))
 
         def loss(row, views, masks):
-            return call(row, views, mask_ratio=args.mask_ratio, input_mask=masks)[0]['mae']
+            return call(row, 'mae_loss', views, args.mask_ratio, masks)
 
         def logits(row, image):
-            return call(row, image, mask_ratio=0, reconstruct=False)[3][0]
+            return call(row, 'logits', image)[0]
 
         def predict(row, image, mask):
-            return call(row, image, mask_ratio=args.mask_ratio, input_mask=mask)[1][0]
+            return call(row, 'reconstruct', image, args.mask_ratio, mask)[0]
 
         if self.k == 1:
             return (lambda views, masks: loss(self.params[0][0], views[0], masks[0]).unsqueeze(0),
