@@ -332,23 +332,21 @@ def run_test_time_training(trainer, loader, store, args, log_writer=None, online
     """Adapt to every image the loader yields, K at a time; records go to `store`, flushed every
     args.flush_every images and on a stop signal, so that nothing finished is lost.
 
-    online: for online TTT-MAE (K = 1), (StreamState, position the loader starts at, window): the
-    weights carry over, each image's views come from the window of the last --online_window images, and
-    the state is saved before each flush of the results it goes with. Episodic runs also flush on an
-    error; an online run does not (the state is then mid-image), so its rerun redoes the images since
-    the last flush. observe(indices): for a group's image indices, an observer for adapt() or None
-    (reconstructions).
+    online: the OnlineStream of online TTT-MAE (K = 1, util/online.py), or None (episodic): the weights
+    carry over, each image's views come from the stream's window, and the stream's state is saved before
+    each flush of the results it goes with. Episodic runs also flush on an error; an online run does not
+    (the state is then mid-image), so its rerun redoes the images since the last flush.
+    observe(indices): for a group's image indices, an observer for adapt() or None (reconstructions).
     Returns the number of images done."""
     device, done, correct_last = trainer.device, 0, 0
     progress = ProgressLine(len(loader), args.print_freq)
-    state, position, window = online or (None, 0, None)
 
     def flush():
-        if state is not None:
-            state.save(position + done, trainer.state())
+        if online is not None:
+            online.save(done, trainer)
         store.flush()
-        if state is not None:
-            state.prune(position + done)
+        if online is not None:
+            online.prune(done)
         distributed.raise_if_another_failed()  # with what is done saved
 
     with StopRequested() as stop:
@@ -359,12 +357,9 @@ def run_test_time_training(trainer, loader, store, args, log_writer=None, online
                 labels = torch.tensor([item['label'] for item in group], device=device)
                 images = torch.stack([item['image'] for item in group]).to(device, non_blocking=True).unsqueeze(1)
                 raws = None if args.single_crop else [item['raw'].to(device, non_blocking=True) for item in group]
-                if window is not None:
-                    window.append((images[0], None if raws is None else raws[0]))
-                results = trainer.adapt(indices, labels, images, raws,
-                                        windows=None if window is None else [list(window)],
-                                        reset_weights=window is None,
-                                        reset_optimizer=window is None or args.online_reset_optimizer,
+                windows = None if online is None else [online.sources(images[0], None if raws is None else raws[0])]
+                results = trainer.adapt(indices, labels, images, raws, windows=windows, reset_weights=online is None,
+                                        reset_optimizer=online is None or online.reset_optimizer,
                                         observe=observe and observe(indices))
                 seconds = (time.time() - start) / len(group)
                 for item, (preds, ces, mae_losses) in zip(group, results):
@@ -373,8 +368,8 @@ def run_test_time_training(trainer, loader, store, args, log_writer=None, online
                         raise UserError(f"non-finite reconstruction loss on image {item['index']} ({path}); "
                                         f"stopping, the images before it are kept in {args.output_dir}")
                     store.add(index=item['index'], label=item['label'], pred=preds, ce_loss=ces,
-                              mae_loss=mae_losses, seconds=seconds, **({} if window is None else
-                                                                       {'position': position + done}))
+                              mae_loss=mae_losses, seconds=seconds,
+                              **({} if online is None else {'position': online.position + done}))
                     done += 1
                     correct_last += int(preds[-1] == item['label'])
                     if done % args.flush_every == 0:
@@ -386,7 +381,7 @@ def run_test_time_training(trainer, loader, store, args, log_writer=None, online
                 if stop.signal is not None:
                     break
         except BaseException:
-            if state is None:
+            if online is None:
                 store.flush()
             raise
         flush()

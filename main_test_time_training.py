@@ -6,7 +6,6 @@ whatever the number of processes, since every image is still adapted alone (the 
 multiplied by the world size, which on one GPU is 1).
 """
 import time
-from collections import deque
 
 import torch
 
@@ -105,32 +104,22 @@ def main(args):
     device = run.device
     trainer = TestTimeTrainer(run.model, args, device, k=args.parallel_images,
                               class_subset=imagenet_subset(args.dataset_name))
-    online = None
-    if args.online:  # the carried state, and the window of images before where the stream continues
-        state = run.state.load(run.position)
-        if state is not None:
-            trainer.load_state(state)
-        window = deque(maxlen=args.online_window)
-        earlier = TestTimeDataset(run.dataset.samples, run.share[max(0, run.position - args.online_window + 1):
-                                                                 run.position], args.input_size, raw=not args.single_crop)
-        for item in earlier:
-            window.append((item['image'].unsqueeze(0).to(device), item['raw'].to(device) if 'raw' in item else None))
-        online = (run.state, run.position, window)
-    test_set = TestTimeDataset(run.dataset.samples, run.todo, args.input_size, raw=not args.single_crop)
-    loader = torch.utils.data.DataLoader(test_set, batch_size=None, num_workers=args.num_workers,
+    load_items = lambda indices: TestTimeDataset(run.dataset.samples, indices, args.input_size, raw=not args.single_crop)
+    if run.online:  # the carried state, and the window of images before where the stream continues
+        run.online.resume(trainer, load_items)
+    loader = torch.utils.data.DataLoader(load_items(run.todo), batch_size=None, num_workers=args.num_workers,
                                          pin_memory=args.pin_mem and device.type == 'cuda')
     observe = Reconstructions(args, run.dataset, run.indices[:args.save_reconstructions]) \
         if args.save_reconstructions else None
     log_writer = tensorboard_writer(args.log_dir)
     run.store.verbose = args.verbose
     if distributed.is_main_process():
-        keep_outputs_readable(args, run.store, run.dataset, run.indices, 'ttt')
+        keep_outputs_readable(args, run, 'ttt')
     start = time.time()
-    done = run_test_time_training(trainer, loader, run.store, args, log_writer, online, observe)
+    done = run_test_time_training(trainer, loader, run.store, args, log_writer, run.online, observe)
     distributed.barrier()
     if distributed.is_main_process():
-        result = write_outputs(args, run.store, run.dataset, run.indices, 'ttt', time.time() - start,
-                               done * args.world_size)
+        result = write_outputs(args, run, 'ttt', time.time() - start, done * args.world_size)
         if log_writer is not None:
             for step, acc in enumerate(result['accuracy_per_step']):
                 log_writer.add_scalar('ttt/accuracy_per_step', acc, step)

@@ -32,13 +32,12 @@ def main(args):
                                          batch_size=args.batch_size, num_workers=args.num_workers,
                                          pin_memory=args.pin_mem and run.device.type == 'cuda')
     if distributed.is_main_process():
-        keep_outputs_readable(args, run.store, run.dataset, run.indices, 'baseline')
+        keep_outputs_readable(args, run, 'baseline')
     start = time.time()
     done = run_baseline(run.model, loader, run.store, run.device, args, imagenet_subset(args.dataset_name))
     distributed.barrier()
     if distributed.is_main_process():
-        write_outputs(args, run.store, run.dataset, run.indices, 'baseline', time.time() - start,
-                      done * args.world_size)
+        write_outputs(args, run, 'baseline', time.time() - start, done * args.world_size)
     distributed.destroy()
 
 

@@ -72,9 +72,11 @@ def test_images_to_do_after_a_partial_and_a_complete_run(tmp_path):
 
 def test_run_config_keeps_what_results_depend_on(checkpoints):
     args = args_for(checkpoints, 'some/folder', '--num_workers', '3', '--print_freq', '7')
-    args.checkpoint_sha256 = {'resume_model': 'aa', 'resume_finetune': 'bb'}
-    config = run_config(args)
+    config = run_config(args, {'resume_model': 'aa', 'resume_finetune': 'bb'})
     assert (config['resume_model_sha256'], config['resume_finetune_sha256']) == ('aa', 'bb')
+    assert 'subset_file_sha256' not in config
+    assert run_config(args, {'resume_model': 'aa', 'resume_finetune': 'bb'}, 'cc')['subset_file_sha256'] == 'cc'
+    assert vars(args) == vars(args_for(checkpoints, 'some/folder', '--num_workers', '3', '--print_freq', '7'))
     assert config['steps_per_example'] == 20 and config['device_type'] == 'cpu'
     assert config['data'].endswith('some/folder')
     assert not {'num_workers', 'print_freq', 'output_dir', 'world_size', 'resume_model'} & set(config)

@@ -1,9 +1,10 @@
-"""Streams of online TTT-MAE (docs/online.md): the order of the images, each process's share, and the
-stream's state (carried weights and optimiser state) saved beside the results, so that a killed run
-continues exactly where its results end."""
+"""Streams of online TTT-MAE (docs/online.md): the order of the images, each process's share, the
+window of recent images, and the stream's state (carried weights and optimiser state) saved beside the
+results, so that a killed run continues exactly where its results end."""
 import glob
 import os
 import re
+from collections import deque
 
 import numpy as np
 import torch
@@ -76,3 +77,46 @@ class StreamState:
             raise UserError(f"{position} images of this process's stream are done but {self.folder} holds no state "
                             f"for that position: the stream cannot continue exactly; use another --output_dir")
         return load_checkpoint(path, 'online stream state')['tensors']
+
+
+class OnlineStream:
+    """One process's stream: its images in order (share), how many of them earlier runs did (position),
+    the window of the last `window` images whose views train each step, whether the optimiser state
+    restarts for every image, and the state saved with the results. The engine's loop takes it (or None
+    for episodic TTT-MAE)."""
+
+    def __init__(self, share, position, state, window, reset_optimizer):
+        self.share, self.position, self.state = share, position, state
+        self.window, self.reset_optimizer = deque(maxlen=window), reset_optimizer
+
+    @classmethod
+    def of_run(cls, args, indices, store):
+        stream = stream_order(indices, args.stream_order, args.seed)
+        share = process_share(stream, args.rank, args.world_size)
+        return cls(share, stream_position(share, store.done_indices()), StreamState(args.output_dir, args.rank),
+                   args.online_window, args.online_reset_optimizer)
+
+    def todo(self):
+        return self.share[self.position:]
+
+    def resume(self, trainer, load_items):
+        """Put the saved state into the trainer and refill the window with the images before the
+        position; load_items(indices) gives their {'image', 'raw'} items (TestTimeDataset)."""
+        saved = self.state.load(self.position)
+        if saved is not None:
+            trainer.load_state(saved)
+        for item in load_items(self.share[max(0, self.position - self.window.maxlen + 1):self.position]):
+            self.window.append((item['image'].unsqueeze(0).to(trainer.device),
+                                item['raw'].to(trainer.device) if 'raw' in item else None))
+
+    def sources(self, image, raw):
+        """The window after `image` (1, 3, H, W) and its decoded `raw` joined it: its (eval crop, raw) pairs."""
+        self.window.append((image, raw))
+        return list(self.window)
+
+    def save(self, done, trainer):
+        """The trainer's state after `done` more images, written before the results it goes with."""
+        self.state.save(self.position + done, trainer.state())
+
+    def prune(self, done):
+        self.state.prune(self.position + done)

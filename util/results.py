@@ -149,24 +149,26 @@ def summarize(records, num_expected):
     }
 
 
-def selection(args, indices):
+def selection(args, run):
     """What results.json and the collector say about which images a number comes from."""
+    indices = run.indices
     if args.subset_file:
         return {'images': len(indices), 'subset_file': os.path.abspath(args.subset_file),
-                'subset_file_sha256': args.subset_file_sha256}
-    if args.max_examples and args.max_examples < args.num_images_in_folder:
+                'subset_file_sha256': run.subset_file_sha256}
+    if args.max_examples and args.max_examples < run.num_images_in_folder:
         return {'images': len(indices), 'max_examples': args.max_examples, 'subset': args.subset,
                 'subset_seed': args.subset_seed}
     return {'images': len(indices), 'all': True}
 
 
-def write_outputs(args, store, dataset, indices, method, wall_time_s, images_this_run, final=True):
+def write_outputs(args, run, method, wall_time_s, images_this_run, final=True):
     """Merge every process's records and write the released files plus results.json and per_image.npz.
 
     Unfinished, they hold the images done so far and say so: results.json's `complete` is false, a last
     line of accuracy.txt says `partial: N of M images`, per_image.npz holds PARTIAL_KEY, and the released
     accuracy.npy (one entry per image of the set) waits for the end. final=False (after a flush) writes
     nothing once every image is done: the script's final call does."""
+    store, dataset, indices = run.store, run.dataset, run.indices
     records = store.load()
     summary = summarize(records, len(indices))
     if summary['complete'] and not final:
@@ -192,13 +194,13 @@ def write_outputs(args, store, dataset, indices, method, wall_time_s, images_thi
         write_text(os.path.join(args.output_dir, 'accuracy.txt'),
                    args_line + '\n' + ''.join(f"{i}\t{a}\n" for i, a in enumerate(steps[1:])) + partial)
     result = {'method': method, 'data_path': os.path.abspath(args.data_path), **summary,
-              'selection': selection(args, indices), 'dataset_name': args.dataset_name,
+              'selection': selection(args, run), 'dataset_name': args.dataset_name,
               'online': getattr(args, 'online', False),
               'steps_per_example': getattr(args, 'steps_per_example', 0),
               'wall_time_s': wall_time_s,
               'images_per_s': images_this_run / wall_time_s if wall_time_s > 0 else None,
               'seconds_per_image': float(records['seconds'].mean()) if method == 'ttt' else None,
-              'checkpoints': {k: {'file': os.path.abspath(getattr(args, k)), 'sha256': args.checkpoint_sha256[k]}
+              'checkpoints': {k: {'file': os.path.abspath(getattr(args, k)), 'sha256': run.checkpoint_sha256[k]}
                               for k in ('resume_model', 'resume_finetune')},
               'args': json.loads(json.dumps(vars(args), default=str))}
     if method == 'baseline':
@@ -210,12 +212,12 @@ def write_outputs(args, store, dataset, indices, method, wall_time_s, images_thi
     return result
 
 
-def keep_outputs_readable(args, store, dataset, indices, method):
+def keep_outputs_readable(args, run, method):
     """From now on, every flush of this (the main) process rewrites the outputs with the images done so
     far, marked partial: a run stopped by a time limit or kill -9 shows how far it came."""
     start = time.time()
-    store.after_flush = lambda: write_outputs(args, store, dataset, indices, method, time.time() - start,
-                                              store.records_written * args.world_size, final=False)
+    run.store.after_flush = lambda: write_outputs(args, run, method, time.time() - start,
+                                                  run.store.records_written * args.world_size, final=False)
 
 
 def is_finished(folder):

@@ -3,7 +3,8 @@ model, and which images are left to do."""
 import hashlib
 import json
 import os
-from types import SimpleNamespace
+from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -12,14 +13,13 @@ from util import distributed
 from util.cli import make_output_dir
 from util.errors import UserError
 from util.datasets import ImageFolder, class_folders, folder_labels, imagenet_wnids
-from util.online import StreamState, process_share, stream_order, stream_position
+from util.online import OnlineStream
 from util.results import ResultStore, check_run_config, select_indices
 
 # flags that do not change per-image results: a rerun may change them and still continue
 RUN_ONLY_ARGS = {'output_dir', 'log_dir', 'device', 'num_workers', 'pin_mem', 'world_size', 'local_rank',
                  'rank', 'gpu', 'distributed', 'dist_url', 'flush_every', 'print_freq',
-                 'data_path', 'resume_model', 'resume_finetune', 'checkpoint_sha256', 'num_images_in_folder',
-                 'save_reconstructions'}
+                 'data_path', 'resume_model', 'resume_finetune', 'save_reconstructions'}
 
 
 def set_precision(device, strict_fp32):
@@ -37,14 +37,32 @@ def file_sha256(path):
     return digest.hexdigest()
 
 
-def run_config(args):
+@dataclass
+class Run:
+    """What a test-time run's set-up found and decided (args stays what the user typed)."""
+    device: torch.device
+    dataset: object  # util.datasets.ImageFolder
+    indices: np.ndarray  # every selected image, in evaluation order
+    model: torch.nn.Module
+    store: object  # util.results.ResultStore
+    checkpoint_sha256: dict  # {'resume_model': ..., 'resume_finetune': ...}
+    subset_file_sha256: Optional[str]
+    num_images_in_folder: int
+    todo: Optional[list] = None  # this process's images left, None when the run is finished
+    online: Optional[OnlineStream] = None
+
+
+def run_config(args, checkpoint_sha256, subset_file_sha256=None):
     """The settings a run's per-image results depend on (recorded in run_config.json). The checkpoints
-    are identified by their SHA-256, so that another file of the same name is not taken for them."""
+    (and a --subset_file) are identified by their SHA-256, so that another file of the same name is not
+    taken for them."""
     config = {k: v for k, v in vars(args).items() if k not in RUN_ONLY_ARGS}
+    if subset_file_sha256:
+        config['subset_file_sha256'] = subset_file_sha256
     # device_type: CPU and CUDA generators draw other masks
     config.update(data=os.path.abspath(args.data_path), device_type=torch.device(args.device).type)
     for key in ('resume_model', 'resume_finetune'):
-        config[f'{key}_sha256'] = args.checkpoint_sha256[key]
+        config[f'{key}_sha256'] = checkpoint_sha256[key]
         config[f'{key}_file'] = os.path.abspath(getattr(args, key))
     if getattr(args, 'online', False):  # each process runs its own stream: their number changes the results
         config['online_processes'] = args.world_size
@@ -110,15 +128,12 @@ def select_images(args, dataset):
                                                if missing else ''))
     if len(set(listed)) != len(listed):
         raise UserError(f"--subset_file {args.subset_file} lists {len(listed) - len(set(listed))} images twice")
-    args.subset_file_sha256 = file_sha256(args.subset_file)  # recorded: another list of the same name is refused
     return np.array([where[p] for p in listed], dtype=np.int64)
 
 
 def prepare_run(args):
     """The shared start of both test-time scripts: processes, precision, data, model, and the images
-    this process has to do. Returns a namespace: device, dataset, indices (all selected), model, store,
-    todo (this process's images left, or None when the run is finished) and, online, position (how far
-    this process's stream has come) and state."""
+    this process has to do. Returns a Run."""
     if args.subset_file and args.max_examples:
         raise UserError("--subset_file and --max_examples both choose the images: pass one")
     if args.max_examples is None and (args.subset != 'stride' or args.subset_seed != 0):
@@ -129,28 +144,22 @@ def prepare_run(args):
     set_precision(device, args.strict_fp32)
     model, classes = build_test_model(args, device)
     dataset = load_test_set(args, classes)
-    args.num_images_in_folder = len(dataset)
     indices = select_images(args, dataset)
-    args.checkpoint_sha256 = {k: file_sha256(getattr(args, k)) for k in ('resume_model', 'resume_finetune')}
+    checkpoint_sha256 = {k: file_sha256(getattr(args, k)) for k in ('resume_model', 'resume_finetune')}
+    # recorded: another list of the same name is refused
+    subset_file_sha256 = file_sha256(args.subset_file) if args.subset_file else None
     make_output_dir(args.output_dir)
     store = ResultStore(args.output_dir, args.rank)
-    check_run_config(store, run_config(args), distributed.is_main_process(),
+    check_run_config(store, run_config(args, checkpoint_sha256, subset_file_sha256), distributed.is_main_process(),
                      recorded_only={'resume_model_file', 'resume_finetune_file'})
-    run = SimpleNamespace(device=device, dataset=dataset, indices=indices, model=model, store=store)
+    run = Run(device, dataset, indices, model, store, checkpoint_sha256, subset_file_sha256, len(dataset))
     if getattr(args, 'online', False):  # each process continues its own stream
-        stream = stream_order(indices, args.stream_order, args.seed)
-        share = process_share(stream, args.rank, args.world_size)
-        run.share, run.position = share, stream_position(share, store.done_indices())
-        run.state = StreamState(args.output_dir, args.rank)
+        run.online = OnlineStream.of_run(args, indices, store)
     # rank 0 decides what is left and tells the others, so all shard the same list
     todo = [images_to_do(store, indices) if distributed.is_main_process() else None]
     distributed.broadcast_object(todo)
-    if todo[0] is None:
-        run.todo = None
-    elif getattr(args, 'online', False):
-        run.todo = share[run.position:]
-    else:
-        run.todo = todo[0][args.rank::args.world_size]
+    if todo[0] is not None:
+        run.todo = run.online.todo() if run.online else todo[0][args.rank::args.world_size]
     return run
 
 
