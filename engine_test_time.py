@@ -19,8 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from models_mae import HEAD_PREFIXES
 from util import distributed
-from util.checkpoint import HEAD_PREFIXES
 from util.errors import UserError
 from util.datasets import training_views
 from util.logger import ProgressLine

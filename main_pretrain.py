@@ -6,9 +6,9 @@ import time
 import torch
 
 from engine_pretrain import train_one_epoch
-from models_mae import build_model
+from models_mae import HEAD_PREFIXES, build_model
 from util import distributed
-from util.checkpoint import HEAD_PREFIXES, checkpoint_path, resume_training, save_checkpoint
+from util.checkpoint import checkpoint_path, resume_training, save_checkpoint
 from util.cli import (OPEN_FRACTION, POSITIVE_INT, ArgumentParser, UserError, add_data_args, add_model_args,
                       add_run_args, add_training_args, run_main)
 from util.datasets import ImageFolder, make_loader, train_transform

@@ -8,9 +8,9 @@ from timm.loss import LabelSmoothingCrossEntropy
 from timm.optim import param_groups_weight_decay
 
 from engine_prob import evaluate, train_one_epoch
-from models_mae import build_model
+from models_mae import HEAD_PREFIXES, build_model
 from util import distributed
-from util.checkpoint import HEAD_PREFIXES, checkpoint_path, load_finetune_for_probe, resume_training, save_checkpoint
+from util.checkpoint import checkpoint_path, load_finetune_for_probe, resume_training, save_checkpoint
 from util.cli import (ArgumentParser, UserError, add_data_args, add_model_args, add_run_args, add_training_args,
                       number, run_main)
 from util.datasets import ImageFolder, eval_transform, make_loader, train_transform, training_classes

@@ -10,6 +10,7 @@ import time
 import torch
 
 from engine_test_time import FINETUNE_MODES, OPTIMIZERS, TestTimeTrainer, run_test_time_training
+from models_mae import build_model
 from util import distributed
 from util.cli import (NON_NEGATIVE_FLOAT, NON_NEGATIVE_INT, OPEN_FRACTION, POSITIVE_FLOAT, POSITIVE_INT,
                       ArgumentParser, UserError, add_data_args, add_model_args, add_run_args, add_test_time_args,
@@ -96,7 +97,7 @@ def main(args):
     check_args(args)
     if args.lr is None:
         args.lr = args.blr * args.batch_size * args.accum_iter / 256
-    run = prepare_run(args)
+    run = prepare_run(args, build_model)
     print(f"lr per image: {args.lr:.3g} (independent of the number of processes)")
     if run.todo is None:
         distributed.destroy()

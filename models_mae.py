@@ -17,7 +17,14 @@ from util.pos_embed import get_2d_sincos_pos_embed
 HEAD_TYPES = ('vit_head', 'linear', None)  # None: no head (pre-training writes the released MAE layout)
 
 
+# the heads' parameter names: never pre-trained (a pre-training checkpoint's head is dropped), never
+# adapted at test time
+HEAD_PREFIXES = ('classifier', 'head.', 'bn.')
+
+
 class MaskedAutoencoderViT(nn.Module):
+    head_prefixes = HEAD_PREFIXES
+
     def __init__(self, img_size=224, patch_size=16, in_chans=3,
                  embed_dim=1024, depth=24, num_heads=16,
                  decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16,

@@ -4,6 +4,7 @@ import time
 import torch
 
 from engine_test_time import run_baseline
+from models_mae import build_model
 from util import distributed
 from util.cli import POSITIVE_INT, ArgumentParser, add_data_args, add_model_args, add_run_args, add_test_time_args, \
     run_main
@@ -24,7 +25,7 @@ def get_args_parser():
 
 
 def main(args):
-    run = prepare_run(args)
+    run = prepare_run(args, build_model)
     if run.todo is None:
         distributed.destroy()
         return

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from conftest import TINY, make_image_folder, tiny_model
+from models_mae import build_model
 from main_test_time_training import get_args_parser
 from util.errors import UserError
 from util.results import ResultStore
@@ -18,22 +19,22 @@ def args_for(checkpoints, data='unused', *extra):
 
 
 def test_the_combined_model_is_the_mae_encoder_with_the_probe_head(checkpoints):
-    model, _ = build_test_model(args_for(checkpoints), 'cpu')
+    model, _ = build_test_model(args_for(checkpoints), 'cpu', build_model)
     expected = tiny_model(num_classes=2).state_dict()  # the fixture checkpoints hold its weights
     assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())
 
 
 def test_a_head_that_does_not_fit_names_the_keys(checkpoints):
     with pytest.raises(UserError, match=r'missing keys: classifier_blocks\.1\.'):
-        build_test_model(args_for(checkpoints, 'unused', '--classifier_depth', '2'), 'cpu')
+        build_test_model(args_for(checkpoints, 'unused', '--classifier_depth', '2'), 'cpu', build_model)
     with pytest.raises(UserError, match='no linear weights'):
-        build_test_model(args_for(checkpoints, 'unused', '--head_type', 'linear'), 'cpu')
+        build_test_model(args_for(checkpoints, 'unused', '--head_type', 'linear'), 'cpu', build_model)
 
 
 def test_test_folders_are_labelled_through_the_heads_classes(checkpoints, tmp_path):
     """A folder lacking a class keeps the labels of the others; one the head does not know is refused."""
     args = args_for(checkpoints, 'unused', '--dataset_name', 'folder')
-    _, classes = build_test_model(args, 'cpu')
+    _, classes = build_test_model(args, 'cpu', build_model)
     assert classes == ['class_a', 'class_b']
     args.data_path = make_image_folder(tmp_path / 'only_b', ['class_b'], 2)
     assert {label for _, label in load_test_set(args, classes).samples} == {1}  # not renumbered to 0
@@ -50,14 +51,14 @@ def test_classes_file_and_probes_without_a_record(checkpoints, tmp_path):
     bare = tmp_path / 'bare.pth'  # a probe written elsewhere: no class list
     torch.save({'model': torch.load(probe, weights_only=True)['model']}, bare)
     with pytest.raises(UserError, match='records no class names .* pass --classes FILE'):
-        build_test_model(args_for((mae, str(bare)), 'unused'), 'cpu')
+        build_test_model(args_for((mae, str(bare)), 'unused'), 'cpu', build_model)
     names = tmp_path / 'classes.txt'
     names.write_text('cat\ndog\n')
-    _, classes = build_test_model(args_for((mae, str(bare)), 'unused', '--classes', str(names)), 'cpu')
+    _, classes = build_test_model(args_for((mae, str(bare)), 'unused', '--classes', str(names)), 'cpu', build_model)
     assert classes == ['cat', 'dog']
     names.write_text('cat\ndog\nemu\n')
     with pytest.raises(UserError, match='lists 3 classes; the head has 2 outputs'):
-        build_test_model(args_for((mae, str(bare)), 'unused', '--classes', str(names)), 'cpu')
+        build_test_model(args_for((mae, str(bare)), 'unused', '--classes', str(names)), 'cpu', build_model)
 
 
 def test_images_to_do_after_a_partial_and_a_complete_run(tmp_path):

@@ -77,19 +77,18 @@ def load_state_dict_strict(model, state_dict, source):
     model.load_state_dict(state_dict, strict=True)
 
 
-HEAD_PREFIXES = ('classifier', 'head.', 'bn.')
-
 # MAE's linear-probe layout (head = Sequential(BatchNorm1d, Linear)) -> this model's names
 LINEAR_PROBE_KEYS = {'head.0.running_mean': 'bn.running_mean', 'head.0.running_var': 'bn.running_var',
                      'head.0.num_batches_tracked': 'bn.num_batches_tracked',
                      'head.1.weight': 'head.weight', 'head.1.bias': 'head.bias'}
 
 
-def load_test_checkpoints(resume_model, resume_finetune, head_type):
+def load_test_checkpoints(resume_model, resume_finetune, head_type, head_prefixes):
     """The test-time model's state (docs/method.md): the MAE checkpoint (encoder + decoder) plus the head
-    of the probe checkpoint, and the probe's class names in label order (None if it records none)."""
+    of the probe checkpoint, and the probe's class names in label order (None if it records none).
+    head_prefixes: the names of the model's heads (models_mae.HEAD_PREFIXES)."""
     state = {k: v for k, v in model_state(load_checkpoint(resume_model, 'MAE checkpoint (--resume_model)')).items()
-             if not k.startswith(HEAD_PREFIXES)}  # a head saved by pre-training is never the trained one
+             if not k.startswith(head_prefixes)}  # a head saved by pre-training is never the trained one
     probe_checkpoint = load_checkpoint(resume_finetune, 'probe checkpoint (--resume_finetune)')
     probe = model_state(probe_checkpoint)
     if head_type == 'vit_head':
@@ -109,7 +108,7 @@ def load_finetune_for_probe(model, path):
     """Encoder weights for probing: drop the decoder (and any head: the probe trains a fresh one),
     resize pos_embed, load non-strictly."""
     state = dict(model_state(load_checkpoint(path, 'pre-trained checkpoint (--finetune)')))
-    for k in [k for k in state if k.startswith(('decoder', 'mask_token') + HEAD_PREFIXES)]:
+    for k in [k for k in state if k.startswith(('decoder', 'mask_token') + model.head_prefixes)]:
         del state[k]
     interpolate_pos_embed(model, state)
     own = model.state_dict()
@@ -119,7 +118,7 @@ def load_finetune_for_probe(model, path):
     msg = model.load_state_dict(state, strict=False)
     if msg.unexpected_keys:
         raise UserError(f"{path} does not fit the model: unexpected keys: {_key_summary(msg.unexpected_keys)}")
-    encoder_missing = [k for k in msg.missing_keys if not k.startswith(HEAD_PREFIXES)]
+    encoder_missing = [k for k in msg.missing_keys if not k.startswith(model.head_prefixes)]
     if encoder_missing:
         raise UserError(f"{path} lacks encoder weights: missing keys: {_key_summary(encoder_missing)}")
     print(f"Loaded {path}; left at initialisation: {_key_summary(msg.missing_keys, 6)}")

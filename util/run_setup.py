@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from util import distributed
+from util.checkpoint import load_state_dict_strict, load_test_checkpoints
 from util.cli import make_output_dir
 from util.errors import UserError
 from util.datasets import ImageFolder, class_folders, folder_labels, imagenet_wnids
@@ -89,15 +90,15 @@ def head_classes(args, probe_classes, num_outputs):
                     f"pass --classes FILE, the head's class names in label order, one per line")
 
 
-def build_test_model(args, device):
-    """The MAE checkpoint plus the probe's head, loaded strictly (docs/method.md), and the head's classes."""
-    from models_mae import build_model
-    from util.checkpoint import load_state_dict_strict, load_test_checkpoints
+def build_test_model(args, device, build_model):
+    """The MAE checkpoint plus the probe's head, loaded strictly (docs/method.md), and the head's classes;
+    build_model: models_mae.build_model (passed in: util/ does not import the model)."""
     model = build_model(args.model, img_size=args.input_size, norm_pix_loss=getattr(args, 'norm_pix_loss', False),
                         head_type=args.head_type, classifier_depth=args.classifier_depth,
                         num_classes=args.num_classes)
     args.input_size = model.patch_embed.img_size[0]
-    state, probe_classes = load_test_checkpoints(args.resume_model, args.resume_finetune, args.head_type)
+    state, probe_classes = load_test_checkpoints(args.resume_model, args.resume_finetune, args.head_type,
+                                                 model.head_prefixes)
     load_state_dict_strict(model, state, f"{args.resume_model} + {args.resume_finetune}")
     return model.to(device), head_classes(args, probe_classes, args.num_classes)
 
@@ -131,9 +132,9 @@ def select_images(args, dataset):
     return np.array([where[p] for p in listed], dtype=np.int64)
 
 
-def prepare_run(args):
-    """The shared start of both test-time scripts: processes, precision, data, model, and the images
-    this process has to do. Returns a Run."""
+def prepare_run(args, build_model):
+    """The shared start of both test-time scripts: processes, precision, data, model (build_model:
+    models_mae.build_model), and the images this process has to do. Returns a Run."""
     if args.subset_file and args.max_examples:
         raise UserError("--subset_file and --max_examples both choose the images: pass one")
     if args.max_examples is None and (args.subset != 'stride' or args.subset_seed != 0):
@@ -142,7 +143,7 @@ def prepare_run(args):
     distributed.init_distributed_mode(args)
     device = torch.device(args.device)
     set_precision(device, args.strict_fp32)
-    model, classes = build_test_model(args, device)
+    model, classes = build_test_model(args, device, build_model)
     dataset = load_test_set(args, classes)
     indices = select_images(args, dataset)
     checkpoint_sha256 = {k: file_sha256(getattr(args, k)) for k in ('resume_model', 'resume_finetune')}
