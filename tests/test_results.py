@@ -24,12 +24,17 @@ def test_records_of_several_processes_merge_sorted_and_first_wins(tmp_path):
     assert ResultStore(str(tmp_path)).done_indices() == {0, 2, 4}
 
 
-def test_results_survive_a_kill_between_final_write_and_chunk_removal(tmp_path):
-    store = ResultStore(str(tmp_path))
-    for i in range(3):
+def flushed_store(folder, images=3):
+    """A store in folder with the records of `images` images flushed, and those records."""
+    store = ResultStore(str(folder))
+    for i in range(images):
         add(store, i)
     store.flush()
-    records = store.load()
+    return store, store.load()
+
+
+def test_results_survive_a_kill_between_final_write_and_chunk_removal(tmp_path):
+    store, records = flushed_store(tmp_path)
     records['filename'] = np.array(['a', 'b', 'c'])
     chunks = list((tmp_path / 'partial').glob('*.npz'))
     with open(tmp_path / 'per_image.npz', 'wb') as f:  # as finalize() does, but "killed" before removing chunks
@@ -42,11 +47,7 @@ def test_results_survive_a_kill_between_final_write_and_chunk_removal(tmp_path):
 
 
 def test_an_unfinished_runs_per_image_npz_is_marked_and_refused_by_readers(tmp_path):
-    store = ResultStore(str(tmp_path))
-    for i in range(3):
-        add(store, i)
-    store.flush()
-    records = store.load()
+    store, records = flushed_store(tmp_path)
     with open(tmp_path / 'per_image.npz', 'wb') as f:  # as an unfinished run's flush leaves it
         np.savez(f, **records, filename=np.array(['a', 'b', 'c']), num_images_expected=5)
     add(store, 3)
