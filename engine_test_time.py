@@ -380,10 +380,13 @@ def run_test_time_training(trainer, loader, store, args, log_writer=None, online
                         log_writer.add_scalar('ttt/running_accuracy_last_step', accuracy, done)
                 if stop.signal is not None:
                     break
-        except BaseException:
-            if online is None:
-                store.flush()
-            raise
+        except BaseException as e:
+            # after a stop signal the loader's workers (sent the same signal by Ctrl-C or scancel) end, and
+            # the loader raises between images: that is the stop, not an error
+            if stop.signal is None or not isinstance(e, Exception):
+                if online is None:
+                    store.flush()
+                raise
         flush()
     if stop.signal is not None:
         print(f"stopped by signal {stop.signal}; {done} images saved, rerun the same command to continue",
