@@ -10,7 +10,7 @@ from torchvision.transforms.v2 import functional as TF2
 import main_pretrain
 import main_prob
 from conftest import make_image_folder
-from util.cli import UserError
+from util.errors import UserError
 from util.datasets import (IMAGENET_MEAN, IMAGENET_STD, ImageFolder, TestTimeDataset, crop_box, eval_transform,
                            imagenet_subset, imagenet_wnids, load_rgb, random_resized_crops, folder_labels,
                            resized_crop, train_transform, training_classes)

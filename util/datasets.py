@@ -11,7 +11,8 @@ from torchvision import datasets, transforms
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from util.cli import TEST_SET_NAMES, UserError
+from util.cli import TEST_SET_NAMES
+from util.errors import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
