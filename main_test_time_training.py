@@ -18,7 +18,7 @@ from util.cli import (NON_NEGATIVE_FLOAT, NON_NEGATIVE_INT, OPEN_FRACTION, POSIT
 from util.datasets import TestTimeDataset, imagenet_subset
 from util.logger import tensorboard_writer
 from util.reconstructions import Reconstructions
-from util.results import keep_outputs_readable, write_outputs
+from util.results import readable_outputs, write_outputs
 from util.run_setup import prepare_run
 
 
@@ -114,10 +114,9 @@ def main(args):
         if args.save_reconstructions else None
     log_writer = tensorboard_writer(args.log_dir)
     run.store.verbose = args.verbose
-    if distributed.is_main_process():
-        keep_outputs_readable(args, run, 'ttt')
     start = time.time()
-    done = run_test_time_training(trainer, loader, run.store, args, log_writer, run.online, observe)
+    with readable_outputs(args, run, 'ttt', distributed.is_main_process()):
+        done = run_test_time_training(trainer, loader, run.store, args, log_writer, run.online, observe)
     distributed.barrier()
     if distributed.is_main_process():
         result = write_outputs(args, run, 'ttt', time.time() - start, done * args.world_size)

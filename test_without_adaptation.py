@@ -9,7 +9,7 @@ from util import distributed
 from util.cli import POSITIVE_INT, ArgumentParser, add_data_args, add_model_args, add_run_args, add_test_time_args, \
     run_main
 from util.datasets import TestTimeDataset, imagenet_subset
-from util.results import keep_outputs_readable, write_outputs
+from util.results import readable_outputs, write_outputs
 from util.run_setup import prepare_run
 
 
@@ -32,10 +32,9 @@ def main(args):
     loader = torch.utils.data.DataLoader(TestTimeDataset(run.dataset.samples, run.todo, args.input_size),
                                          batch_size=args.batch_size, num_workers=args.num_workers,
                                          pin_memory=args.pin_mem and run.device.type == 'cuda')
-    if distributed.is_main_process():
-        keep_outputs_readable(args, run, 'baseline')
     start = time.time()
-    done = run_baseline(run.model, loader, run.store, run.device, args, imagenet_subset(args.dataset_name))
+    with readable_outputs(args, run, 'baseline', distributed.is_main_process()):
+        done = run_baseline(run.model, loader, run.store, run.device, args, imagenet_subset(args.dataset_name))
     distributed.barrier()
     if distributed.is_main_process():
         write_outputs(args, run, 'baseline', time.time() - start, done * args.world_size)

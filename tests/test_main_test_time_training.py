@@ -142,8 +142,8 @@ def test_killed_run_shows_partial_results_and_resumes_to_the_uninterrupted_files
     out.rename(full)
     kill_after_flushes(command, out, 3)
 
-    # Each readable file holds the first n images (one process adapts them in order) for its own n: the
-    # kill may fall between two of them, so n is that of the last flush or the one before.
+    # Each readable file holds the first n images (one process adapts them in order) for its own n: a
+    # rewrite may skip a flush (it waits 20 times its duration) and the kill may fall between two files.
     done = ResultStore(str(out)).load()  # every flushed record
     flushed = len(done['index'])
     assert 3 <= flushed < 24
@@ -152,13 +152,13 @@ def test_killed_run_shows_partial_results_and_resumes_to_the_uninterrupted_files
         return 100 * (done['pred'][:n, -1] == done['label'][:n]).mean()
     shown = json.loads((out / 'results.json').read_text())
     n = shown['num_images']
-    assert not shown['complete'] and shown['num_images_expected'] == 24 and flushed - 1 <= n <= flushed
+    assert not shown['complete'] and shown['num_images_expected'] == 24 and 1 <= n <= flushed
     assert shown['accuracy_per_step'][-1] == accuracy(n)
     *_, last_step, marker = (out / 'accuracy.txt').read_text().splitlines()
     n_txt = int(marker.split()[1])
     assert marker == f'partial: {n_txt} of 24 images' and last_step == f"24\t{accuracy(n_txt)}"
     snapshot = per_image(out)
-    assert flushed - 1 <= len(snapshot['index']) <= flushed and snapshot['num_images_expected'] == 24
+    assert 1 <= len(snapshot['index']) <= flushed and snapshot['num_images_expected'] == 24
     assert np.array_equal(snapshot['pred'], done['pred'][:len(snapshot['index'])])
     table = collect(tmp_path / 'sweep').stdout
     assert f'| {accuracy(n):.1f}* |' in table.splitlines()[3]  # the TTT row

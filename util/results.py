@@ -5,8 +5,9 @@ Every process appends its records to small chunk files in OUT/partial/ (each wri
 the set of finished images is the union of all chunks and of OUT/per_image.npz, so a rerun with
 any number of processes skips them. The merge sorts records by image index. While a run is
 unfinished, the main process rewrites the readable outputs after each of its flushes, marked partial
-(keep_outputs_readable), so a run stopped early shows how far it came.
+(readable_outputs), so a run stopped early shows how far it came.
 """
+import contextlib
 import glob
 import json
 import os
@@ -69,7 +70,7 @@ class ResultStore:
         self.prefix = f"rank{rank}-{os.getpid()}-{time.time_ns()}"
         self.pending, self.chunks_written, self.records_written = [], 0, 0
         self._chunks = {}  # chunk files read so far: each is written once, so it is read once
-        self.after_flush = None  # set by keep_outputs_readable on the main process
+        self.after_flush = None  # set by readable_outputs on the main process
         self.verbose = False  # print each record's losses per step as it is added (--verbose)
 
     def _files(self):
@@ -167,12 +168,12 @@ def write_outputs(args, run, method, wall_time_s, images_this_run, final=True):
     Unfinished, they hold the images done so far and say so: results.json's `complete` is false, a last
     line of accuracy.txt says `partial: N of M images`, per_image.npz holds PARTIAL_KEY, and the released
     accuracy.npy (one entry per image of the set) waits for the end. final=False (after a flush) writes
-    nothing once every image is done: the script's final call does."""
+    nothing before the first record or once every image is done: the script's final call does."""
     store, dataset, indices = run.store, run.dataset, run.indices
     records = store.load()
-    summary = summarize(records, len(indices))
-    if summary['complete'] and not final:
+    if not final and (records is None or len(records['index']) == len(indices)):
         return None
+    summary = summarize(records, len(indices))
     records['filename'] = np.array([os.path.relpath(dataset.samples[i][0], args.data_path)
                                     for i in records['index']])
     if summary['complete']:
@@ -212,12 +213,31 @@ def write_outputs(args, run, method, wall_time_s, images_this_run, final=True):
     return result
 
 
-def keep_outputs_readable(args, run, method):
-    """From now on, every flush of this (the main) process rewrites the outputs with the images done so
-    far, marked partial: a run stopped by a time limit or kill -9 shows how far it came."""
-    start = time.time()
-    run.store.after_flush = lambda: write_outputs(args, run, method, time.time() - start,
-                                                  run.store.records_written * args.world_size, final=False)
+@contextlib.contextmanager
+def readable_outputs(args, run, method, main_process):
+    """While the block runs, flushes of the main process rewrite the outputs with the images done so far,
+    marked partial, and the block's end (the loop finished, an error or a stop signal) rewrites them once
+    more: a run stopped by a time limit or kill -9 shows how far it came. A rewrite reads and writes every
+    record so far, so after a flush it waits until 20 times its own duration has passed since the last
+    one: under 5% of the run's time, also for the baseline's flush after every batch."""
+    if not main_process:
+        yield
+        return
+    start, last = time.time(), {'end': 0., 'took': 0.}
+
+    def rewrite(force=False):
+        begin = time.time()
+        if force or begin - last['end'] >= 20 * last['took']:
+            write_outputs(args, run, method, begin - start, run.store.records_written * args.world_size,
+                          final=False)
+            last['end'] = time.time()
+            last['took'] = last['end'] - begin
+    run.store.after_flush = rewrite
+    try:
+        yield
+    finally:
+        run.store.after_flush = None
+        rewrite(force=True)
 
 
 def is_finished(folder):
