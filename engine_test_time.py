@@ -224,6 +224,21 @@ class TestTimeTrainer:
                 self.scaler.load_state_dict(self.scaler_start)
         self.optimizer.zero_grad(set_to_none=False)
 
+    @torch.no_grad()
+    def restore(self, indices, step):
+        """Stochastic restore (online): each adapted weight of image k back to its loaded value with
+        probability --online_restore, drawn from (seed, image index, step) so that a resumed stream
+        draws the same."""
+        for row, index in enumerate(indices):
+            gen = torch.Generator(device=self.device).manual_seed(derive_seed(self.args.seed, index, 4, step))
+            back = torch.rand(self.params[0].shape[1], generator=gen, device=self.device) < self.args.online_restore
+            self.params[0][row] = torch.where(back, self.start[0][row], self.params[0][row])
+
+    @torch.no_grad()
+    def distance_from_start(self):
+        """Each image's distance of the adapted weights from the loaded ones, ||w - w0|| (host floats)."""
+        return torch.linalg.vector_norm(self.params[0] - self.start[0], dim=1).tolist()
+
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
 
@@ -245,7 +260,11 @@ class TestTimeTrainer:
         for micro in range(len(views)):
             with self._autocast():
                 losses = self._losses(views[micro], masks[micro]).float() / len(views)
-            self.scaler.scale(losses.sum()).backward()
+            objective = losses.sum()
+            if self.args.online_anchor:  # online: a pull toward the loaded weights, once per step
+                objective = objective + self.args.online_anchor / (2 * len(views)) * \
+                    (self.params[0] - self.start[0]).square().sum()
+            self.scaler.scale(objective).backward()
             total = total + losses.detach()
         self.scaler.step(self.optimizer)  # one flat tensor: a few fused passes, left eager
         self.scaler.update()
@@ -289,6 +308,8 @@ class TestTimeTrainer:
             observe(0, self, images, ce)
         for step in range(self.args.steps_per_example):
             losses.append(self.step(training_views(images, sources, crop_gens, self.args), masks[step]))
+            if self.args.online_restore:
+                self.restore(indices, step)
             pred, ce = self.classify(images, labels)
             preds.append(pred)
             ces.append(ce)
@@ -358,9 +379,12 @@ def run_test_time_training(trainer, loader, store, args, log_writer=None, online
                 images = torch.stack([item['image'] for item in group]).to(device, non_blocking=True).unsqueeze(1)
                 raws = None if args.single_crop else [item['raw'].to(device, non_blocking=True) for item in group]
                 windows = None if online is None else [online.sources(images[0], None if raws is None else raws[0])]
-                results = trainer.adapt(indices, labels, images, raws, windows=windows, reset_weights=online is None,
+                results = trainer.adapt(indices, labels, images, raws, windows=windows,
+                                        reset_weights=online is None or online.resets_weights(done),
                                         reset_optimizer=online is None or online.reset_optimizer,
                                         observe=observe and observe(indices))
+                drift = {} if online is None else {'position': online.position + done,
+                                                   'weight_distance': trainer.distance_from_start()[0]}
                 seconds = (time.time() - start) / len(group)
                 for item, (preds, ces, mae_losses) in zip(group, results):
                     if not np.all(np.isfinite(mae_losses)):
@@ -368,8 +392,7 @@ def run_test_time_training(trainer, loader, store, args, log_writer=None, online
                         raise UserError(f"non-finite reconstruction loss on image {item['index']} ({path}); "
                                         f"stopping, the images before it are kept in {args.output_dir}")
                     store.add(index=item['index'], label=item['label'], pred=preds, ce_loss=ces,
-                              mae_loss=mae_losses, seconds=seconds,
-                              **({} if online is None else {'position': online.position + done}))
+                              mae_loss=mae_losses, seconds=seconds, **drift)
                     done += 1
                     correct_last += int(preds[-1] == item['label'])
                     if done % args.flush_every == 0:

@@ -63,8 +63,17 @@ def get_args_parser():
     group = parser.add_argument_group('online TTT-MAE (docs/online.md)')
     group.add_argument('--online', action='store_true',
                        help='carry the weights and optimiser state from image to image instead of resetting them')
-    group.add_argument('--online_reset_optimizer', action='store_true',
-                       help='online: reset the optimiser state for every image (the weights still carry over)')
+    group.add_argument('--online_keep_optimizer', action='store_true',
+                       help='online: carry the optimiser state from image to image too (default: a fresh optimiser '
+                            "state for every image, as the follow-up work's --restart_optimizer)")
+    group.add_argument('--online_reset_every', default=0, type=NON_NEGATIVE_INT,
+                       help='online: back to the loaded weights every N images of the stream (0: never)')
+    group.add_argument('--online_anchor', default=0., type=NON_NEGATIVE_FLOAT,
+                       help='online: add anchor/2 * ||w - w0||^2 (w0 the loaded weights) to the loss, a pull toward '
+                            'the source weights')
+    group.add_argument('--online_restore', default=0., type=number(float, 0, 1),
+                       help='online: after every step, each adapted weight goes back to its loaded value with this '
+                            'probability (stochastic restore)')
     group.add_argument('--online_window', default=1, type=POSITIVE_INT,
                        help="online: each step's views are spread over the last K images (the current one and the "
                             "K-1 before it); 1 = plain online TTT-MAE")
@@ -83,7 +92,8 @@ def check_args(args):
     if args.amp == 'fp16' and (args.parallel_images > 1 or args.compile):
         raise UserError("--amp fp16 runs one image at a time without --compile (its loss scale is per image); "
                         "use --amp bf16 with --parallel_images or --compile")
-    online_only = [f'--{k}' for k in ('online_reset_optimizer', 'stream_order') if getattr(args, k)]
+    online_only = [f'--{k}' for k in ('online_keep_optimizer', 'stream_order', 'online_reset_every', 'online_anchor',
+                                      'online_restore') if getattr(args, k)]
     online_only += ['--online_window'] if args.online_window > 1 else []
     if online_only and not args.online:
         raise UserError(f"{', '.join(online_only)} only apply with --online")

@@ -205,7 +205,8 @@ TTT_FLAGS=(--single_crop --steps_per_example "$TTT_STEPS" --batch_size "$TTT_BAT
            --finetune_mode encoder --parallel_images "$TTT_PARALLEL" --amp "$TTT_AMP" --print_freq 100)
 [[ $TTT_COMPILE == 1 ]] && TTT_FLAGS+=(--compile)
 # online: one stream per corruption, few steps per image; eager (one image at a time, little to compile for)
-ONLINE_FLAGS=(--online --online_window "$ONLINE_WINDOW" --single_crop --steps_per_example "$ONLINE_STEPS"
+# (--online_keep_optimizer: round 5's choice on validation, docs/demo.md)
+ONLINE_FLAGS=(--online --online_keep_optimizer --online_window "$ONLINE_WINDOW" --single_crop --steps_per_example "$ONLINE_STEPS"
               --batch_size "$TTT_BATCH" --lr "$ONLINE_LR" --mask_ratio "$TTT_MASK_RATIO" --optimizer_type sgd
               --optimizer_momentum 0.9 --finetune_mode encoder --print_freq 100)
 for c in $CORRUPTIONS; do

@@ -223,8 +223,10 @@ def trainer_weights(model):
             if not n.startswith(('decoder', 'classifier')) and not n.endswith('pos_embed')]
 
 
-def test_two_steps_equal_hand_computed_sgd_with_momentum(test_folder):
+@pytest.mark.parametrize('anchor', [0., 40.])  # online's --online_anchor: + anchor/2 ||w - w0||^2
+def test_two_steps_equal_hand_computed_sgd_with_momentum(test_folder, anchor):
     args = ttt_args('--steps_per_example', '2')
+    args.online_anchor = anchor
     model = tiny_model(norm_pix_loss=True)
     reference = copy.deepcopy(model)
     trainer = ttt.TestTimeTrainer(model, args, 'cpu')
@@ -235,17 +237,34 @@ def test_two_steps_equal_hand_computed_sgd_with_momentum(test_folder):
     names = [n for n, p in reference.named_parameters() if p.requires_grad
              and not n.startswith(('decoder', 'classifier'))]
     params = dict(reference.named_parameters())
+    start = {n: params[n].detach().clone() for n in names}
     buffers = {}
     for step in range(2):
         loss = reference(image.expand(4, -1, -1, -1), mask_ratio=0.75, input_mask=masks[step, 0, 0])[0]['mae']
         grads = torch.autograd.grad(loss, [params[n] for n in names])
         with torch.no_grad():
             for n, g in zip(names, grads):
+                g = g + anchor * (params[n] - start[n])
                 buffers[n] = g if step == 0 else 0.9 * buffers[n] + g  # SGD momentum, no dampening
                 params[n] -= args.lr * buffers[n]
     adapted = trainer.weights(trainer.params[0][0])
     for n in names:
         torch.testing.assert_close(adapted[n], params[n], rtol=0, atol=1e-6)
+    assert trainer.distance_from_start()[0] == pytest.approx(
+        torch.cat([(params[n] - start[n]).flatten() for n in names]).norm().item(), rel=1e-4)
+
+
+def test_stochastic_restore_puts_back_that_share_of_the_weights_the_same_way_each_time(test_folder):
+    args = ttt_args('--steps_per_example', '1')
+    args.online_restore = 0.3
+    trainer = ttt.TestTimeTrainer(tiny_model(norm_pix_loss=True), args, 'cpu')
+    item = items_of(test_folder, raw=False)[0]
+    adapt_all(trainer, [item])
+    restored = trainer.params[0][0] == trainer.start[0][0]
+    assert abs(restored.float().mean().item() - 0.3) < 0.03  # of about 8,000 weights
+    first = trainer.params[0].detach().clone()
+    adapt_all(trainer, [item])  # drawn from (seed, image, step): the same weights again
+    assert torch.equal(trainer.params[0], first)
 
 
 @pytest.mark.parametrize('optimizer', ['sgd', 'adam', 'adam_w'])

@@ -279,23 +279,28 @@ ONLINE = ('--online', '--online_window', '3', '--batch_size', '6', '--steps_per_
           '--blr', '0.5', '--flush_every', '1')
 
 
+# the remedies against drift, all at once: a periodic reset, a pull toward the loaded weights, stochastic restore
+REMEDIES = ('--online_reset_every', '7', '--online_anchor', '0.5', '--online_restore', '0.01', '--online_keep_optimizer')
+
+
 @pytest.mark.slow
-def test_online_stream_killed_and_resumed_equals_uninterrupted(checkpoints, tmp_path, user_error):
+@pytest.mark.parametrize('remedies', [(), REMEDIES])
+def test_online_stream_killed_and_resumed_equals_uninterrupted(checkpoints, tmp_path, remedies):
     data = make_image_folder(tmp_path / 'data', ['class_a', 'class_b'], 30, seed=6)
-    run_inprocess(script_args('main_test_time_training.py', checkpoints, data, tmp_path / 'full', *ONLINE))
-    killed = script_args('main_test_time_training.py', checkpoints, data, tmp_path / 'killed', *ONLINE)
+    run_inprocess(script_args('main_test_time_training.py', checkpoints, data, tmp_path / 'full', *ONLINE, *remedies))
+    killed = script_args('main_test_time_training.py', checkpoints, data, tmp_path / 'killed', *ONLINE, *remedies)
     kill_after_flushes(killed, tmp_path / 'killed', 8)
     resumed = run_inprocess(killed)
     assert 'already done' in resumed.stdout
     full, again = per_image(tmp_path / 'full'), per_image(tmp_path / 'killed')
-    for key in ('index', 'pred', 'ce_loss', 'mae_loss', 'position'):
+    for key in ('index', 'pred', 'ce_loss', 'mae_loss', 'position', 'weight_distance'):
         assert np.array_equal(full[key], again[key]), key
     order = full['index'][np.argsort(full['position'])]
     assert sorted(order.tolist()) == list(range(60)) and order.tolist() != list(range(60))  # a shuffled stream
     assert len(list((tmp_path / 'killed' / 'online').glob('*.pt'))) == 1  # only the state the results end at
-    # the same folder under two processes would run two streams over other images: refused
-    result = run_script(torchrun(2, killed[1:]), check=False)
-    assert result.returncode != 0 and 'online_processes: 1 -> 2' in result.stderr  # torchrun exits 1
+    if not remedies:  # the same folder under two processes would run two streams over other images: refused
+        result = run_script(torchrun(2, killed[1:]), check=False)
+        assert result.returncode != 0 and 'online_processes: 1 -> 2' in result.stderr  # torchrun exits 1
 
 
 @pytest.mark.parametrize('k', ['1', '3'])  # the model's own weights (the default loop), and flat weights
@@ -324,3 +329,21 @@ def test_other_checkpoints_of_the_same_name_are_refused(checkpoints, test_folder
     line = user_error(ttt_command((str(own / 'checkpoint-final.pth'), probe), test_folder, tmp_path / 'o',
                                   '--max_examples', '2'), 'resume_model_sha256')
     assert str(own / 'checkpoint-final.pth') in line
+
+
+def test_online_with_a_reset_before_every_image_is_episodic_and_records_its_drift(checkpoints, tmp_path):
+    """--online_reset_every 1 (and the default fresh optimiser state per image): every image starts from
+    the loaded weights, as episodic TTT-MAE, so the results are those of an episodic run, bit for bit."""
+    data = make_image_folder(tmp_path / 'data', ['class_a', 'class_b'], 6, seed=6)
+    run_inprocess(script_args('main_test_time_training.py', checkpoints, data, tmp_path / 'episodic', *TTT))
+    run_inprocess(script_args('main_test_time_training.py', checkpoints, data, tmp_path / 'online', *TTT,
+                              '--online', '--online_reset_every', '1'))
+    episodic, online = per_image(tmp_path / 'episodic'), per_image(tmp_path / 'online')
+    order = np.argsort(online['index'])
+    for key in ('index', 'pred', 'ce_loss', 'mae_loss'):
+        assert np.array_equal(episodic[key], online[key][order]), key
+    assert np.all(online['weight_distance'] > 0)  # each image's own steps, from the loaded weights
+    drift = json.loads((tmp_path / 'online' / 'results.json').read_text())['drift']
+    assert drift['first_position'] == [0] and drift['weight_distance'] == [pytest.approx(online['weight_distance'].mean())]
+    assert drift['accuracy_last_step'] == [100 * np.mean(online['pred'][:, -1] == online['label'])]
+    assert 'drift' not in json.loads((tmp_path / 'episodic' / 'results.json').read_text())

@@ -85,16 +85,20 @@ class OnlineStream:
     restarts for every image, and the state saved with the results. The engine's loop takes it (or None
     for episodic TTT-MAE)."""
 
-    def __init__(self, share, position, state, window, reset_optimizer):
+    def __init__(self, share, position, state, window, reset_optimizer, reset_every=0):
         self.share, self.position, self.state = share, position, state
-        self.window, self.reset_optimizer = deque(maxlen=window), reset_optimizer
+        self.window, self.reset_optimizer, self.reset_every = deque(maxlen=window), reset_optimizer, reset_every
 
     @classmethod
     def of_run(cls, args, indices, store):
         stream = stream_order(indices, args.stream_order, args.seed)
         share = process_share(stream, args.rank, args.world_size)
         return cls(share, stream_position(share, store.done_indices()), StreamState(args.output_dir, args.rank),
-                   args.online_window, args.online_reset_optimizer)
+                   args.online_window, not args.online_keep_optimizer, args.online_reset_every)
+
+    def resets_weights(self, done):
+        """Whether the image after `done` more of the stream starts from the loaded weights (periodic reset)."""
+        return bool(self.reset_every) and (self.position + done) % self.reset_every == 0
 
     def todo(self):
         return self.share[self.position:]

@@ -137,8 +137,25 @@ class ResultStore:
             os.rmdir(self.partial_dir)
 
 
+DRIFT_WINDOW = 50  # stream positions per point of an online run's drift record
+
+
+def drift(records, window=DRIFT_WINDOW):
+    """What shows an online stream drifting, per `window` consecutive stream positions: the accuracy
+    after the last step (percent), the share of the most predicted class (percent) and the mean distance
+    of the weights from the loaded ones."""
+    order = np.argsort(records['position'], kind='stable')
+    pred, label, distance = records['pred'][order, -1], records['label'][order], records['weight_distance'][order]
+    starts = range(0, len(order), window)
+    return {'window': window, 'first_position': [int(records['position'][order][s]) for s in starts],
+            'accuracy_last_step': [100 * float(np.mean(pred[s:s + window] == label[s:s + window])) for s in starts],
+            'top_class_share': [100 * float(np.bincount(pred[s:s + window]).max() / len(pred[s:s + window]))
+                                for s in starts],
+            'weight_distance': [float(distance[s:s + window].mean()) for s in starts]}
+
+
 def summarize(records, num_expected):
-    """Per-step accuracy (percent) and mean losses over the records."""
+    """Per-step accuracy (percent) and mean losses over the records (online: and their drift)."""
     correct = records['pred'] == records['label'][:, None]
     return {
         'num_images': int(len(records['index'])),
@@ -147,6 +164,7 @@ def summarize(records, num_expected):
         'accuracy_per_step': (100 * correct.mean(axis=0)).tolist(),
         'cross_entropy_per_step': records['ce_loss'].mean(axis=0).tolist(),
         'mae_loss_per_step': records['mae_loss'].mean(axis=0).tolist() if records['mae_loss'].size else [],
+        **({'drift': drift(records)} if 'weight_distance' in records else {}),
     }
 
 

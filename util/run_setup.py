@@ -20,7 +20,7 @@ from util.results import ResultStore, check_run_config, select_indices
 # flags that do not change per-image results: a rerun may change them and still continue
 RUN_ONLY_ARGS = {'output_dir', 'log_dir', 'device', 'num_workers', 'pin_mem', 'world_size', 'local_rank',
                  'rank', 'gpu', 'distributed', 'dist_url', 'flush_every', 'print_freq',
-                 'data_path', 'resume_model', 'resume_finetune', 'save_reconstructions'}
+                 'data_path', 'resume_model', 'resume_finetune', 'save_reconstructions', 'verbose'}
 
 
 def set_precision(device, strict_fp32):
