@@ -4,7 +4,7 @@ their summary, and the output files (the released accuracy.txt / accuracy.npy, r
 Every process appends its records to small chunk files in OUT/partial/ (each written atomically);
 the set of finished images is the union of all chunks and of OUT/per_image.npz, so a rerun with
 any number of processes skips them. The merge sorts records by image index. While a run is
-unfinished, the main process rewrites the readable outputs after each of its flushes, marked partial
+unfinished, the main process rewrites the readable outputs after its flushes, marked partial
 (readable_outputs), so a run stopped early shows how far it came.
 """
 import contextlib
