@@ -23,12 +23,9 @@ from util.seed import derive_seed, seed_all
 
 def get_args_parser():
     parser = ArgumentParser('Probing: train a classification head on frozen MAE features', prog='main_prob.py')
-    add_training_args(parser, batch_size=32, epochs=20, warmup_epochs=5)
     # the released main_prob.py's min_lr; weight decay as its README's probing command passes it
-    parser.set_defaults(min_lr=1e-6, weight_decay=0.2)
-    for action in parser._actions:  # the shared help says pre-training's rule, which probing does not follow
-        if action.dest == 'weight_decay':
-            action.help = 'AdamW weight decay of every head parameter, as the released probe'
+    add_training_args(parser, batch_size=32, epochs=20, warmup_epochs=5, weight_decay=0.2, min_lr=1e-6,
+                      weight_decay_help='AdamW weight decay of every head parameter, as the released probe')
     parser.add_argument('--no_weight_decay_1d', action='store_true',
                         help="no weight decay on biases and other 1-D parameters (LayerNorm weights), MAE's "
                              'fine-tuning habit; the released probe decays them too')

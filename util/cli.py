@@ -136,18 +136,19 @@ def add_model_args(parser, head=True, norm_pix_loss=True, norm_pix_help=None):
     return group
 
 
-def add_training_args(parser, batch_size, epochs, warmup_epochs):
-    """Optimisation and schedule flags shared by pre-training and probing (MAE's names and meanings)."""
+def add_training_args(parser, batch_size, epochs, warmup_epochs, weight_decay=0.05, min_lr=0.,
+                      weight_decay_help='AdamW weight decay (not on biases and 1-D weights)'):
+    """Optimisation and schedule flags shared by pre-training and probing (MAE's names and meanings);
+    the defaults are each script's released ones."""
     group = parser.add_argument_group('training')
     group.add_argument('--batch_size', default=batch_size, type=POSITIVE_INT, help='images per process and iteration')
     group.add_argument('--epochs', default=epochs, type=POSITIVE_INT, help='epochs to train')
     group.add_argument('--accum_iter', default=1, type=POSITIVE_INT, help='iterations accumulated per optimiser step')
-    group.add_argument('--weight_decay', type=NON_NEGATIVE_FLOAT, default=0.05,
-                       help='AdamW weight decay (not on biases and 1-D weights)')
+    group.add_argument('--weight_decay', type=NON_NEGATIVE_FLOAT, default=weight_decay, help=weight_decay_help)
     group.add_argument('--lr', type=POSITIVE_FLOAT, default=None,
                        help='absolute peak lr (None: blr * batch_size * accum_iter * processes / 256)')
     group.add_argument('--blr', type=POSITIVE_FLOAT, default=1e-3, help='base lr, scaled by the total batch / 256')
-    group.add_argument('--min_lr', type=NON_NEGATIVE_FLOAT, default=0., help='lr at the end of the cosine schedule')
+    group.add_argument('--min_lr', type=NON_NEGATIVE_FLOAT, default=min_lr, help='lr at the end of the cosine schedule')
     group.add_argument('--warmup_epochs', type=NON_NEGATIVE_INT, default=warmup_epochs,
                        help='epochs of linear lr warm-up')
     group.add_argument('--resume', default='', help='checkpoint to resume (empty: the newest in --output_dir)')
