@@ -161,11 +161,11 @@ class TestTimeTrainer:
                 if hasattr(m, 'fused_attn'):
                     m.fused_attn = False
 
-        methods = NamedOutputs(model)
+        methods, keys = NamedOutputs(model), [f'model.{n}' for n in names]
         fixed = {f'model.{n}': t for n, t in fixed.items()}
 
         def call(row, method, *inputs):
-            weights = {f'model.{n}': w for n, w in self.weights(row).items()}
+            weights = {k: w.view(shape) for k, w, shape in zip(keys, row.split(sizes), shapes)}
             return torch.func.functional_call(methods, (weights, fixed), (method, *inputs))
 
         def loss(row, views, masks):
