@@ -180,7 +180,7 @@ stage probe exists "$PROBE/checkpoint-final.pth" "$PROBE" \
     "${SEED_FLAGS[@]}" \
     --finetune "$PRETRAIN/checkpoint-final.pth" --batch_size "$PROBE_BATCH" --epochs "$PROBE_EPOCHS" \
     --warmup_epochs "$PROBE_WARMUP" --blr "$PROBE_BLR" --min_crop_scale "$PROBE_MIN_SCALE" "${AUGMENT_FLAGS[@]}" \
-    --weight_decay 0.05 --num_workers 0 --print_freq 100
+    --weight_decay 0.05 --no_weight_decay_1d --min_lr 0 --num_workers 0 --print_freq 100  # the recipe chosen (docs/demo.md)
 
 UPSTREAM=$(< "$PROBE/demo_command.txt")  # the probe's record holds the pre-training's
 
