@@ -57,7 +57,9 @@ def init_distributed_mode(args):
     dist.init_process_group(backend=backend, init_method=init_method, world_size=args.world_size,
                             rank=args.rank, timeout=datetime.timedelta(minutes=60))
     global _store
-    _store = dist.PrefixStore('ttt_mae/', dist.distributed_c10d._get_default_store())
+    run = [os.urandom(8).hex() if args.rank == 0 else None]  # keys of this run only: a file:// store may be reused
+    dist.broadcast_object_list(run, src=0)
+    _store = dist.PrefixStore(f'ttt_mae/{run[0]}/', dist.distributed_c10d._get_default_store())
     wait_for_all()
     setup_for_distributed(args.rank == 0)
 
