@@ -147,7 +147,9 @@ class TestTimeTrainer:
         flat weights for image k."""
         names, shapes = list(trainable), [p.shape for p in trainable.values()]
         sizes = [p.numel() for p in trainable.values()]
-        self.weights = lambda row: {n: w.view(shape) for n, w, shape in zip(names, row.split(sizes), shapes)}
+        # {name: weight} of one flat row; the functional call below names them as NamedOutputs holds them
+        self.weights = lambda row, prefix='': {prefix + n: w.view(shape)
+                                               for n, w, shape in zip(names, row.split(sizes), shapes)}
         fixed = {n: p.detach() for n, p in model.named_parameters() if n not in trainable}
         fixed.update(dict(model.named_buffers()))
         # the graphs of --compile read these where they are: without the mark, CUDA graphs copy every
@@ -161,12 +163,11 @@ class TestTimeTrainer:
                 if hasattr(m, 'fused_attn'):
                     m.fused_attn = False
 
-        methods, keys = NamedOutputs(model), [f'model.{n}' for n in names]
+        methods = NamedOutputs(model)
         fixed = {f'model.{n}': t for n, t in fixed.items()}
 
         def call(row, method, *inputs):
-            weights = {k: w.view(shape) for k, w, shape in zip(keys, row.split(sizes), shapes)}
-            return torch.func.functional_call(methods, (weights, fixed), (method, *inputs))
+            return torch.func.functional_call(methods, (self.weights(row, 'model.'), fixed), (method, *inputs))
 
         def loss(row, views, masks):
             return call(row, 'mae_loss', views, args.mask_ratio, masks)
