@@ -51,9 +51,20 @@ def trainable_parameters(model, finetune_mode):
     return chosen
 
 
+def lr_groups(names, encoder_lr_scale):
+    """[(names, lr scale)] of the adapted weights: one group, or with --encoder_lr_scale the encoder's
+    weights and then the decoder's and mask_token (the decoder side of the MAE)."""
+    if encoder_lr_scale == 1:
+        return [(list(names), 1.)]
+    encoder = [n for n in names if not n.startswith('decoder') and n != 'mask_token']
+    rest = [n for n in names if n not in encoder]
+    return [(group, scale) for group, scale in ((encoder, encoder_lr_scale), (rest, 1.)) if group]
+
+
 def build_optimizer(params, args, foreach=True):
     # foreach: one call per update for all weights (on CPU a C++ loop over the same per-tensor kernels,
     # so less Python per step), bitwise the per-parameter loop (tested); torch's default on CUDA already.
+    # params: tensors, or param groups with their own 'lr'
     if args.optimizer_type == 'sgd':
         return torch.optim.SGD(params, lr=args.lr, momentum=args.optimizer_momentum, foreach=foreach)
     betas = (0.9, 0.95)
@@ -102,8 +113,9 @@ class NamedOutputs(torch.nn.Module):
 class TestTimeTrainer:
     """Weights and optimiser state of K images, reset in place, and the step that adapts them.
 
-    Each image's trainable weights are one row of a flat (K, N) tensor, trained with the model's other
-    weights fixed (torch.func.functional_call): K = 1 runs the model on row 0, the released computation
+    Each image's trainable weights are one row of a flat (K, N) tensor (two with --encoder_lr_scale, one
+    per learning rate), trained with the model's other weights fixed (torch.func.functional_call): K = 1
+    runs the model on row 0, the released computation
     op for op (bitwise its own parameters, tested); K > 1 runs it on every row through torch.func.vmap.
     --compile turns the step (forward, loss, backward) and the classification of either into fused
     kernels, on CUDA replayed as CUDA graphs (the optimiser update on the one flat tensor stays eager: a
@@ -126,30 +138,39 @@ class TestTimeTrainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.scaler_start = self.scaler.state_dict()  # fp16: every image starts from the same loss scale
         self.num_patches = model.patch_embed.num_patches
-        start = torch.cat([p.detach().reshape(-1) for p in trainable.values()])
-        self.start = [start.expand(k, -1)]
-        self.params = [start.expand(k, -1).clone().requires_grad_()]
-        torch._dynamo.mark_static_address(self.params[0])  # updated in place: a graph reads it where it is
+        groups = lr_groups(trainable, args.encoder_lr_scale)
+        self.start = [torch.cat([trainable[n].detach().reshape(-1) for n in names]).expand(k, -1)
+                      for names, _ in groups]
+        self.params = [start.clone().requires_grad_() for start in self.start]
+        # --online_ema: the weights that classify, an average of the adapted ones; else the adapted ones
+        self.ema = [start.clone() for start in self.start] if args.online_ema else []
+        for p in self.params + self.ema:
+            torch._dynamo.mark_static_address(p)  # updated in place: a graph reads it where it is
         for p in trainable.values():
             p.requires_grad_(False)
-        self._losses, self._logits, self._predict = self._flat_forward(model, trainable, args)
-        self.optimizer = build_optimizer(self.params, args)
+        self._losses, self._logits, self._predict = self._flat_forward(model, trainable, [n for n, _ in groups], args)
+        self.optimizer = build_optimizer([{'params': [p], 'lr': args.lr * scale}
+                                          for p, (_, scale) in zip(self.params, groups)], args)
         if args.compile:
             self._losses, self._logits = compiled(self._losses, self.device), compiled(self._logits, self.device)
         # optimiser state exists from here on and is zeroed by reset(): a zeroed SGD momentum or Adam
         # state is what a fresh optimiser starts from, and the tensors stay where a capture finds them
-        self.params[0].grad = torch.zeros_like(self.params[0])
+        for p in self.params:
+            p.grad = torch.zeros_like(p)
         self.optimizer.step()
         self.reset()
 
-    def _flat_forward(self, model, trainable, args):
+    def _flat_forward(self, model, trainable, groups, args):
         """losses(views, masks), logits(images) and predict(images, masks) of the model with row k of the
-        flat weights for image k."""
-        names, shapes = list(trainable), [p.shape for p in trainable.values()]
-        sizes = [p.numel() for p in trainable.values()]
-        # {name: weight} of one flat row; the functional call below names them as NamedOutputs holds them
-        self.weights = lambda row, prefix='': {prefix + n: w.view(shape)
-                                               for n, w, shape in zip(names, row.split(sizes), shapes)}
+        flat weights (of each group of names) for image k."""
+        sizes = [[trainable[n].numel() for n in names] for names in groups]
+
+        def weights(rows, prefix=''):
+            """{name: weight} of one image's rows (one per group), named as the functional call below
+            names them"""
+            return {prefix + n: w.view(trainable[n].shape) for names, row, size in zip(groups, rows, sizes)
+                    for n, w in zip(names, row.split(size))}
+        self.weights = weights
         fixed = {n: p.detach() for n, p in model.named_parameters() if n not in trainable}
         fixed.update(dict(model.named_buffers()))
         # the graphs of --compile read these where they are: without the mark, CUDA graphs copy every
@@ -166,32 +187,34 @@ class TestTimeTrainer:
         methods = NamedOutputs(model)
         fixed = {f'model.{n}': t for n, t in fixed.items()}
 
-        def call(row, method, *inputs):
-            return torch.func.functional_call(methods, (self.weights(row, 'model.'), fixed), (method, *inputs))
+        def call(rows, method, *inputs):
+            return torch.func.functional_call(methods, (self.weights(rows, 'model.'), fixed), (method, *inputs))
 
-        def loss(row, views, masks):
-            return call(row, 'mae_loss', views, args.mask_ratio, masks)
+        def loss(rows, views, masks):
+            return call(rows, 'mae_loss', views, args.mask_ratio, masks)
 
-        def logits(row, image):
-            return call(row, 'logits', image)[0]
+        def logits(rows, image):
+            return call(rows, 'logits', image)[0]
 
-        def predict(row, image, mask):
-            return call(row, 'reconstruct', image, args.mask_ratio, mask)[0]
+        def predict(rows, image, mask):
+            return call(rows, 'reconstruct', image, args.mask_ratio, mask)[0]
 
+        adapted, classified = tuple(self.params), tuple(self.ema or self.params)
         if self.k == 1:
-            return (lambda views, masks: loss(self.params[0][0], views[0], masks[0]).unsqueeze(0),
-                    lambda images: logits(self.params[0][0], images[0]).unsqueeze(0),
-                    lambda images, masks: predict(self.params[0][0], images[0], masks[0]).unsqueeze(0))
+            first = lambda flats: tuple(flat[0] for flat in flats)
+            return (lambda views, masks: loss(first(adapted), views[0], masks[0]).unsqueeze(0),
+                    lambda images: logits(first(classified), images[0]).unsqueeze(0),
+                    lambda images, masks: predict(first(adapted), images[0], masks[0]).unsqueeze(0))
         batched = [torch.func.vmap(f) for f in (loss, logits, predict)]
-        return (lambda views, masks: batched[0](self.params[0], views, masks),
-                lambda images: batched[1](self.params[0], images),
-                lambda images, masks: batched[2](self.params[0], images, masks))
+        return (lambda views, masks: batched[0](adapted, views, masks),
+                lambda images: batched[1](classified, images),
+                lambda images, masks: batched[2](adapted, images, masks))
 
     def state(self):
-        """The adaptation state as a list of tensors, the weights first, then the optimiser's state, then
-        (fp16) the loss scale and its growth count; online runs save it with their results, and
-        load_state() puts it back in place."""
-        tensors = [p.detach() for p in self.params] + [v for state in self.optimizer.state.values()
+        """The adaptation state as a list of tensors, the weights first (and their average, --online_ema),
+        then the optimiser's state, then (fp16) the loss scale and its growth count; online runs save it
+        with their results, and load_state() puts it back in place."""
+        tensors = [p.detach() for p in self.params + self.ema] + [v for state in self.optimizer.state.values()
                                                        for v in state.values() if torch.is_tensor(v)]
         if self.scaler.is_enabled():
             tensors.append(torch.tensor([self.scaler.get_scale(), self.scaler._get_growth_tracker()],
@@ -217,6 +240,8 @@ class TestTimeTrainer:
         with torch.no_grad():
             if weights:
                 torch._foreach_copy_(self.params, self.start)
+                if self.ema:
+                    torch._foreach_copy_(self.ema, self.start)
             if optimizer:
                 for state in self.optimizer.state.values():
                     for value in state.values():
@@ -230,15 +255,28 @@ class TestTimeTrainer:
         """Stochastic restore (online): each adapted weight of image k back to its loaded value with
         probability --online_restore, drawn from (seed, image index, step) so that a resumed stream
         draws the same."""
+        sizes = [p.shape[1] for p in self.params]
         for row, index in enumerate(indices):
             gen = torch.Generator(device=self.device).manual_seed(derive_seed(self.args.seed, index, 4, step))
-            back = torch.rand(self.params[0].shape[1], generator=gen, device=self.device) < self.args.online_restore
-            self.params[0][row] = torch.where(back, self.start[0][row], self.params[0][row])
+            back = torch.rand(sum(sizes), generator=gen, device=self.device) < self.args.online_restore
+            for p, start, keep in zip(self.params, self.start, back.split(sizes)):
+                p[row] = torch.where(keep, start[row], p[row])
+
+    @torch.no_grad()
+    def update_average(self):
+        """--online_ema: the classifying weights move toward the adapted ones, ema = m ema + (1 - m) w."""
+        torch._foreach_lerp_(self.ema, self.params, 1 - self.args.online_ema)
 
     @torch.no_grad()
     def distance_from_start(self):
         """Each image's distance of the adapted weights from the loaded ones, ||w - w0|| (host floats)."""
-        return torch.linalg.vector_norm(self.params[0] - self.start[0], dim=1).tolist()
+        return self._row_norms([p - start for p, start in zip(self.params, self.start)]).tolist()
+
+    @staticmethod
+    def _row_norms(flats):
+        """The L2 norm (K,) of each image's part of one or more (K, N) tensors."""
+        norms = [torch.linalg.vector_norm(flat, dim=1) for flat in flats]
+        return norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms), dim=0)
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
@@ -264,10 +302,16 @@ class TestTimeTrainer:
             objective = losses.sum()
             if self.args.online_anchor:  # online: a pull toward the loaded weights, once per step
                 objective = objective + self.args.online_anchor / (2 * len(views)) * \
-                    (self.params[0] - self.start[0]).square().sum()
+                    sum((p - start).square().sum() for p, start in zip(self.params, self.start))
             self.scaler.scale(objective).backward()
             total = total + losses.detach()
-        self.scaler.step(self.optimizer)  # one flat tensor: a few fused passes, left eager
+        if self.args.clip_grad:  # per image, as torch.nn.utils.clip_grad_norm_ over its weights
+            self.scaler.unscale_(self.optimizer)
+            with torch.no_grad():
+                factor = (self.args.clip_grad / (self._row_norms([p.grad for p in self.params]) + 1e-6)).clamp(max=1)
+                for p in self.params:
+                    p.grad.mul_(factor[:, None])
+        self.scaler.step(self.optimizer)  # flat tensors: a few fused passes, left eager
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=False)  # the gradients stay where a graph finds them
         return total
@@ -311,6 +355,8 @@ class TestTimeTrainer:
             losses.append(self.step(training_views(images, sources, crop_gens, self.args), masks[step]))
             if self.args.online_restore:
                 self.restore(indices, step)
+            if self.ema:
+                self.update_average()
             pred, ce = self.classify(images, labels)
             preds.append(pred)
             ces.append(ce)

@@ -23,29 +23,39 @@ from util.run_setup import prepare_run
 
 
 def get_args_parser():
-    parser = ArgumentParser('Test-time training with masked autoencoders', prog='main_test_time_training.py')
+    parser = ArgumentParser('Test-time training with masked autoencoders', prog='main_test_time_training.py',
+                            resolve=resolve_defaults)
     group = parser.add_argument_group('test-time training')
     group.add_argument('--batch_size', default=128, type=POSITIVE_INT, help='views of the image per step')
     group.add_argument('--accum_iter', default=1, type=POSITIVE_INT, help='micro-batches of views per step')
-    group.add_argument('--steps_per_example', default=20, type=NON_NEGATIVE_INT, help='optimiser steps per image')
+    group.add_argument('--steps_per_example', default=None, type=NON_NEGATIVE_INT,
+                       help='optimiser steps per image (None: 20; --online: 1)')
     group.add_argument('--mask_ratio', default=0.75, type=OPEN_FRACTION, help='fraction of patches removed')
     group.add_argument('--single_crop', action='store_true',
                        help='every view is the eval crop (the paper); otherwise random resized crops + flips')
     group.add_argument('--no_single_crop', action='store_false', dest='single_crop',
                        help='random resized crops + flips (the default; the released flag)')
-    group.add_argument('--finetune_mode', default='encoder', choices=FINETUNE_MODES,
+    group.add_argument('--finetune_mode', default=None, choices=FINETUNE_MODES,
                        help='what adapts: encoder = everything but the decoder (the paper); all = the decoder '
-                            'too; encoder_no_cls_no_msk = the encoder without cls_token and mask_token')
-    group.add_argument('--optimizer_type', default='sgd', choices=OPTIMIZERS,
+                            'too; encoder_no_cls_no_msk = the encoder without cls_token and mask_token '
+                            '(None: encoder; --online: all)')
+    group.add_argument('--optimizer_type', default=None, choices=OPTIMIZERS,
                        help='sgd (the paper: momentum --optimizer_momentum, no weight decay), adam or adam_w '
-                            '(betas 0.9, 0.95)')
+                            '(betas 0.9, 0.95) (None: sgd; --online: adam_w)')
     group.add_argument('--optimizer_momentum', default=0.9, type=number(float, 0, 1, high_open=True),
                        help='SGD momentum')
-    group.add_argument('--weight_decay', default=0.01, type=NON_NEGATIVE_FLOAT,
-                       help="weight decay of adam_w (the released code used AdamW's default, 0.01)")
+    group.add_argument('--weight_decay', default=None, type=NON_NEGATIVE_FLOAT,
+                       help="weight decay of adam_w (None: 0.01, AdamW's default, as the released code; --online: 0.05)")
     group.add_argument('--lr', default=None, type=POSITIVE_FLOAT,
-                       help='absolute lr (None: blr * batch_size * accum_iter / 256)')
-    group.add_argument('--blr', default=1e-2, type=POSITIVE_FLOAT, help='base lr, scaled by the views per step / 256')
+                       help='absolute lr (None: blr * batch_size * accum_iter / 256; --online without --blr: 1e-4)')
+    group.add_argument('--blr', default=None, type=POSITIVE_FLOAT,
+                       help='base lr, scaled by the views per step / 256 (None: 1e-2)')
+    group.add_argument('--encoder_lr_scale', default=None, type=POSITIVE_FLOAT,
+                       help="the encoder's weights step at this times the lr; the decoder and mask_token at the lr "
+                            '(None: 1; --online: 0.1)')
+    group.add_argument('--clip_grad', default=None, type=NON_NEGATIVE_FLOAT,
+                       help="clip each image's gradient (all its adapted weights) to this L2 norm before each step; "
+                            '0: no clipping (None: 0; --online: 1)')
     group.add_argument('--parallel_images', default=1, type=POSITIVE_INT,
                        help='adapt this many images at once as independent weight sets (the same results '
                             'up to float rounding); pays for small models, e.g. 4 with --compile on a CPU')
@@ -62,7 +72,8 @@ def get_args_parser():
                             '(OUT/reconstructions/)')
     group = parser.add_argument_group('online TTT-MAE (docs/online.md)')
     group.add_argument('--online', action='store_true',
-                       help='carry the weights and optimiser state from image to image instead of resetting them')
+                       help='carry the weights from image to image instead of resetting them; the defaults marked '
+                            "--online become the follow-up work's recipe for streams")
     group.add_argument('--online_keep_optimizer', action='store_true',
                        help='online: carry the optimiser state from image to image too (default: a fresh optimiser '
                             "state for every image, as the follow-up work's --restart_optimizer)")
@@ -74,9 +85,12 @@ def get_args_parser():
     group.add_argument('--online_restore', default=0., type=number(float, 0, 1),
                        help='online: after every step, each adapted weight goes back to its loaded value with this '
                             'probability (stochastic restore)')
-    group.add_argument('--online_window', default=1, type=POSITIVE_INT,
+    group.add_argument('--online_window', default=None, type=POSITIVE_INT,
                        help="online: each step's views are spread over the last K images (the current one and the "
-                            "K-1 before it); 1 = plain online TTT-MAE")
+                            "K-1 before it); 1 = plain online TTT-MAE (None: 16 with --online)")
+    group.add_argument('--online_ema', default=0., type=number(float, 0, 1, high_open=True),
+                       help='online: classify with an exponential moving average of the adapted weights, updated '
+                            'after every step with this momentum (0: the adapted weights themselves)')
     group.add_argument('--stream_order', default=None, choices=['shuffled', 'listed'],
                        help='online: the stream is the images shuffled with --seed, or in the order listed (the '
                             "folder's, or --subset_file's); None: listed with --subset_file, else shuffled")
@@ -87,13 +101,30 @@ def get_args_parser():
     return parser
 
 
+# Defaults that differ between episodic TTT-MAE (the paper's released recipe) and --online (the follow-up
+# work's recipe for streams, docs/online.md); a flag given on the command line wins either way.
+RECIPES = {'steps_per_example': (20, 1), 'finetune_mode': ('encoder', 'all'), 'optimizer_type': ('sgd', 'adam_w'),
+           'weight_decay': (0.01, 0.05), 'encoder_lr_scale': (1., 0.1), 'clip_grad': (0., 1.), 'online_window': (1, 16)}
+ONLINE_LR = 1e-4
+
+
+def resolve_defaults(args):
+    for name, (episodic, online) in RECIPES.items():
+        if getattr(args, name) is None:
+            setattr(args, name, online if args.online else episodic)
+    if args.lr is None and args.blr is None and args.online:
+        args.lr = ONLINE_LR
+    if args.blr is None:
+        args.blr = 1e-2
+
+
 def check_args(args):
     """Flag combinations that cannot run together, and the defaults that depend on others."""
     if args.amp == 'fp16' and (args.parallel_images > 1 or args.compile):
         raise UserError("--amp fp16 runs one image at a time without --compile (its loss scale is per image); "
                         "use --amp bf16 with --parallel_images or --compile")
     online_only = [f'--{k}' for k in ('online_keep_optimizer', 'stream_order', 'online_reset_every', 'online_anchor',
-                                      'online_restore') if getattr(args, k)]
+                                      'online_restore', 'online_ema') if getattr(args, k)]
     online_only += ['--online_window'] if args.online_window > 1 else []
     if online_only and not args.online:
         raise UserError(f"{', '.join(online_only)} only apply with --online")

@@ -16,6 +16,7 @@ import torch
 
 from conftest import TINY, check_error_line, make_image_folder, run_script, tiny_model
 from models_mae import build_model
+from util.errors import UserError
 
 SCRIPTS = ('main_pretrain', 'main_prob', 'main_test_time_training', 'test_without_adaptation')
 REQUIRED = {'main_pretrain': ['--data_path', 'd'], 'main_prob': ['--data_path', 'd'],
@@ -59,6 +60,22 @@ def test_bad_flags_are_one_line_before_any_work(capsys, script, argv, fragment):
     line = parse_error(capsys, script, *argv)
     assert fragment in line and f'see {script}.py --help' in line
 
+
+
+def test_online_defaults_are_the_follow_up_works_recipe_and_given_flags_win():
+    from main_test_time_training import check_args, get_args_parser
+    parse = lambda *argv: get_args_parser().parse_args(REQUIRED['main_test_time_training'] + list(argv))
+    recipe = ('steps_per_example', 'finetune_mode', 'optimizer_type', 'weight_decay', 'encoder_lr_scale', 'clip_grad',
+              'online_window', 'lr', 'blr')
+    episodic, online = parse(), parse('--online')
+    assert [getattr(episodic, k) for k in recipe] == [20, 'encoder', 'sgd', 0.01, 1., 0., 1, None, 1e-2]
+    assert [getattr(online, k) for k in recipe] == [1, 'all', 'adam_w', 0.05, 0.1, 1., 16, 1e-4, 1e-2]
+    assert parse('--online', '--blr', '0.5').lr is None  # a base lr given: the lr comes from it, as episodic
+    given = parse('--online', '--steps_per_example', '3', '--optimizer_type', 'sgd', '--online_window', '1')
+    assert (given.steps_per_example, given.optimizer_type, given.online_window) == (3, 'sgd', 1)
+    for flags in (['--online_ema', '0.5'], ['--online_window', '2']):
+        with pytest.raises(UserError, match=flags[0] + ' only apply with --online'):
+            check_args(parse(*flags))
 
 def without_device(command):
     i = command.index('--device')

@@ -247,7 +247,7 @@ def test_two_steps_equal_hand_computed_sgd_with_momentum(test_folder, anchor):
                 g = g + anchor * (params[n] - start[n])
                 buffers[n] = g if step == 0 else 0.9 * buffers[n] + g  # SGD momentum, no dampening
                 params[n] -= args.lr * buffers[n]
-    adapted = trainer.weights(trainer.params[0][0])
+    adapted = trainer.weights([p[0] for p in trainer.params])
     for n in names:
         torch.testing.assert_close(adapted[n], params[n], rtol=0, atol=1e-6)
     assert trainer.distance_from_start()[0] == pytest.approx(
@@ -386,6 +386,69 @@ def test_online_carries_weights_and_state_round_trips(test_folder):
                         reset_optimizer=False)
     assert all(np.array_equal(a, b) for a, b in zip(again[0], second[0]))  # a resumed stream continues exactly
 
+
+
+# AdamW without clipping: a clipped gradient shrinks to about Adam's eps, where the update turns on the
+# rounding of the gradient itself; SGD's update is linear in the clipped gradient
+@pytest.mark.parametrize('optimizer, clip', [('adam_w', 0.), ('sgd', 0.05)])
+def test_encoder_lr_scale_and_clipping_are_torch_param_groups_and_clip_grad_norm(test_folder, optimizer, clip):
+    """--encoder_lr_scale and --clip_grad (the online recipe's) on the flat rows == the model's own
+    parameters in two param groups (encoder at 0.1 lr; decoder and mask_token at lr) with
+    torch.nn.utils.clip_grad_norm_ over all of them, up to float rounding (atol 1e-6 on updates of about
+    lr = 1e-3 per step)."""
+    args = ttt_args('--steps_per_example', '2', '--finetune_mode', 'all', '--optimizer_type', optimizer,
+                    '--weight_decay', '0.05', '--lr', '1e-3', '--encoder_lr_scale', '0.1', '--clip_grad', str(clip))
+    model = tiny_model(norm_pix_loss=True)
+    reference = copy.deepcopy(model)
+    trainer = ttt.TestTimeTrainer(model, args, 'cpu')
+    assert len(trainer.params) == 2 and [g['lr'] for g in trainer.optimizer.param_groups] == [1e-4, 1e-3]
+    index, label, image, _ = items_of(test_folder, raw=False)[7]
+    adapt_all(trainer, [(index, label, image, None)])
+
+    masks = trainer.masks([index])
+    params = dict(ttt.trainable_parameters(reference, 'all'))
+    decoder_side = [n for n in params if n.startswith('decoder') or n == 'mask_token']
+    assert decoder_side and len(decoder_side) < len(params)
+    groups = [{'params': [p for n, p in params.items() if n not in decoder_side], 'lr': 1e-4},
+              {'params': [params[n] for n in decoder_side], 'lr': 1e-3}]
+    optimizer = (torch.optim.SGD(groups, momentum=0.9) if optimizer == 'sgd' else
+                 torch.optim.AdamW(groups, betas=(0.9, 0.95), weight_decay=0.05))
+    for step in range(2):
+        optimizer.zero_grad()
+        reference(image.expand(4, -1, -1, -1), mask_ratio=0.75, input_mask=masks[step, 0, 0])[0]['mae'].backward()
+        if clip:
+            assert torch.nn.utils.clip_grad_norm_(list(params.values()), clip) > 2 * clip  # the clip bites
+        optimizer.step()
+    adapted = trainer.weights([p[0] for p in trainer.params])
+    assert set(adapted) == set(params)
+    for n, p in params.items():
+        torch.testing.assert_close(adapted[n], p.detach(), rtol=0, atol=1e-6)
+
+
+def test_online_ema_classifies_with_the_average_of_the_adapted_weights(test_folder):
+    """--online_ema m: after each step ema = m ema + (1 - m) w, from the loaded weights; the image is
+    classified with ema, and ema travels with the state."""
+    items = items_of(test_folder, raw=False)[:1]
+    args = ttt_args('--steps_per_example', '2')
+    args.online_ema = 0.75
+    trainer = ttt.TestTimeTrainer(tiny_model(norm_pix_loss=True), args, 'cpu')
+    _, ces, _ = adapt_all(trainer, items)[0]
+    weights = []
+    for steps in ('1', '2'):  # the adapted weights after step 1 and 2 (the masks of step 1 do not depend on the steps)
+        plain = ttt.TestTimeTrainer(tiny_model(norm_pix_loss=True), ttt_args('--steps_per_example', steps), 'cpu')
+        plain_ces = adapt_all(plain, items)[0][1]
+        weights.append(plain.params[0][0].detach().clone())
+    assert plain_ces[0] == ces[0]  # before the first step: the loaded weights either way
+    start = trainer.start[0][0]
+    expected = 0.75 * (0.75 * start + 0.25 * weights[0]) + 0.25 * weights[1]
+    torch.testing.assert_close(trainer.ema[0][0], expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(trainer.params[0][0], weights[1], rtol=0, atol=0)  # the steps are unchanged
+    model = tiny_model(norm_pix_loss=True)
+    model.load_state_dict(trainer.weights([e[0] for e in trainer.ema]), strict=False)
+    ce = torch.nn.functional.cross_entropy(model.eval().logits(items[0][2]), torch.tensor([items[0][1]]))
+    assert ces[-1] == pytest.approx(ce.item(), rel=1e-5)
+    assert abs(ces[-1] - plain_ces[-1]) > 1e-4
+    assert torch.equal(trainer.state()[1], trainer.ema[0])  # saved with the stream, after the weights
 
 def test_micro_batches_are_the_same_step(test_folder):
     """--batch_size 4 --accum_iter 2 (a smaller GPU) is --batch_size 8 up to float rounding: the same masks

@@ -279,8 +279,10 @@ ONLINE = ('--online', '--online_window', '3', '--batch_size', '6', '--steps_per_
           '--blr', '0.5', '--flush_every', '1')
 
 
-# the remedies against drift, all at once: a periodic reset, a pull toward the loaded weights, stochastic restore
-REMEDIES = ('--online_reset_every', '7', '--online_anchor', '0.5', '--online_restore', '0.01', '--online_keep_optimizer')
+# the remedies against drift, all at once: a periodic reset, a pull toward the loaded weights, stochastic
+# restore, an average of the weights that classifies
+REMEDIES = ('--online_reset_every', '7', '--online_anchor', '0.5', '--online_restore', '0.01', '--online_keep_optimizer',
+            '--online_ema', '0.9')
 
 
 @pytest.mark.slow
@@ -331,13 +333,18 @@ def test_other_checkpoints_of_the_same_name_are_refused(checkpoints, test_folder
     assert str(own / 'checkpoint-final.pth') in line
 
 
+# the episodic defaults that --online changes (docs/online.md), given explicitly
+EPISODIC_RECIPE = ('--optimizer_type', 'sgd', '--finetune_mode', 'encoder', '--encoder_lr_scale', '1', '--clip_grad', '0',
+                   '--online_window', '1')
+
+
 def test_online_with_a_reset_before_every_image_is_episodic_and_records_its_drift(checkpoints, tmp_path):
     """--online_reset_every 1 (and the default fresh optimiser state per image): every image starts from
     the loaded weights, as episodic TTT-MAE, so the results are those of an episodic run, bit for bit."""
     data = make_image_folder(tmp_path / 'data', ['class_a', 'class_b'], 6, seed=6)
     run_inprocess(script_args('main_test_time_training.py', checkpoints, data, tmp_path / 'episodic', *TTT))
     run_inprocess(script_args('main_test_time_training.py', checkpoints, data, tmp_path / 'online', *TTT,
-                              '--online', '--online_reset_every', '1'))
+                              '--online', '--online_reset_every', '1', *EPISODIC_RECIPE))
     episodic, online = per_image(tmp_path / 'episodic'), per_image(tmp_path / 'online')
     order = np.argsort(online['index'])
     for key in ('index', 'pred', 'ce_loss', 'mae_loss'):

@@ -34,8 +34,10 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 class ArgumentParser(argparse.ArgumentParser):
     """argparse whose errors (unknown flag, bad number, unknown choice) are one 'error:' line, exit 2."""
 
-    def __init__(self, description=None, **kwargs):
+    def __init__(self, description=None, resolve=None, **kwargs):
         super().__init__(description=description, formatter_class=HelpFormatter, **kwargs)
+        self.resolve = resolve  # fills in, after parsing, the defaults that depend on other flags
+
 
     def error(self, message):
         sys.stderr.write(f"error: {message} (see {self.prog} --help)\n")
@@ -45,6 +47,8 @@ class ArgumentParser(argparse.ArgumentParser):
         args = super().parse_args(args, namespace)
         if getattr(args, 'log_dir', '') is None:
             args.log_dir = args.output_dir
+        if self.resolve is not None:
+            self.resolve(args)
         return args
 
 
