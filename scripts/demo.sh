@@ -4,8 +4,9 @@
 #
 #   scripts/demo.sh            (or: make demo)
 #
-# Stages: digits -> MAE pre-training -> ViT-head probe -> corrupted test sets (severity 5)
-# -> baseline, TTT-MAE and online TTT-MAE on each corruption -> table, paired gains and figure.
+# Stages: digits -> MAE pre-training -> ViT-head probe -> corrupted test sets (DEMO_SEVERITY)
+# -> baseline, TTT-MAE and online TTT-MAE on each corruption -> online on three streams (clean, the
+# corruptions in turn, shuffled) -> table, paired gains and figure.
 # Everything goes to $DEMO_OUT (default demo_out/); a stage whose outputs exist is skipped, so
 # rerunning after an interruption continues, and a stage whose folder other settings made stops the
 # script. Each stage prints its wall time, and $DEMO_RESULTS/stage_times.tsv keeps them. Needs bash 5.
@@ -21,6 +22,7 @@
 #                          cuda over a demo_out made on a CPU (bench/gpu_checks.sh)
 #   DEMO_SEED              --seed of every stage (default: 0): initial weights, crops, masks
 #   DEMO_CORRUPTIONS       space-separated list (default: the fixed list below)
+#   DEMO_SEVERITY          ImageNet-C severity 1-5 of the corrupted sets (default: 5)
 #   DEMO_DIGITS            train/val/test images per class (default: "300 100 100")
 #   DEMO_SIZE, DEMO_MODEL  image side and model (default: 32, mae_vit_tiny_patch4)
 #   DEMO_EVAL_PER_CLASS    images per class corrupted and evaluated (default: 30, so 300 per corruption)
@@ -34,8 +36,11 @@
 #   DEMO_TTT_COMPILE       1 (default): --compile; 0: the eager loop
 #   DEMO_TTT_AMP           --amp of the episodic TTT runs (default: none)
 #   DEMO_ONLINE            1 (default): also online TTT-MAE on each corruption (weights carried over a
-#                          shuffled stream of its images); 0: not
-#   DEMO_ONLINE_STEPS, DEMO_ONLINE_LR, DEMO_ONLINE_WINDOW  its steps per image, lr and --online_window
+#                          shuffled stream of its images), and on three streams of DEMO_STREAM_IMAGES images:
+#                          the clean digits, the corruptions in turn (DEMO_STREAM_IMAGES / 5 of each, one
+#                          corruption after another) and the same images shuffled; 0: not
+#   DEMO_ONLINE_FLAGS      the online runs' flags beyond --online (default: the choice of docs/demo.md)
+#   DEMO_STREAM_IMAGES     images of each of the three streams (default: 300)
 #   DEMO_RECONSTRUCTIONS   reconstruction pictures saved for the first N images of each episodic run (default 3)
 #   DEMO_REPORT_STEP       the TTT step tabulated (default: 2; the figure shows every step)
 set -euo pipefail
@@ -54,7 +59,8 @@ export OMP_NUM_THREADS=${DEMO_THREADS:-2}
 # (the digit is gone, for a person too): defocus_blur, gaussian_blur, glass_blur, elastic_transform.
 # pixelate's 4x4 blocks line up with the 4x4 patches; it stays in whatever TTT does on it.
 CORRUPTIONS=${DEMO_CORRUPTIONS:-gaussian_noise motion_blur fog contrast pixelate}
-SEVERITY=5
+SEVERITY=${DEMO_SEVERITY:-5}
+[[ $SEVERITY =~ ^[1-5]$ ]] || { echo "error: DEMO_SEVERITY must be one of 1 2 3 4 5, got '$SEVERITY'" >&2; exit 2; }
 zero_or_one() {  # zero_or_one NAME VALUE: a switch of the environment is 0 or 1
     [[ $2 == 0 || $2 == 1 ]] || { echo "error: $1 must be 0 or 1, got '$2'" >&2; exit 2; }
 }
@@ -90,9 +96,9 @@ zero_or_one DEMO_TTT_COMPILE "$TTT_COMPILE"
 TTT_AMP=${DEMO_TTT_AMP:-none}
 ONLINE=${DEMO_ONLINE:-1}
 zero_or_one DEMO_ONLINE "$ONLINE"
-ONLINE_STEPS=${DEMO_ONLINE_STEPS:-2}
-ONLINE_LR=${DEMO_ONLINE_LR:-1e-3}
-ONLINE_WINDOW=${DEMO_ONLINE_WINDOW:-1}
+read -r -a ONLINE_CHOSEN <<< "${DEMO_ONLINE_FLAGS---online_keep_optimizer --online_window 1 --steps_per_example 2 --lr 1e-3 --optimizer_type sgd --finetune_mode encoder --encoder_lr_scale 1 --clip_grad 0}"
+STREAM_IMAGES=${DEMO_STREAM_IMAGES:-300}
+[[ $STREAM_IMAGES =~ ^[1-9][0-9]*$ ]] || { echo "error: DEMO_STREAM_IMAGES must be a whole number >= 1" >&2; exit 2; }
 RECONSTRUCTIONS=${DEMO_RECONSTRUCTIONS:-3}
 REPORT_STEP=${DEMO_REPORT_STEP:-2}
 [[ $REPORT_STEP =~ ^[0-9]+$ && $TTT_STEPS =~ ^[0-9]+$ ]] || {
@@ -114,9 +120,10 @@ AUGMENT_FLAGS=()
 [[ $HFLIP == 0 ]] && AUGMENT_FLAGS+=(--no_hflip)
 EVAL_FLAGS=(--resume_model "$PRETRAIN/checkpoint-final.pth" --resume_finetune "$PROBE/checkpoint-final.pth"
             --dataset_name folder --num_workers 0)
-# the corruptions' stages: their device and image limit
-RUN_FLAGS=(--model "$MODEL" --input_size "$SIZE" --device "${DEMO_TTT_DEVICE:-${DEMO_DEVICE:-cpu}}" "${HEAD_FLAGS[@]}"
-           "${EVAL_FLAGS[@]}" ${TTT_MAX_EXAMPLES:+--max_examples "$TTT_MAX_EXAMPLES"})
+# the corruptions' stages: their device (and image limit; the streams have their own sizes)
+STREAM_RUN_FLAGS=(--model "$MODEL" --input_size "$SIZE" --device "${DEMO_TTT_DEVICE:-${DEMO_DEVICE:-cpu}}"
+                  "${HEAD_FLAGS[@]}" "${EVAL_FLAGS[@]}")
+RUN_FLAGS=("${STREAM_RUN_FLAGS[@]}" ${TTT_MAX_EXAMPLES:+--max_examples "$TTT_MAX_EXAMPLES"})
 
 mkdir -p "$OUT" "$RESULTS"
 DEMO_START=$EPOCHREALTIME
@@ -205,10 +212,8 @@ TTT_FLAGS=(--single_crop --steps_per_example "$TTT_STEPS" --batch_size "$TTT_BAT
            --finetune_mode encoder --parallel_images "$TTT_PARALLEL" --amp "$TTT_AMP" --print_freq 100)
 [[ $TTT_COMPILE == 1 ]] && TTT_FLAGS+=(--compile)
 # online: one stream per corruption, few steps per image; eager (one image at a time, little to compile for)
-# (--online_keep_optimizer: round 5's choice on validation, docs/demo.md)
-ONLINE_FLAGS=(--online --online_keep_optimizer --online_window "$ONLINE_WINDOW" --single_crop --steps_per_example "$ONLINE_STEPS"
-              --batch_size "$TTT_BATCH" --lr "$ONLINE_LR" --mask_ratio "$TTT_MASK_RATIO" --optimizer_type sgd
-              --optimizer_momentum 0.9 --finetune_mode encoder --print_freq 100)
+ONLINE_FLAGS=(--online --single_crop --batch_size "$TTT_BATCH" --mask_ratio "$TTT_MASK_RATIO" --print_freq 100
+              "${ONLINE_CHOSEN[@]}")
 for c in $CORRUPTIONS; do
     data=$CORRUPTED/$c/$SEVERITY
     stage "$c baseline" complete "$RESULTS/$c/baseline" "$RESULTS/$c/baseline" \
@@ -226,6 +231,48 @@ for c in $CORRUPTIONS; do
     fi
 done
 
+# the figure's images by a rule: the first image of the first corruption that TTT turns right at the
+# tabulated step, and the first it turns wrong (file order), rerun one at a time with their pictures
+FIGURE=$RESULTS/figure
+read -r FIRST _ <<< "$CORRUPTIONS"
+FIGURE_FLAGS=()  # the released-style loop, one image at a time: nothing to compile for two images
+for flag in "${TTT_FLAGS[@]}"; do [[ $flag == --compile ]] || FIGURE_FLAGS+=("$flag"); done
+stage "figure's images" exists "$FIGURE/images.txt" "" \
+    "$PY" scripts/pick_examples.py "$RESULTS/$FIRST" --step "$REPORT_STEP" --out "$FIGURE/images.txt"
+stage "figure's reconstructions" complete "$FIGURE" "$FIGURE" \
+    "$PY" main_test_time_training.py --data_path "$CORRUPTED/$FIRST/$SEVERITY" --output_dir "$FIGURE" \
+    "${STREAM_RUN_FLAGS[@]}" "${SEED_FLAGS[@]}" "${NORM_PIX_FLAGS[@]}" "${FIGURE_FLAGS[@]}" --parallel_images 1 \
+    --subset_file "$FIGURE/images.txt" --save_reconstructions 2
+
+if [[ $ONLINE == 1 ]]; then
+    # three streams of online TTT-MAE against no adaptation on the same images: the clean digits (what
+    # adapting costs where there is no shift), the corruptions one after another (locality: neighbours
+    # share their shift) and the same images shuffled (none)
+    STREAM=$CORRUPTED/stream_$SEVERITY
+    per_set=$(( (STREAM_IMAGES + 4) / 5 ))
+    sets=()
+    for c in $CORRUPTIONS; do sets+=("$CORRUPTED/$c/$SEVERITY"); done
+    stage "stream of the corruptions" exists "$STREAM/stream.txt" "" \
+        "$PY" scripts/make_stream.py --sets "${sets[@]}" --names $CORRUPTIONS --max_per_set "$per_set" \
+        --output_dir "$STREAM"
+    for name in clean in_turn shuffled; do
+        case $name in
+            clean) data=(--data_path "$DIGITS/$SPLIT" --max_examples "$STREAM_IMAGES") order=() ;;
+            in_turn) data=(--data_path "$STREAM" --subset_file "$STREAM/stream.txt") order=() ;;
+            shuffled) data=(--data_path "$STREAM" --subset_file "$STREAM/stream.txt") order=(--stream_order shuffled) ;;
+        esac
+        run=$RESULTS/streams/$name
+        stage "$name stream baseline" complete "$run/baseline" "$run/baseline" \
+            "$PY" test_without_adaptation.py "${data[@]}" --output_dir "$run/baseline" "${STREAM_RUN_FLAGS[@]}"
+        stage "$name stream online" complete "$run" "$run" \
+            "$PY" main_test_time_training.py "${data[@]}" --output_dir "$run" "${STREAM_RUN_FLAGS[@]}" "${SEED_FLAGS[@]}" \
+            "${NORM_PIX_FLAGS[@]}" "${ONLINE_FLAGS[@]}" "${order[@]}"
+    done
+    stage "stream gains" never "" "" \
+        "$PY" scripts/paired_gain.py "$RESULTS/streams" --columns clean in_turn shuffled --method 'TTT-MAE online' \
+        --no_mean --out "$RESULTS/streams/paired_gain"
+fi
+
 stage collect never "" "" \
     "$PY" scripts/collect_results.py "$RESULTS" --step "$REPORT_STEP" --out "$RESULTS/summary" \
     --title "Digits-C ($SPLIT split, severity $SEVERITY), TTT-MAE vs no adaptation"
@@ -239,3 +286,4 @@ echo "clean $SPLIT accuracy (no corruption, no adaptation): $("$PY" -c 'import j
 echo "stage times (s), also in $TIMES:"
 column -t -s $'\t' "$TIMES" 2>/dev/null || cat "$TIMES"
 echo "results: $RESULTS/paired_gain.md, $RESULTS/summary.png"
+if [[ $ONLINE == 1 ]]; then echo "online streams: $RESULTS/streams/paired_gain.md"; fi

@@ -11,6 +11,8 @@ corruption, the share of the most predicted class before and after TTT: near 100
 answers one class for nearly every image, and a gain from there is a reshuffling of that guess.
 When every corruption also holds a finished online run (ROOT/<corruption>/online/, main_test_time_training.py
 --online), its step (--online_step, default its last) and paired gain are shown beside the episodic ones.
+Other runs than a sweep's (e.g. online streams, each ROOT/<name>/ with its baseline/ inside) are read
+with --columns NAME..., their method named with --method, and --no_mean leaves out the mean row.
 Prints a Markdown table and writes PREFIX.md and PREFIX.json.
 """
 import argparse
@@ -35,6 +37,10 @@ def get_args_parser():
     parser.add_argument('--online_step', default=None, type=int,
                         help='step of the online runs compared (default: their last one)')
     parser.add_argument('--out', default=None, help='output prefix (default: ROOT/paired_gain)')
+    parser.add_argument('--columns', nargs='+', default=None,
+                        help="the run folders ROOT/<name>/, in this order (default: ROOT's corruption folders)")
+    parser.add_argument('--method', default='TTT-MAE', help="the runs' name in the table")
+    parser.add_argument('--no_mean', action='store_true', help='no mean row (runs over unrelated images)')
     return parser
 
 
@@ -102,19 +108,19 @@ def method_summary(root, columns, sub, step):
     return rows, mean
 
 
-def collect(root, step=None, online_step=None):
-    columns = sweep_corruptions(root)
+def collect(root, step=None, online_step=None, columns=None, method='TTT-MAE'):
+    columns = columns or sweep_corruptions(root)
     rows, mean = method_summary(root, columns, '', step)
-    summary = {'root': root, 'columns': columns, 'rows': rows, 'mean': mean}
+    summary = {'root': root, 'columns': columns, 'rows': rows, 'mean': mean, 'method': method}
     if all(is_finished(os.path.join(root, c, 'online')) for c in columns):
         summary['online_rows'], summary['online_mean'] = method_summary(root, columns, 'online', online_step)
     return summary
 
 
-def markdown(summary):
-    step, online = summary['mean']['step'], 'online_rows' in summary
+def markdown(summary, with_mean=True):
+    step, online, method = summary['mean']['step'], 'online_rows' in summary, summary['method']
     extra = f" TTT-MAE online (step {summary['online_mean']['step']}) | online gain ± SE |" if online else ''
-    lines = [f'| corruption | images | no adaptation | TTT-MAE (step {step}) | paired gain ± SE |{extra} '
+    lines = [f'| corruption | images | no adaptation | {method} (step {step}) | paired gain ± SE |{extra} '
              'fixed / broken | top class share |', '|---|---:|---:|---:|---:|' + '---:|' * (2 + 2 * online)]
 
     def gain(r):
@@ -130,13 +136,14 @@ def markdown(summary):
     m = summary['mean']
     cells = [f"mean of {m['num_corruptions']}", m.get('num_images', ''), f"{m['baseline']:.1f}", f"{m['ttt']:.1f}",
              gain(m)] + ([f"{summary['online_mean']['ttt']:.1f}", gain(summary['online_mean'])] if online else [])
-    lines.append('| ' + ' | '.join(map(str, cells)) + ' | | |')
-    notes = ['Accuracy in %. Gain: per image, correct after TTT - correct before, averaged (points); '
+    if with_mean:
+        lines.append('| ' + ' | '.join(map(str, cells)) + ' | | |')
+    notes = [f'Accuracy in %. Gain: per image, correct after {method} - correct before, averaged (points); '
              'SE = sample std / sqrt(n). fixed / broken: images TTT turned right / wrong. '
              'Top class share: % of images given the most predicted class, no adaptation -> TTT.']
-    if m['gain_se'] is not None:
+    if with_mean and m['gain_se'] is not None:
         notes.append('Mean row: per-image gain averaged over the corruptions (same clean images), SE over images.')
-    if 'gain_per_step' in m:
+    if with_mean and 'gain_per_step' in m:
         notes.append('Mean gain per step 1..: ' + ' '.join(f'{g:+.1f}' for g in m['gain_per_step'][1:]))
     if online:
         notes.append('Online: the weights carry over from image to image (main_test_time_training.py --online); '
@@ -146,9 +153,9 @@ def markdown(summary):
 
 
 def main(args):
-    summary = collect(args.root, args.step, args.online_step)
+    summary = collect(args.root, args.step, args.online_step, args.columns, args.method)
     prefix = args.out or os.path.join(args.root, 'paired_gain')
-    table = markdown(summary)
+    table = markdown(summary, not args.no_mean)
     print(table, end='')
     write_text(prefix + '.md', table)
     write_json(prefix + '.json', summary)

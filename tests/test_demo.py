@@ -13,6 +13,7 @@ from conftest import run_script
 CORRUPTIONS = ['gaussian_noise', 'pixelate']
 STEPS = 3
 REPORT = 2  # demo.sh's default tabulated step
+STREAMS = ('clean', 'in_turn', 'shuffled')
 PER_CLASS = 2  # corrupted and evaluated test images per class
 TINY = {'DEMO_DIGITS': '20 5 5', 'DEMO_EVAL_PER_CLASS': str(PER_CLASS), 'DEMO_CORRUPTIONS': ' '.join(CORRUPTIONS),
         'DEMO_PRETRAIN_EPOCHS': '2', 'DEMO_PRETRAIN_WARMUP': '1', 'DEMO_PRETRAIN_BATCH': '64',
@@ -44,7 +45,8 @@ def test_every_stage_ran_and_wrote_its_outputs(demo):
     expected = ['digits', 'pretrain', 'probe', f'corrupt test ({10 * PER_CLASS * len(CORRUPTIONS)} images)',
                 'clean test baseline'] + [f'{c} {m}' for c in CORRUPTIONS
                                           for m in ('baseline', 'TTT-MAE', 'TTT-MAE online')] \
-        + ['collect', 'paired gains', 'total']
+        + ["figure's images", "figure's reconstructions", 'stream of the corruptions'] + [f'{s} stream {m}' for s in STREAMS for m in ('baseline', 'online')] \
+        + ['stream gains', 'collect', 'paired gains', 'total']
     assert list(times) == expected
     assert all(t['status'] == 'ran' and float(t['seconds']) >= 0 for t in times.values())
     assert read_json(f'{out}/digits/digits.json')['counts'] == {'train': 200, 'val': 50, 'test': 50}
@@ -63,6 +65,40 @@ def test_every_stage_ran_and_wrote_its_outputs(demo):
         assert len(os.listdir(f'{out}/results_test/{c}/reconstructions')) == 3
     online = read_json(f'{out}/results_test/{CORRUPTIONS[0]}/online/results.json')
     assert online['online'] and online['complete'] and len(online['accuracy_per_step']) == 3
+
+
+def test_the_streams_hold_the_corruptions_in_turn_or_shuffled_against_no_adaptation_on_the_same_images(demo):
+    out, _, first = demo
+    root = f'{out}/results_test/streams'
+    listed = open(f'{out}/digits-c/test/stream_5/stream.txt').read().split()
+    assert [r.split('/')[1].split('__')[0] for r in listed] == [c for c in CORRUPTIONS for _ in range(10 * PER_CLASS)]
+    orders = {}
+    for name in STREAMS:
+        online, base = (np.load(f'{root}/{name}/{sub}per_image.npz') for sub in ('', 'baseline/'))
+        assert np.array_equal(online['index'], base['index']) and np.array_equal(online['filename'], base['filename'])
+        assert np.array_equal(online['pred'][:, 0][online['position'] == 0], base['pred'][:, 0][online['position'] == 0])
+        orders[name] = [str(f) for f in online['filename'][np.argsort(online['position'])]]
+    assert len(orders['clean']) == 50  # all 50 test digits (fewer than DEMO_STREAM_IMAGES)
+    assert orders['in_turn'] == listed
+    assert sorted(orders['shuffled']) == sorted(orders['in_turn']) != orders['shuffled']
+    gains = read_json(f'{root}/paired_gain.json')
+    assert gains['columns'] == list(STREAMS) and gains['method'] == 'TTT-MAE online'
+    assert '| mean of' not in open(f'{root}/paired_gain.md').read()
+
+
+def test_the_figure_shows_the_images_its_rule_picks(demo):
+    out, _, _ = demo
+    run = np.load(f'{out}/results_test/{CORRUPTIONS[0]}/per_image.npz')
+    order = np.argsort(run['index'])
+    correct = run['pred'][order] == run['label'][order, None]
+    rule = [run['filename'][order][np.flatnonzero(t)[0]] for t in (~correct[:, 0] & correct[:, REPORT],
+                                                                    correct[:, 0] & ~correct[:, REPORT]) if t.any()]
+    rule = rule or [run['filename'][order][0]]
+    picked = open(f'{out}/results_test/figure/images.txt').read().split()
+    assert picked == [str(f) for f in rule]
+    pictures = sorted(os.listdir(f'{out}/results_test/figure/reconstructions'))
+    assert [p.split('_', 1)[1][:-len('.png')] for p in pictures] == sorted(
+        os.path.splitext(os.path.basename(f))[0] for f in picked)
 
 
 def test_step0_of_ttt_is_the_baseline_on_the_same_images(demo):
@@ -117,7 +153,7 @@ def test_rerun_skips_every_finished_stage(demo):
     run_script(['bash', 'scripts/demo.sh'], env=env)
     times = stage_times(out)
     ran = [name for name, t in times.items() if t['status'] == 'ran']
-    assert ran == ['collect', 'paired gains', 'total']
+    assert ran == ['stream gains', 'collect', 'paired gains', 'total']
     assert os.stat(results).st_mtime_ns == before
 
 
