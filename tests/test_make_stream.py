@@ -3,11 +3,25 @@ import os
 import sys
 
 import numpy as np
+import pytest
 
-from conftest import check_error_line, make_image_folder, run_inprocess, run_script
+from conftest import REPO, check_error_line, make_image_folder, run_inprocess
 from test_main_test_time_training import per_image, script_args
+from util.cli import run_main
 
-STREAM = [sys.executable, 'scripts/make_stream.py']
+sys.path.insert(0, os.path.join(REPO, 'scripts'))
+import make_stream  # noqa: E402
+
+
+def stream(capsys, *argv):
+    """make_stream.py's run in this process: (exit status, stdout, stderr)."""
+    capsys.readouterr()
+    try:
+        run_main(make_stream.main, make_stream.get_args_parser().parse_args(list(map(str, argv))))
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    return (code, *capsys.readouterr())
 
 
 def two_sets(tmp_path):
@@ -15,10 +29,10 @@ def two_sets(tmp_path):
             for seed, name in enumerate(['fog', 'snow'])]
 
 
-def test_sets_follow_one_another_each_shuffled_and_a_rerun_changes_nothing(tmp_path):
+def test_sets_follow_one_another_each_shuffled_and_a_rerun_changes_nothing(capsys, tmp_path):
     sets, out = two_sets(tmp_path), tmp_path / 'stream'
-    first = run_script(STREAM + ['--sets', *sets, '--output_dir', str(out)])
-    assert '12 images of 2 sets (fog-5, snow-5)' in first.stdout
+    code, stdout, _ = stream(capsys, '--sets', *sets, '--output_dir', out)
+    assert code == 0 and '12 images of 2 sets (fog-5, snow-5)' in stdout
     listed = (out / 'stream.txt').read_text().split()
     assert [r.split('/')[1].split('__')[0] for r in listed] == ['fog-5'] * 6 + ['snow-5'] * 6
     for relative in listed:  # each a link into its own set, under its class
@@ -26,20 +40,26 @@ def test_sets_follow_one_another_each_shuffled_and_a_rerun_changes_nothing(tmp_p
         source = os.path.join(sets[name.startswith('snow')], cls, name.split('__')[1])
         assert os.path.islink(out / relative) and os.path.samefile(out / relative, source)
     assert listed[:6] != sorted(listed[:6])  # shuffled within the set (by --seed)
-    run_script(STREAM + ['--sets', *sets, '--output_dir', str(out)])
+    assert stream(capsys, '--sets', *sets, '--output_dir', out)[0] == 0
     assert (out / 'stream.txt').read_text().split() == listed
-    other = run_script(STREAM + ['--sets', *sets, '--output_dir', str(out), '--seed', '1'], check=False)
-    check_error_line(other.returncode, other.stdout, other.stderr, ['other arguments made'])
-    missing = run_script(STREAM + ['--sets', sets[0], str(tmp_path / 'nope'), '--output_dir', str(tmp_path / 'o')],
-                         check=False)
-    check_error_line(missing.returncode, missing.stdout, missing.stderr, ['nope is not a folder'])
-    same = run_script(STREAM + ['--sets', sets[0], sets[0], '--output_dir', str(tmp_path / 'o')], check=False)
-    check_error_line(same.returncode, same.stdout, same.stderr, ['the same name', '--names'])
 
 
-def test_an_online_run_follows_the_stream_in_its_listed_order(checkpoints, tmp_path):
+@pytest.mark.parametrize('argv, fragments', [
+    (['--seed', '1'], ['other arguments made']),
+    (['--names', 'a'], ['1 names for 2 --sets']),
+    (['--names', 'a', 'a'], ['the same name']),
+])
+def test_bad_arguments_are_one_line(capsys, tmp_path, argv, fragments):
     sets, out = two_sets(tmp_path), tmp_path / 'stream'
-    run_script(STREAM + ['--sets', *sets, '--output_dir', str(out), '--max_per_set', '4'])
+    assert stream(capsys, '--sets', *sets, '--output_dir', out)[0] == 0
+    check_error_line(*stream(capsys, '--sets', *sets, '--output_dir', out, *argv), fragments)
+    check_error_line(*stream(capsys, '--sets', sets[0], tmp_path / 'nope', '--output_dir', tmp_path / 'o'),
+                     ['nope is not a folder'])
+
+
+def test_an_online_run_follows_the_stream_in_its_listed_order(capsys, checkpoints, tmp_path):
+    sets, out = two_sets(tmp_path), tmp_path / 'stream'
+    assert stream(capsys, '--sets', *sets, '--output_dir', out, '--max_per_set', '4')[0] == 0
     listed = (out / 'stream.txt').read_text().split()
     run_inprocess(script_args('main_test_time_training.py', checkpoints, str(out), tmp_path / 'online', '--online',
                               '--subset_file', str(out / 'stream.txt'), '--batch_size', '4', '--single_crop',
