@@ -37,8 +37,8 @@
 #   DEMO_TTT_AMP           --amp of the episodic TTT runs (default: none)
 #   DEMO_ONLINE            1 (default): also online TTT-MAE on each corruption (weights carried over a
 #                          shuffled stream of its images), and on three streams of DEMO_STREAM_IMAGES images:
-#                          the clean digits, the corruptions in turn (DEMO_STREAM_IMAGES / 5 of each, one
-#                          corruption after another) and the same images shuffled; 0: not
+#                          the clean digits, the corruptions in turn (an equal share of each, one corruption
+#                          after another) and the same images shuffled; 0: not
 #   DEMO_ONLINE_FLAGS      the online runs' flags beyond --online (default: the choice of docs/demo.md)
 #   DEMO_STREAM_IMAGES     images of each of the three streams (default: 300)
 #   DEMO_RECONSTRUCTIONS   reconstruction pictures saved for the first N images of each episodic run (default 3)
@@ -103,6 +103,7 @@ RECONSTRUCTIONS=${DEMO_RECONSTRUCTIONS:-3}
 REPORT_STEP=${DEMO_REPORT_STEP:-2}
 [[ $REPORT_STEP =~ ^[0-9]+$ && $TTT_STEPS =~ ^[0-9]+$ ]] || {
     echo "error: DEMO_REPORT_STEP and DEMO_TTT_STEPS must be whole numbers" >&2; exit 2; }
+(( REPORT_STEP >= 1 )) || { echo "error: DEMO_REPORT_STEP must be 1 or more (step 0 is no adaptation)" >&2; exit 2; }
 (( REPORT_STEP <= TTT_STEPS )) || {
     echo "error: DEMO_REPORT_STEP ($REPORT_STEP) is after the last TTT step (DEMO_TTT_STEPS=$TTT_STEPS)" >&2; exit 2; }
 
@@ -237,10 +238,10 @@ FIGURE=$RESULTS/figure
 read -r FIRST _ <<< "$CORRUPTIONS"
 FIGURE_FLAGS=()  # the released-style loop, one image at a time: nothing to compile for two images
 for flag in "${TTT_FLAGS[@]}"; do [[ $flag == --compile ]] || FIGURE_FLAGS+=("$flag"); done
-stage "figure's images" exists "$FIGURE/images.txt" "" \
+stage "figure's images" exists "$FIGURE/images.txt" "$FIGURE" \
     "$PY" scripts/pick_examples.py "$RESULTS/$FIRST" --step "$REPORT_STEP" --out "$FIGURE/images.txt"
-stage "figure's reconstructions" complete "$FIGURE" "$FIGURE" \
-    "$PY" main_test_time_training.py --data_path "$CORRUPTED/$FIRST/$SEVERITY" --output_dir "$FIGURE" \
+stage "figure's reconstructions" complete "$FIGURE/run" "$FIGURE/run" \
+    "$PY" main_test_time_training.py --data_path "$CORRUPTED/$FIRST/$SEVERITY" --output_dir "$FIGURE/run" \
     "${STREAM_RUN_FLAGS[@]}" "${SEED_FLAGS[@]}" "${NORM_PIX_FLAGS[@]}" "${FIGURE_FLAGS[@]}" --parallel_images 1 \
     --subset_file "$FIGURE/images.txt" --save_reconstructions 2
 
@@ -249,10 +250,11 @@ if [[ $ONLINE == 1 ]]; then
     # adapting costs where there is no shift), the corruptions one after another (locality: neighbours
     # share their shift) and the same images shuffled (none)
     STREAM=$CORRUPTED/stream_$SEVERITY
-    per_set=$(( (STREAM_IMAGES + 4) / 5 ))
     sets=()
     for c in $CORRUPTIONS; do sets+=("$CORRUPTED/$c/$SEVERITY"); done
-    stage "stream of the corruptions" exists "$STREAM/stream.txt" "" \
+    per_set=$(( (STREAM_IMAGES + ${#sets[@]} - 1) / ${#sets[@]} ))
+    # (make_stream.py changes nothing when rerun and refuses a stream other settings made)
+    stage "stream of the corruptions" never "" "" \
         "$PY" scripts/make_stream.py --sets "${sets[@]}" --names $CORRUPTIONS --max_per_set "$per_set" \
         --output_dir "$STREAM"
     for name in clean in_turn shuffled; do

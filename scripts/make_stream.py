@@ -54,12 +54,14 @@ def main(args):
             raise UserError(f"--sets: {path} is not a folder")
     links, listed = {}, []
     for number, (path, name) in enumerate(zip(args.sets, names)):
-        samples = ImageFolder(path).samples
-        order = np.random.default_rng([args.seed, number]).permutation(len(samples))[:args.max_per_set]
+        dataset = ImageFolder(path)
+        order = np.random.default_rng([args.seed, number]).permutation(len(dataset))[:args.max_per_set]
         for i in order:
-            source = os.path.abspath(samples[i][0])
-            relative = f"{os.path.basename(os.path.dirname(source))}/{name}__{os.path.basename(source)}"
-            links[relative] = source
+            source, label = dataset.samples[i]
+            # the class, then the file's path inside it (a class folder may hold sub-folders)
+            inside = os.path.relpath(source, os.path.join(path, dataset.classes[label])).replace(os.sep, '__')
+            relative = f"{dataset.classes[label]}/{name}__{inside}"
+            links[relative] = os.path.abspath(source)
             listed.append(relative)
     stream_file = os.path.join(args.output_dir, 'stream.txt')
     text = ''.join(f'{r}\n' for r in listed)

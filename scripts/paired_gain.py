@@ -109,9 +109,10 @@ def method_summary(root, columns, sub, step):
 
 
 def collect(root, step=None, online_step=None, columns=None, method='TTT-MAE'):
+    summary = {'root': root, 'method': method, 'column': 'run' if columns else 'corruption'}
     columns = columns or sweep_corruptions(root)
     rows, mean = method_summary(root, columns, '', step)
-    summary = {'root': root, 'columns': columns, 'rows': rows, 'mean': mean, 'method': method}
+    summary.update(columns=columns, rows=rows, mean=mean)
     if all(is_finished(os.path.join(root, c, 'online')) for c in columns):
         summary['online_rows'], summary['online_mean'] = method_summary(root, columns, 'online', online_step)
     return summary
@@ -120,7 +121,7 @@ def collect(root, step=None, online_step=None, columns=None, method='TTT-MAE'):
 def markdown(summary, with_mean=True):
     step, online, method = summary['mean']['step'], 'online_rows' in summary, summary['method']
     extra = f" TTT-MAE online (step {summary['online_mean']['step']}) | online gain ± SE |" if online else ''
-    lines = [f'| corruption | images | no adaptation | {method} (step {step}) | paired gain ± SE |{extra} '
+    lines = [f"| {summary['column']} | images | no adaptation | {method} (step {step}) | paired gain ± SE |{extra} "
              'fixed / broken | top class share |', '|---|---:|---:|---:|---:|' + '---:|' * (2 + 2 * online)]
 
     def gain(r):

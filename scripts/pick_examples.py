@@ -8,7 +8,6 @@ with --save_reconstructions (the same seed gives each image the same masks and s
 
 A kind that the run has none of is left out (and said); with neither, the first image is written.
 """
-import argparse
 import os
 import sys
 
@@ -17,15 +16,15 @@ sys.path.insert(0, REPO_ROOT)
 
 import numpy as np  # noqa: E402
 
-from util.cli import UserError, run_main  # noqa: E402
+from util.cli import POSITIVE_INT, ArgumentParser, UserError, run_main  # noqa: E402
 from util.io import write_text  # noqa: E402
 from util.results import load_per_image  # noqa: E402
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(__doc__, prog='scripts/pick_examples.py')
     parser.add_argument('run', help="a TTT-MAE run's output folder (its per_image.npz)")
-    parser.add_argument('--step', default=None, type=int, help='the step compared with step 0 (default: the last)')
+    parser.add_argument('--step', default=None, type=POSITIVE_INT, help='the step compared with step 0 (None: the last)')
     parser.add_argument('--out', required=True, help='the list written')
     return parser
 
@@ -34,6 +33,8 @@ def pick(records, step):
     """[(kind, position)] of the first image turned right and the first turned wrong, in file order."""
     last = records['pred'].shape[1] - 1
     step = last if step is None else step
+    if last == 0:
+        raise UserError("the run took no steps: there is nothing TTT turned right or wrong")
     if not 0 < step <= last:
         raise UserError(f"--step {step}: the run has steps 1..{last}")
     order = np.argsort(records['index'])  # file order

@@ -46,6 +46,9 @@ def parse_error(capsys, script, *argv):
     ('main_test_time_training', ['--max_examples', '0'], '--max_examples'),
     ('main_test_time_training', ['--optimizer_type', 'lamb'], "invalid choice: 'lamb'"),
     ('main_test_time_training', ['--steps_per_example', 'ten'], "expected a whole number, got 'ten'"),
+    ('main_test_time_training', ['--encoder_lr_scale', '0'], '--encoder_lr_scale: must be > 0, got 0'),
+    ('main_test_time_training', ['--clip_grad', '-1'], '--clip_grad: must be >= 0, got -1'),
+    ('main_test_time_training', ['--online_ema', '1'], '--online_ema: must be >= 0 and < 1, got 1'),
     ('test_without_adaptation', ['--batch_size', '0'], '--batch_size: must be >= 1, got 0'),
     ('test_without_adaptation', ['--norm_pix_loss'], 'unrecognized arguments: --norm_pix_loss'),
     ('main_pretrain', ['--batch_size', '0'], '--batch_size: must be >= 1, got 0'),
@@ -59,7 +62,6 @@ def parse_error(capsys, script, *argv):
 def test_bad_flags_are_one_line_before_any_work(capsys, script, argv, fragment):
     line = parse_error(capsys, script, *argv)
     assert fragment in line and f'see {script}.py --help' in line
-
 
 
 def test_online_defaults_are_the_follow_up_works_recipe_and_given_flags_win():
@@ -76,6 +78,7 @@ def test_online_defaults_are_the_follow_up_works_recipe_and_given_flags_win():
     for flags in (['--online_ema', '0.5'], ['--online_window', '2']):
         with pytest.raises(UserError, match=flags[0] + ' only apply with --online'):
             check_args(parse(*flags))
+
 
 def without_device(command):
     i = command.index('--device')

@@ -45,7 +45,8 @@ def test_every_stage_ran_and_wrote_its_outputs(demo):
     expected = ['digits', 'pretrain', 'probe', f'corrupt test ({10 * PER_CLASS * len(CORRUPTIONS)} images)',
                 'clean test baseline'] + [f'{c} {m}' for c in CORRUPTIONS
                                           for m in ('baseline', 'TTT-MAE', 'TTT-MAE online')] \
-        + ["figure's images", "figure's reconstructions", 'stream of the corruptions'] + [f'{s} stream {m}' for s in STREAMS for m in ('baseline', 'online')] \
+        + ["figure's images", "figure's reconstructions", 'stream of the corruptions'] \
+        + [f'{s} stream {m}' for s in STREAMS for m in ('baseline', 'online')] \
         + ['stream gains', 'collect', 'paired gains', 'total']
     assert list(times) == expected
     assert all(t['status'] == 'ran' and float(t['seconds']) >= 0 for t in times.values())
@@ -80,7 +81,7 @@ def test_the_streams_hold_the_corruptions_in_turn_or_shuffled_against_no_adaptat
         orders[name] = [str(f) for f in online['filename'][np.argsort(online['position'])]]
     assert len(orders['clean']) == 50  # all 50 test digits (fewer than DEMO_STREAM_IMAGES)
     assert orders['in_turn'] == listed
-    assert sorted(orders['shuffled']) == sorted(orders['in_turn']) != orders['shuffled']
+    assert sorted(orders['shuffled']) == sorted(orders['in_turn']) and orders['shuffled'] != orders['in_turn']
     gains = read_json(f'{root}/paired_gain.json')
     assert gains['columns'] == list(STREAMS) and gains['method'] == 'TTT-MAE online'
     assert '| mean of' not in open(f'{root}/paired_gain.md').read()
@@ -96,7 +97,7 @@ def test_the_figure_shows_the_images_its_rule_picks(demo):
     rule = rule or [run['filename'][order][0]]
     picked = open(f'{out}/results_test/figure/images.txt').read().split()
     assert picked == [str(f) for f in rule]
-    pictures = sorted(os.listdir(f'{out}/results_test/figure/reconstructions'))
+    pictures = sorted(os.listdir(f'{out}/results_test/figure/run/reconstructions'))
     assert [p.split('_', 1)[1][:-len('.png')] for p in pictures] == sorted(
         os.path.splitext(os.path.basename(f))[0] for f in picked)
 
@@ -153,7 +154,7 @@ def test_rerun_skips_every_finished_stage(demo):
     run_script(['bash', 'scripts/demo.sh'], env=env)
     times = stage_times(out)
     ran = [name for name, t in times.items() if t['status'] == 'ran']
-    assert ran == ['stream gains', 'collect', 'paired gains', 'total']
+    assert ran == ['stream of the corruptions', 'stream gains', 'collect', 'paired gains', 'total']
     assert os.stat(results).st_mtime_ns == before
 
 

@@ -164,10 +164,13 @@ def test_compiled_step_equals_the_eager_loop_on_cuda(test_folder):
         np.testing.assert_allclose(ces, ref_ces, rtol=1e-3, atol=1e-4)
 
 
+# the last case: two flat tensors (encoder and decoder side at their own lrs) and a clip per image's row
 @pytest.mark.parametrize('device', DEVICES)
-@pytest.mark.parametrize('single_crop', [True, False])
-def test_parallel_images_equal_one_at_a_time_on_the_device(test_folder, single_crop, device):
-    args = ttt_args('--accum_iter', '2', '--parallel_images', '3')
+@pytest.mark.parametrize('single_crop, extra', [
+    (True, ()), (False, ()),
+    (True, ('--finetune_mode', 'all', '--encoder_lr_scale', '0.1', '--clip_grad', '0.05'))])
+def test_parallel_images_equal_one_at_a_time_on_the_device(test_folder, single_crop, extra, device):
+    args = ttt_args('--accum_iter', '2', '--parallel_images', '3', *extra)
     args.single_crop = single_crop
     model = tiny_model(norm_pix_loss=True).to(device)
     items = items_of(test_folder, raw=not single_crop, device=device)[:5]

@@ -81,6 +81,10 @@ def test_run_config_keeps_what_results_depend_on(checkpoints):
     assert config['steps_per_example'] == 20 and config['device_type'] == 'cpu'
     assert config['data'].endswith('some/folder')
     assert not {'num_workers', 'print_freq', 'output_dir', 'world_size', 'resume_model'} & set(config)
+    # flags newer than older folders' records: absent where they change nothing, recorded where they do
+    assert not {'encoder_lr_scale', 'clip_grad', 'online_ema'} & set(config)
+    clipped = run_config(args_for(checkpoints, 'some/folder', '--clip_grad', '1'), {'resume_model': 'aa', 'resume_finetune': 'bb'})
+    assert clipped['clip_grad'] == 1
 
 
 def test_cuda_precision_is_tf32_as_released_unless_strict():

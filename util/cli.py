@@ -38,7 +38,6 @@ class ArgumentParser(argparse.ArgumentParser):
         super().__init__(description=description, formatter_class=HelpFormatter, **kwargs)
         self.resolve = resolve  # fills in, after parsing, the defaults that depend on other flags
 
-
     def error(self, message):
         sys.stderr.write(f"error: {message} (see {self.prog} --help)\n")
         sys.exit(2)

@@ -21,6 +21,9 @@ from util.results import ResultStore, check_run_config, select_indices
 RUN_ONLY_ARGS = {'output_dir', 'log_dir', 'device', 'num_workers', 'pin_mem', 'world_size', 'local_rank',
                  'rank', 'gpu', 'distributed', 'dist_url', 'flush_every', 'print_freq',
                  'data_path', 'resume_model', 'resume_finetune', 'save_reconstructions', 'verbose'}
+# flags added after results folders were first recorded: left out where they leave the run as it was, so
+# that a folder an older version made is still continued
+LATER_FLAGS = {'encoder_lr_scale': 1., 'clip_grad': 0., 'online_ema': 0.}
 
 
 def set_precision(device, strict_fp32):
@@ -57,7 +60,8 @@ def run_config(args, checkpoint_sha256, subset_file_sha256=None):
     """The settings a run's per-image results depend on (recorded in run_config.json). The checkpoints
     (and a --subset_file) are identified by their SHA-256, so that another file of the same name is not
     taken for them."""
-    config = {k: v for k, v in vars(args).items() if k not in RUN_ONLY_ARGS}
+    config = {k: v for k, v in vars(args).items()
+              if k not in RUN_ONLY_ARGS and not (k in LATER_FLAGS and v == LATER_FLAGS[k])}
     if subset_file_sha256:
         config['subset_file_sha256'] = subset_file_sha256
     # device_type: CPU and CUDA generators draw other masks
