@@ -1,5 +1,5 @@
 # make demo: the built-in example (scripts/demo.sh) in .venv, created from requirements.txt if missing
-# make test: the test suite in .venv
+# make test: the test suite in .venv, in two processes (a test file's tests share one)
 # PYTHON=/path/to/python make demo   uses an existing environment instead of .venv
 VENV := .venv
 PYTHON ?= $(VENV)/bin/python
@@ -10,7 +10,7 @@ demo: venv
 	PYTHON=$(PYTHON) bash scripts/demo.sh
 
 test: venv
-	$(PYTHON) -m pytest -q tests
+	$(PYTHON) -m pytest -q -n 2 --dist loadfile tests
 
 # .venv is (re)installed when missing or older than requirements.txt; another PYTHON is used as it is
 venv: $(if $(filter $(VENV)/bin/python,$(PYTHON)),$(VENV)/.installed)

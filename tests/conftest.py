@@ -9,8 +9,11 @@ import warnings
 
 import numpy as np
 import pytest
-import torch
-from PIL import Image
+
+if os.environ.get('PYTEST_XDIST_WORKER'):  # one thread per test process: two on two cores, not four
+    os.environ['OMP_NUM_THREADS'] = '1'
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
