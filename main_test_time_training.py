@@ -109,17 +109,21 @@ ONLINE_LR = 1e-4
 
 
 def resolve_defaults(args):
+    """The defaults that depend on other flags, filled in as the flags are parsed."""
     for name, (episodic, online) in RECIPES.items():
         if getattr(args, name) is None:
             setattr(args, name, online if args.online else episodic)
-    if args.lr is None and args.blr is None and args.online:
-        args.lr = ONLINE_LR
+    online_lr = args.online and args.blr is None  # --online's own lr unless a base lr is given
     if args.blr is None:
         args.blr = 1e-2
+    if args.lr is None:
+        args.lr = ONLINE_LR if online_lr else args.blr * args.batch_size * args.accum_iter / 256
+    if args.online and args.stream_order is None:
+        args.stream_order = 'listed' if args.subset_file else 'shuffled'
 
 
 def check_args(args):
-    """Flag combinations that cannot run together, and the defaults that depend on others."""
+    """Flag combinations that cannot run together."""
     if args.amp == 'fp16' and (args.parallel_images > 1 or args.compile):
         raise UserError("--amp fp16 runs one image at a time without --compile (its loss scale is per image); "
                         "use --amp bf16 with --parallel_images or --compile")
@@ -130,14 +134,10 @@ def check_args(args):
         raise UserError(f"{', '.join(online_only)} only apply with --online")
     if args.online and args.parallel_images > 1:
         raise UserError("--online adapts one stream image after image: it cannot take --parallel_images")
-    if args.online and args.stream_order is None:
-        args.stream_order = 'listed' if args.subset_file else 'shuffled'
 
 
 def main(args):
     check_args(args)
-    if args.lr is None:
-        args.lr = args.blr * args.batch_size * args.accum_iter / 256
     run = prepare_run(args, build_model)
     print(f"lr per image: {args.lr:.3g} (independent of the number of processes)")
     if run.todo is None:

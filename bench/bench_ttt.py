@@ -84,7 +84,7 @@ def ttt_args(bench, mode, size):
         '--batch_size', str(bench.batch_size), '--steps_per_example', str(bench.steps), '--norm_pix_loss',
         '--device', bench.device, *mode_flags(mode)])
     check_args(args)
-    args.input_size, args.lr = size, args.blr * args.batch_size / 256
+    args.input_size = size
     return args
 
 

@@ -12,6 +12,7 @@ locality. <set> is the set's last two path parts (fog-5), or --names. A rerun wi
 changes nothing; outputs other arguments made are refused.
 """
 import os
+import pathlib
 import sys
 
 import numpy as np
@@ -65,7 +66,7 @@ def main(args):
             listed.append(relative)
     stream_file = os.path.join(args.output_dir, 'stream.txt')
     text = ''.join(f'{r}\n' for r in listed)
-    if os.path.exists(stream_file) and open(stream_file).read() != text:
+    if os.path.exists(stream_file) and pathlib.Path(stream_file).read_text() != text:
         raise UserError(f"{args.output_dir} holds a stream other arguments made; use another --output_dir")
     for relative, source in links.items():
         link = os.path.join(args.output_dir, relative)

@@ -70,9 +70,9 @@ def test_online_defaults_are_the_follow_up_works_recipe_and_given_flags_win():
     recipe = ('steps_per_example', 'finetune_mode', 'optimizer_type', 'weight_decay', 'encoder_lr_scale', 'clip_grad',
               'online_window', 'lr', 'blr')
     episodic, online = parse(), parse('--online')
-    assert [getattr(episodic, k) for k in recipe] == [20, 'encoder', 'sgd', 0.01, 1., 0., 1, None, 1e-2]
+    assert [getattr(episodic, k) for k in recipe] == [20, 'encoder', 'sgd', 0.01, 1., 0., 1, 1e-2 * 128 / 256, 1e-2]
     assert [getattr(online, k) for k in recipe] == [1, 'all', 'adam_w', 0.05, 0.1, 1., 16, 1e-4, 1e-2]
-    assert parse('--online', '--blr', '0.5').lr is None  # a base lr given: the lr comes from it, as episodic
+    assert parse('--online', '--blr', '0.5').lr == 0.5 * 128 / 256  # a base lr given: the lr comes from it, as episodic
     given = parse('--online', '--steps_per_example', '3', '--optimizer_type', 'sgd', '--online_window', '1')
     assert (given.steps_per_example, given.optimizer_type, given.online_window) == (3, 'sgd', 1)
     for flags in (['--online_ema', '0.5'], ['--online_window', '2']):
