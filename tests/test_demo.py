@@ -11,14 +11,16 @@ import torch
 from conftest import run_script
 
 CORRUPTIONS = ['gaussian_noise', 'pixelate']
-STEPS = 3
-REPORT = 2  # demo.sh's default tabulated step
+STEPS = 5
+REPORT = 4  # demo.sh's default tabulated step
 STREAMS = ('clean', 'in_turn', 'shuffled')
 PER_CLASS = 2  # corrupted and evaluated test images per class
 TINY = {'DEMO_DIGITS': '20 5 5', 'DEMO_EVAL_PER_CLASS': str(PER_CLASS), 'DEMO_CORRUPTIONS': ' '.join(CORRUPTIONS),
         'DEMO_PRETRAIN_EPOCHS': '2', 'DEMO_PRETRAIN_WARMUP': '1', 'DEMO_PRETRAIN_BATCH': '64',
         'DEMO_PROBE_EPOCHS': '1', 'DEMO_PROBE_BATCH': '64', 'DEMO_TTT_STEPS': str(STEPS), 'DEMO_TTT_BATCH': '8',
-        'DEMO_THREADS': '1', 'DEMO_TTT_COMPILE': '0'}  # compilation is tested in test_engine_test_time.py
+        'DEMO_THREADS': '1', 'DEMO_TTT_COMPILE': '0',  # compilation is tested in test_engine_test_time.py
+        # two of the study's levers, at values other than their defaults
+        'DEMO_HEAD_DEPTH': '2', 'DEMO_TTT_FINETUNE_MODE': 'encoder_no_cls_no_msk'}
 
 
 def read_json(path):
@@ -54,6 +56,8 @@ def test_every_stage_ran_and_wrote_its_outputs(demo):
     for ckpt in ('pretrain/checkpoint-final.pth', 'probe/checkpoint-final.pth'):
         assert os.path.isfile(os.path.join(out, ckpt))
     assert torch.load(f'{out}/pretrain/checkpoint-final.pth', weights_only=False)['args'].norm_pix_loss
+    probe = torch.load(f'{out}/probe/checkpoint-final.pth', weights_only=False)
+    assert probe['args'].classifier_depth == 2 and 'classifier_blocks.1.norm1.weight' in probe['model']
     for c in CORRUPTIONS:
         folder = f'{out}/digits-c/test/{c}/5'
         assert sorted(os.listdir(folder)) == [str(d) for d in range(10)]
@@ -64,6 +68,12 @@ def test_every_stage_ran_and_wrote_its_outputs(demo):
     assert '| mean of 2 |' in first.stdout and 'TTT-MAE online (step 1)' in first.stdout
     for c in CORRUPTIONS:  # the first images of each episodic run, pictured
         assert len(os.listdir(f'{out}/results_test/{c}/reconstructions')) == 3
+    for c in CORRUPTIONS:  # DEMO_HEAD_DEPTH reaches every evaluation, DEMO_TTT_FINETUNE_MODE the episodic runs
+        for run, mode, optimizer in (('', 'encoder_no_cls_no_msk', 'adam'), ('baseline/', None, None),
+                                     ('online/', 'all', 'adam_w')):
+            config = read_json(f'{out}/results_test/{c}/{run}run_config.json')
+            assert config['classifier_depth'] == 2 and config.get('finetune_mode') == mode, (c, run)
+            assert config.get('optimizer_type') == optimizer, (c, run)  # the example's Adam: episodic runs only
     online = read_json(f'{out}/results_test/{CORRUPTIONS[0]}/online/results.json')
     assert online['online'] and online['complete'] and len(online['accuracy_per_step']) == 2  # --online: 1 step
 
