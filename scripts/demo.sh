@@ -108,6 +108,8 @@ zero_or_one DEMO_ONLINE "$ONLINE"
 read -r -a ONLINE_CHOSEN <<< "${DEMO_ONLINE_FLAGS:-}"
 STREAM_IMAGES=${DEMO_STREAM_IMAGES:-300}
 [[ $STREAM_IMAGES =~ ^[1-9][0-9]*$ ]] || { echo "error: DEMO_STREAM_IMAGES must be a whole number >= 1" >&2; exit 2; }
+[[ -z ${DEMO_HEAD_DEPTH:-} || $DEMO_HEAD_DEPTH =~ ^[1-9][0-9]*$ ]] || {
+    echo "error: DEMO_HEAD_DEPTH must be a whole number >= 1, got '$DEMO_HEAD_DEPTH'" >&2; exit 2; }
 RECONSTRUCTIONS=${DEMO_RECONSTRUCTIONS:-3}
 REPORT_STEP=${DEMO_REPORT_STEP:-4}
 [[ $REPORT_STEP =~ ^[0-9]+$ && $TTT_STEPS =~ ^[0-9]+$ ]] || {

@@ -179,3 +179,5 @@ def test_other_settings_on_finished_folders_stop_the_demo(demo):
     assert os.stat(checkpoint).st_mtime_ns == before
     late = run_script(['bash', 'scripts/demo.sh'], env={**env, 'DEMO_REPORT_STEP': str(STEPS + 1)}, check=False)
     assert late.returncode == 2 and 'after the last TTT step' in late.stderr
+    shallow = run_script(['bash', 'scripts/demo.sh'], env={**env, 'DEMO_HEAD_DEPTH': '0'}, check=False)
+    assert shallow.returncode == 2 and 'DEMO_HEAD_DEPTH must be a whole number >= 1' in shallow.stderr
