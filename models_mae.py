@@ -217,6 +217,16 @@ class MaskedAutoencoderViT(nn.Module):
         return loss, pred, latent[:, 0], logits
 
     # Named outputs of forward (the released signature above stays as it is), for call sites that want one.
+
+    # The test-time objective (docs/method.md, "Adding a loss or a backbone"): the trainers minimise the sum of
+    # every loss test_time_losses returns, each times its weight here (1 where absent), and record each by name.
+    test_time_loss_weights = {}
+
+    def test_time_losses(self, imgs, mask_ratio=0.75, input_mask=None):
+        """{name: loss} of a batch of views of one image, view i masked by input_mask[i]: forward's loss dict,
+        as the released engine summed it (here {'mae': ...})."""
+        return self(imgs, mask_ratio=mask_ratio, input_mask=input_mask)[0]
+
     def mae_loss(self, imgs, mask_ratio=0.75, input_mask=None):
         """The masked-reconstruction loss of a batch (mean over the removed patches of every image)."""
         return self(imgs, mask_ratio=mask_ratio, input_mask=input_mask)[0]['mae']
@@ -244,6 +254,7 @@ def _builder(name, **sizes):
     def build(**kwargs):
         return MaskedAutoencoderViT(**{**sizes, **kwargs})
     build.__name__ = name
+    build.sizes = sizes  # for a subclass of the same size (docs/method.md, "Adding a loss or a backbone")
     return register_model(build)
 
 

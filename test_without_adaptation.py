@@ -9,7 +9,7 @@ from util import distributed
 from util.cli import POSITIVE_INT, ArgumentParser, add_data_args, add_model_args, add_run_args, add_test_time_args, \
     run_main
 from util.datasets import TestTimeDataset, imagenet_subset
-from util.results import readable_outputs, write_outputs
+from util.results import ReadableOutputs, write_outputs
 from util.run_setup import prepare_run
 
 
@@ -33,8 +33,9 @@ def main(args):
                                          batch_size=args.batch_size, num_workers=args.num_workers,
                                          pin_memory=args.pin_mem and run.device.type == 'cuda')
     start = time.time()
-    with readable_outputs(args, run, 'baseline', distributed.is_main_process()):
-        done = run_baseline(run.model, loader, run.store, run.device, args, imagenet_subset(args.dataset_name))
+    with ReadableOutputs(args, run, 'baseline', distributed.is_main_process()) as outputs:
+        done = run_baseline(run.model, loader, run.store, outputs, run.device, args,
+                            imagenet_subset(args.dataset_name))
     distributed.barrier()
     if distributed.is_main_process():
         write_outputs(args, run, 'baseline', time.time() - start, done * args.world_size)

@@ -33,7 +33,8 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import (count_flops, device_name, driver_version, matmul_tflops, memory_allocated_gib,  # noqa: E402
                           peak_memory_gib, print_table, reset_peak_memory, timed)
-from engine_test_time import AMP_DTYPES, TestTimeTrainer, groups_of  # noqa: E402
+from engine_fast import make_trainer  # noqa: E402
+from engine_test_time import AMP_DTYPES, groups_of  # noqa: E402
 from main_test_time_training import check_args, get_args_parser as ttt_parser  # noqa: E402
 from models_mae import build_model  # noqa: E402
 from util.cli import UserError, run_main  # noqa: E402
@@ -102,8 +103,8 @@ def adapt_all(trainer, items, device):
     for group in groups_of(items, trainer.k):
         labels = torch.tensor([item['label'] for item in group], device=device)
         images = torch.stack([item['image'] for item in group]).to(device).unsqueeze(1)
-        raws = [item['raw'].to(device) for item in group] if 'raw' in group[0] else None
-        trainer.adapt([item['index'] for item in group], labels, images, raws)
+        sources = [[(image, item['raw'].to(device) if 'raw' in item else None)] for image, item in zip(images, group)]
+        trainer.adapt([item['index'] for item in group], labels, images, sources)
 
 
 def cudagraph_skips():
@@ -123,7 +124,7 @@ def measure(mode, args, precision, bench, model, model_cpu, samples, device):
             for i in indices:
                 reference_adapt(model_cpu, samples[i][0], samples[i][1], i, args, device, amp)
     else:
-        trainer = TestTimeTrainer(copy.deepcopy(model), args, device, k=args.parallel_images)
+        trainer = make_trainer(copy.deepcopy(model), args, device)
         size, k = model.patch_embed.img_size[0], trainer.k
 
         def run(indices):  # decoding is part of the cost

@@ -21,7 +21,8 @@ from torch.profiler import ProfilerActivity, profile, record_function
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.bench_ttt import free, ttt_args  # noqa: E402
 from bench.common import count_flops, device_name, matmul_tflops, print_table, sync  # noqa: E402
-import engine_test_time  # noqa: E402
+import engine_fast  # noqa: E402
+from engine_fast import make_trainer  # noqa: E402
 from engine_test_time import AMP_DTYPES, TestTimeTrainer  # noqa: E402
 from models_mae import build_model  # noqa: E402
 from util.io import write_json  # noqa: E402
@@ -105,7 +106,7 @@ def main():
                              "show as operations (slower: the wrapper is part of the mode)")
     bench = parser.parse_args()
     if bench.open_compiled:
-        engine_test_time.compiled = lambda fn, device: torch.compile(fn, dynamic=False)
+        engine_fast.compiled = lambda fn, device: torch.compile(fn, dynamic=False)
     device = torch.device(bench.device)
     set_precision(device, bench.strict_fp32)
     torch.manual_seed(0)
@@ -124,7 +125,7 @@ def main():
     rows = []
     for mode in bench.modes:
         args = ttt_args(bench, mode, size)
-        parts, wall = breakdown(TestTimeTrainer(copy.deepcopy(model), args, device, k=args.parallel_images), device,
+        parts, wall = breakdown(make_trainer(copy.deepcopy(model), args, device), device,
                                 args.parallel_images)
         free(device)
         floor = flops / 1e12 / matmul_tflops(device, AMP_DTYPES[args.amp] or torch.float32)

@@ -1,10 +1,9 @@
-"""The released code's way of running test-time training, kept as the test oracle and the benchmarks'
-baseline: for every image, rebuild the model from a host copy of the weights, build a new optimiser
-(torch's default per-parameter update on CPU), decode and transform the image again for every step and
-stack `batch_size` host-side copies of it (the released loader's single-crop batch), and decode it again
-for every classification. Its masks are those of engine_test_time (from (seed, image index)).
-
-tests/test_engine_test_time.py checks the engine against it; bench/bench_ttt.py times it.
+"""The released code's way of running test-time training, kept as the benchmarks' timing baseline only (the
+tests check engine_test_time.TestTimeTrainer by hand and against a recording): for every image, rebuild the
+model from a host copy of the weights, build a new optimiser (torch's default per-parameter update on CPU),
+decode and transform the image again for every step and stack `batch_size` host-side copies of it (the
+released loader's single-crop batch), and decode it again for every classification. Its masks are those of
+engine_test_time (from (seed, image index)).
 """
 import copy
 
@@ -12,7 +11,7 @@ import torch
 
 from engine_test_time import build_optimizer, predictions, trainable_parameters
 from util.datasets import eval_transform, load_rgb
-from util.seed import derive_seed
+from util.seed import MASKS, derive_seed
 
 
 def reference_adapt(base_model_cpu, path, label, index, args, device, amp_dtype=None):
@@ -25,7 +24,7 @@ def reference_adapt(base_model_cpu, path, label, index, args, device, amp_dtype=
     optimizer = build_optimizer(list(trainable_parameters(model, args.finetune_mode).values()), args, foreach=None)
     transform = eval_transform(args.input_size)
     num_patches = model.patch_embed.num_patches
-    gen = torch.Generator(device=device).manual_seed(derive_seed(args.seed, index, 1))
+    gen = torch.Generator(device=device).manual_seed(derive_seed(args.seed, index, MASKS))
     masks = torch.rand(args.steps_per_example, args.accum_iter, args.batch_size, num_patches,
                        generator=gen, device=device).argsort(dim=-1)
 

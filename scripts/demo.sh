@@ -44,7 +44,7 @@
 #                          shuffled stream of its images), and on three streams of DEMO_STREAM_IMAGES images:
 #                          the clean digits, the corruptions in turn (an equal share of each, one corruption
 #                          after another) and the same images shuffled; 0: not
-#   DEMO_ONLINE_FLAGS      the online runs' flags beyond --online (default: none, --online's own defaults)
+#   DEMO_ONLINE_FLAGS      the online runs' extra flags (default: none, main_online_ttt.py's own defaults)
 #   DEMO_STREAM_IMAGES     images of each of the three streams (default: 300)
 #   DEMO_RECONSTRUCTIONS   reconstruction pictures saved for the first N images of each episodic run (default 3)
 #   DEMO_REPORT_STEP       the TTT step tabulated (default: 4; the figure shows every step)
@@ -104,7 +104,7 @@ zero_or_one DEMO_TTT_COMPILE "$TTT_COMPILE"
 TTT_AMP=${DEMO_TTT_AMP:-none}
 ONLINE=${DEMO_ONLINE:-1}
 zero_or_one DEMO_ONLINE "$ONLINE"
-# round 6's choice on validation: --online's own defaults, the follow-up work's recipe (docs/online.md)
+# round 6's choice on validation: main_online_ttt.py's own defaults, the follow-up work's recipe (docs/online.md)
 read -r -a ONLINE_CHOSEN <<< "${DEMO_ONLINE_FLAGS:-}"
 STREAM_IMAGES=${DEMO_STREAM_IMAGES:-300}
 [[ $STREAM_IMAGES =~ ^[1-9][0-9]*$ ]] || { echo "error: DEMO_STREAM_IMAGES must be a whole number >= 1" >&2; exit 2; }
@@ -224,7 +224,7 @@ TTT_FLAGS=(--single_crop --steps_per_example "$TTT_STEPS" --batch_size "$TTT_BAT
            --finetune_mode "$TTT_FINETUNE_MODE" --parallel_images "$TTT_PARALLEL" --amp "$TTT_AMP" --print_freq 100)
 [[ $TTT_COMPILE == 1 ]] && TTT_FLAGS+=(--compile)
 # online: one stream per corruption, few steps per image; eager (one image at a time, little to compile for)
-ONLINE_FLAGS=(--online --single_crop --batch_size "$TTT_BATCH" --mask_ratio "$TTT_MASK_RATIO" --print_freq 100
+ONLINE_FLAGS=(--single_crop --batch_size "$TTT_BATCH" --mask_ratio "$TTT_MASK_RATIO" --print_freq 100
               "${ONLINE_CHOSEN[@]}")
 for c in $CORRUPTIONS; do
     data=$CORRUPTED/$c/$SEVERITY
@@ -237,7 +237,7 @@ for c in $CORRUPTIONS; do
         "${TTT_FLAGS[@]}" --save_reconstructions "$RECONSTRUCTIONS"
     if [[ $ONLINE == 1 ]]; then
         stage "$c TTT-MAE online" complete "$RESULTS/$c/online" "$RESULTS/$c/online" \
-            "$PY" main_test_time_training.py --data_path "$data" --output_dir "$RESULTS/$c/online" \
+            "$PY" main_online_ttt.py --data_path "$data" --output_dir "$RESULTS/$c/online" \
             "${RUN_FLAGS[@]}" "${SEED_FLAGS[@]}" "${NORM_PIX_FLAGS[@]}" \
             "${ONLINE_FLAGS[@]}"
     fi
@@ -274,14 +274,14 @@ if [[ $ONLINE == 1 ]]; then
     for name in clean in_turn shuffled; do
         case $name in
             clean) data=(--data_path "$DIGITS/$SPLIT" --max_examples "$STREAM_IMAGES") order=() ;;
-            in_turn) data=(--data_path "$STREAM" --subset_file "$STREAM/stream.txt") order=() ;;
+            in_turn) data=(--data_path "$STREAM" --subset_file "$STREAM/stream.txt") order=(--stream_order listed) ;;
             shuffled) data=(--data_path "$STREAM" --subset_file "$STREAM/stream.txt") order=(--stream_order shuffled) ;;
         esac
         run=$RESULTS/streams/$name
         stage "$name stream baseline" complete "$run/baseline" "$run/baseline" \
             "$PY" test_without_adaptation.py "${data[@]}" --output_dir "$run/baseline" "${STREAM_RUN_FLAGS[@]}"
         stage "$name stream online" complete "$run" "$run" \
-            "$PY" main_test_time_training.py "${data[@]}" --output_dir "$run" "${STREAM_RUN_FLAGS[@]}" "${SEED_FLAGS[@]}" \
+            "$PY" main_online_ttt.py "${data[@]}" --output_dir "$run" "${STREAM_RUN_FLAGS[@]}" "${SEED_FLAGS[@]}" \
             "${NORM_PIX_FLAGS[@]}" "${ONLINE_FLAGS[@]}" "${order[@]}"
     done
     stage "stream gains" never "" "" \

@@ -3,11 +3,11 @@ their shift, as frames of a video share theirs, and the stream moves from one sh
 continual test-time adaptation benchmarks' ImageNet-C: corruption after corruption).
 
   python scripts/make_stream.py --sets imagenet-c/fog/5 imagenet-c/snow/5 imagenet-c/frost/5 --output_dir streams/weather
-  python main_test_time_training.py --online --data_path streams/weather --subset_file streams/weather/stream.txt ...
+  python main_online_ttt.py --data_path streams/weather --subset_file streams/weather/stream.txt --stream_order listed ...
 
 OUTPUT_DIR/<class>/<set>__<image> links to each image (no copies), and OUTPUT_DIR/stream.txt lists them
 set by set, each set's images shuffled with --seed: the order an online run follows with --subset_file
-(listed). The same folder with --stream_order shuffled and without the list is the control without
+(--stream_order listed). The same folder with --stream_order shuffled is the control without
 locality. <set> is the set's last two path parts (fog-5), or --names. A rerun with the same arguments
 changes nothing; outputs other arguments made are refused.
 """

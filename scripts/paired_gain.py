@@ -9,8 +9,8 @@ and takes the standard error over images, so it is only given when every corrupt
 images. Also shown: the mean gain at every step (how a step is chosen on a validation split) and, per
 corruption, the share of the most predicted class before and after TTT: near 100% means the model
 answers one class for nearly every image, and a gain from there is a reshuffling of that guess.
-When every corruption also holds a finished online run (ROOT/<corruption>/online/, main_test_time_training.py
---online), its step (--online_step, default its last) and paired gain are shown beside the episodic ones.
+When every corruption also holds a finished online run (ROOT/<corruption>/online/, main_online_ttt.py),
+its step (--online_step, default its last) and paired gain are shown beside the episodic ones.
 Other runs than a sweep's (e.g. online streams, each ROOT/<name>/ with its baseline/ inside) are read
 with --columns NAME..., their method named with --method, and --no_mean leaves out the mean row.
 Prints a Markdown table and writes PREFIX.md and PREFIX.json.
@@ -147,7 +147,7 @@ def markdown(summary, with_mean=True):
     if with_mean and 'gain_per_step' in m:
         notes.append('Mean gain per step 1..: ' + ' '.join(f'{g:+.1f}' for g in m['gain_per_step'][1:]))
     if online:
-        notes.append('Online: the weights carry over from image to image (main_test_time_training.py --online); '
+        notes.append('Online: the weights carry over from image to image (main_online_ttt.py); '
                      'its step is the step within each image. Mean online gain per step 1..: '
                      + ' '.join(f'{g:+.1f}' for g in summary['online_mean'].get('gain_per_step', [0])[1:]))
     return '\n'.join(lines + [''] + notes) + '\n'

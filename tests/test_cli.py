@@ -5,6 +5,7 @@ A few cases run the scripts as a user does (a subprocess each); the rest call th
 run_main(main, args), or the script's parser, in this process, which is much faster and checks the same
 exit code and stderr.
 """
+import argparse
 import hashlib
 import importlib
 import shutil
@@ -18,9 +19,10 @@ from conftest import TINY, check_error_line, make_image_folder, run_script, tiny
 from models_mae import build_model
 from util.errors import UserError
 
-SCRIPTS = ('main_pretrain', 'main_prob', 'main_test_time_training', 'test_without_adaptation')
+SCRIPTS = ('main_pretrain', 'main_prob', 'main_test_time_training', 'main_online_ttt', 'test_without_adaptation')
 REQUIRED = {'main_pretrain': ['--data_path', 'd'], 'main_prob': ['--data_path', 'd'],
             'main_test_time_training': ['--data_path', 'd', '--resume_model', 'm', '--resume_finetune', 'p'],
+            'main_online_ttt': ['--data_path', 'd', '--resume_model', 'm', '--resume_finetune', 'p'],
             'test_without_adaptation': ['--data_path', 'd', '--resume_model', 'm', '--resume_finetune', 'p']}
 
 
@@ -46,9 +48,13 @@ def parse_error(capsys, script, *argv):
     ('main_test_time_training', ['--max_examples', '0'], '--max_examples'),
     ('main_test_time_training', ['--optimizer_type', 'lamb'], "invalid choice: 'lamb'"),
     ('main_test_time_training', ['--steps_per_example', 'ten'], "expected a whole number, got 'ten'"),
-    ('main_test_time_training', ['--encoder_lr_scale', '0'], '--encoder_lr_scale: must be > 0, got 0'),
-    ('main_test_time_training', ['--clip_grad', '-1'], '--clip_grad: must be >= 0, got -1'),
-    ('main_test_time_training', ['--online_ema', '1'], '--online_ema: must be >= 0 and < 1, got 1'),
+    ('main_test_time_training', ['--online'], 'online TTT-MAE has its own script: python main_online_ttt.py'),
+    ('main_test_time_training', ['--online_window', '2'], 'unrecognized arguments: --online_window'),
+    ('main_online_ttt', ['--encoder_lr_scale', '0'], '--encoder_lr_scale: must be > 0, got 0'),
+    ('main_online_ttt', ['--clip_grad', '-1'], '--clip_grad: must be >= 0, got -1'),
+    ('main_online_ttt', ['--online_ema', '1'], '--online_ema: must be >= 0 and < 1, got 1'),
+    ('main_online_ttt', ['--parallel_images', '2'], 'unrecognized arguments: --parallel_images'),
+    ('main_online_ttt', ['--blr', '0.5'], 'unrecognized arguments: --blr'),
     ('test_without_adaptation', ['--batch_size', '0'], '--batch_size: must be >= 1, got 0'),
     ('test_without_adaptation', ['--norm_pix_loss'], 'unrecognized arguments: --norm_pix_loss'),
     ('main_pretrain', ['--batch_size', '0'], '--batch_size: must be >= 1, got 0'),
@@ -64,20 +70,23 @@ def test_bad_flags_are_one_line_before_any_work(capsys, script, argv, fragment):
     assert fragment in line and f'see {script}.py --help' in line
 
 
-def test_online_defaults_are_the_follow_up_works_recipe_and_given_flags_win():
-    from main_test_time_training import check_args, get_args_parser
-    parse = lambda *argv: get_args_parser().parse_args(REQUIRED['main_test_time_training'] + list(argv))
-    recipe = ('steps_per_example', 'finetune_mode', 'optimizer_type', 'weight_decay', 'encoder_lr_scale', 'clip_grad',
-              'online_window', 'lr', 'blr')
-    episodic, online = parse(), parse('--online')
-    assert [getattr(episodic, k) for k in recipe] == [20, 'encoder', 'sgd', 0.01, 1., 0., 1, 1e-2 * 128 / 256, 1e-2]
-    assert [getattr(online, k) for k in recipe] == [1, 'all', 'adam_w', 0.05, 0.1, 1., 16, 1e-4, 1e-2]
-    assert parse('--online', '--blr', '0.5').lr == 0.5 * 128 / 256  # a base lr given: the lr comes from it, as episodic
-    given = parse('--online', '--steps_per_example', '3', '--optimizer_type', 'sgd', '--online_window', '1')
-    assert (given.steps_per_example, given.optimizer_type, given.online_window) == (3, 'sgd', 1)
-    for flags in (['--online_ema', '0.5'], ['--online_window', '2']):
-        with pytest.raises(UserError, match=flags[0] + ' only apply with --online'):
-            check_args(parse(*flags))
+def test_the_papers_script_shows_the_released_defaults_literally():
+    """--help shows each default as it is (the lr: its released rule), and no default depends on another flag."""
+    from main_test_time_training import get_args_parser
+    parser = get_args_parser()
+    shown = [a for a in parser._actions if a.option_strings and a.help != argparse.SUPPRESS]
+    assert len(shown) - 1 <= 45  # flags besides -h
+    defaults = {a.dest: a.default for a in shown}
+    assert {k: defaults[k] for k in ('steps_per_example', 'finetune_mode', 'optimizer_type', 'weight_decay', 'blr',
+                                  'batch_size', 'mask_ratio', 'optimizer_momentum')} == \
+        {'steps_per_example': 20, 'finetune_mode': 'encoder', 'optimizer_type': 'sgd', 'weight_decay': 0.01,
+         'blr': 1e-2, 'batch_size': 128, 'mask_ratio': 0.75, 'optimizer_momentum': 0.9}
+    args = parser.parse_args(REQUIRED['main_test_time_training'])
+    assert args.lr == 1e-2 * 128 / 256  # the released command's lr: blr * views per step / 256
+    assert parser.parse_args(REQUIRED['main_test_time_training'] + ['--accum_iter', '2']).lr == 1e-2 * 256 / 256
+    unset = [a.dest for a in shown if a.default is None and not a.required]  # each 'None: ...' in its help
+    assert unset == ['lr', 'input_size', 'classifier_depth', 'classes', 'max_examples', 'subset_file', 'log_dir',
+                     'world_size']
 
 
 def without_device(command):

@@ -75,7 +75,7 @@ def test_every_stage_ran_and_wrote_its_outputs(demo):
             assert config['classifier_depth'] == 2 and config.get('finetune_mode') == mode, (c, run)
             assert config.get('optimizer_type') == optimizer, (c, run)  # the example's Adam: episodic runs only
     online = read_json(f'{out}/results_test/{CORRUPTIONS[0]}/online/results.json')
-    assert online['online'] and online['complete'] and len(online['accuracy_per_step']) == 2  # --online: 1 step
+    assert online['online'] and online['complete'] and len(online['accuracy_per_step']) == 2  # main_online_ttt.py: 1 step
 
 
 def test_the_streams_hold_the_corruptions_in_turn_or_shuffled_against_no_adaptation_on_the_same_images(demo):

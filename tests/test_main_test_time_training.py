@@ -275,8 +275,8 @@ def test_subset_file_selects_exactly_the_listed_images(checkpoints, test_folder,
                            '--subset', 'random'), '--subset and --subset_seed', 'pass --max_examples')
 
 
-ONLINE = ('--online', '--online_window', '3', '--batch_size', '6', '--steps_per_example', '2', '--single_crop',
-          '--blr', '0.5', '--flush_every', '1')
+ONLINE = ('--online_window', '3', '--batch_size', '6', '--steps_per_example', '2', '--single_crop',
+          '--lr', str(0.5 * 6 / 256), '--flush_every', '1')
 
 
 # the remedies against drift, all at once: a periodic reset, a pull toward the loaded weights, stochastic
@@ -289,8 +289,8 @@ REMEDIES = ('--online_reset_every', '7', '--online_anchor', '0.5', '--online_res
 @pytest.mark.parametrize('remedies', [(), REMEDIES])
 def test_online_stream_killed_and_resumed_equals_uninterrupted(checkpoints, tmp_path, remedies):
     data = make_image_folder(tmp_path / 'data', ['class_a', 'class_b'], 30, seed=6)
-    run_inprocess(script_args('main_test_time_training.py', checkpoints, data, tmp_path / 'full', *ONLINE, *remedies))
-    killed = script_args('main_test_time_training.py', checkpoints, data, tmp_path / 'killed', *ONLINE, *remedies)
+    run_inprocess(script_args('main_online_ttt.py', checkpoints, data, tmp_path / 'full', *ONLINE, *remedies))
+    killed = script_args('main_online_ttt.py', checkpoints, data, tmp_path / 'killed', *ONLINE, *remedies)
     kill_after_flushes(killed, tmp_path / 'killed', 8)
     resumed = run_inprocess(killed)
     assert 'already done' in resumed.stdout
@@ -333,9 +333,9 @@ def test_other_checkpoints_of_the_same_name_are_refused(checkpoints, test_folder
     assert str(own / 'checkpoint-final.pth') in line
 
 
-# the episodic defaults that --online changes (docs/online.md), given explicitly
+# the paper's recipe, given to the online script explicitly (the lr: TTT's blr 0.5 * 4 views / 256)
 EPISODIC_RECIPE = ('--optimizer_type', 'sgd', '--finetune_mode', 'encoder', '--encoder_lr_scale', '1', '--clip_grad', '0',
-                   '--online_window', '1')
+                   '--online_window', '1', '--lr', str(0.5 * 4 / 256))
 
 
 def test_online_with_a_reset_before_every_image_is_episodic_and_records_its_drift(checkpoints, tmp_path):
@@ -343,8 +343,8 @@ def test_online_with_a_reset_before_every_image_is_episodic_and_records_its_drif
     the loaded weights, as episodic TTT-MAE, so the results are those of an episodic run, bit for bit."""
     data = make_image_folder(tmp_path / 'data', ['class_a', 'class_b'], 6, seed=6)
     run_inprocess(script_args('main_test_time_training.py', checkpoints, data, tmp_path / 'episodic', *TTT))
-    run_inprocess(script_args('main_test_time_training.py', checkpoints, data, tmp_path / 'online', *TTT,
-                              '--online', '--online_reset_every', '1', *EPISODIC_RECIPE))
+    run_inprocess(script_args('main_online_ttt.py', checkpoints, data, tmp_path / 'online',
+                              *[f for f in TTT if f not in ('--blr', '0.5')], '--online_reset_every', '1', *EPISODIC_RECIPE))
     episodic, online = per_image(tmp_path / 'episodic'), per_image(tmp_path / 'online')
     order = np.argsort(online['index'])
     for key in ('index', 'pred', 'ce_loss', 'mae_loss'):
@@ -354,3 +354,28 @@ def test_online_with_a_reset_before_every_image_is_episodic_and_records_its_drif
     assert drift['first_position'] == [0] and drift['weight_distance'] == [pytest.approx(online['weight_distance'].mean())]
     assert drift['accuracy_last_step'] == [100 * np.mean(online['pred'][:, -1] == online['label'])]
     assert 'drift' not in json.loads((tmp_path / 'episodic' / 'results.json').read_text())
+
+
+def test_a_second_loss_is_recorded_by_name_in_every_output(checkpoints, test_folder, tmp_path):
+    """A model registered with a second test-time loss (tests/test_engine_test_time.py's, in a few lines):
+    the run minimises both and writes each per image and step, in results.json and in TensorBoard."""
+    from models_mae import MODELS, register_model
+    from test_engine_test_time import WithTotalVariation
+
+    @register_model
+    def micro_with_tv(**kwargs):
+        return WithTotalVariation(**{**MODELS[TINY].sizes, **kwargs})
+    try:
+        command = ttt_command(checkpoints, test_folder, tmp_path / 'tv', '--max_examples', '4')
+        command[command.index('--model') + 1] = 'micro_with_tv'
+        run_inprocess(command)
+    finally:
+        del MODELS['micro_with_tv']
+    records = per_image(tmp_path / 'tv')
+    assert records['tv_loss'].shape == records['mae_loss'].shape == (4, 3) and np.all(records['tv_loss'] > 0)
+    results = json.loads((tmp_path / 'tv' / 'results.json').read_text())
+    assert results['tv_loss_per_step'] == pytest.approx(records['tv_loss'].mean(0).tolist())
+    acc = EventAccumulator(str(tmp_path / 'tv'))
+    acc.Reload()
+    assert [e.value for e in acc.Scalars('ttt/tv_loss_per_step')] == pytest.approx(results['tv_loss_per_step'])
+    assert [e.value for e in acc.Scalars('ttt/mae_loss_per_step')] == pytest.approx(results['mae_loss_per_step'])

@@ -61,8 +61,8 @@ def test_an_online_run_follows_the_stream_in_its_listed_order(capsys, checkpoint
     sets, out = two_sets(tmp_path), tmp_path / 'stream'
     assert stream(capsys, '--sets', *sets, '--output_dir', out, '--max_per_set', '4')[0] == 0
     listed = (out / 'stream.txt').read_text().split()
-    run_inprocess(script_args('main_test_time_training.py', checkpoints, str(out), tmp_path / 'online', '--online',
-                              '--subset_file', str(out / 'stream.txt'), '--batch_size', '4', '--single_crop',
+    run_inprocess(script_args('main_online_ttt.py', checkpoints, str(out), tmp_path / 'online', '--stream_order',
+                              'listed', '--subset_file', str(out / 'stream.txt'), '--batch_size', '4', '--single_crop',
                               '--norm_pix_loss'))
     records = per_image(tmp_path / 'online')
     samples = sorted(f'{c}/{f}' for c in ('class_a', 'class_b') for f in os.listdir(out / c))  # the folder's order

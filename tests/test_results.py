@@ -63,14 +63,14 @@ def test_an_unfinished_runs_per_image_npz_is_marked_and_refused_by_readers(tmp_p
     assert is_finished(str(tmp_path)) and load_per_image(str(tmp_path))['index'].tolist() == [0, 1, 2, 3]
 
 
-def test_every_flush_calls_the_hook_after_its_chunk_is_written(tmp_path):
+def test_every_flush_writes_one_chunk_of_what_was_added(tmp_path):
     store, seen = ResultStore(str(tmp_path)), []
-    store.after_flush = lambda: seen.append(len(store.load()['index']))
     for i in range(3):
         add(store, i)
         store.flush()
-    store.flush()  # nothing new: no chunk, no call
-    assert seen == [1, 2, 3] and store.records_written == 3
+        seen.append(len(store.load()['index']))
+    store.flush()  # nothing new: no chunk
+    assert seen == [1, 2, 3] and store.records_written == 3 and len(list((tmp_path / 'partial').glob('*.npz'))) == 3
 
 
 def test_a_failed_start_does_not_block_the_corrected_rerun(tmp_path):
@@ -105,8 +105,10 @@ def test_select_indices():
 def test_summary_per_step():
     records = {'index': np.arange(4), 'label': np.array([0, 1, 1, 0]),
                'pred': np.array([[0, 0, 1], [0, 1, 1], [1, 1, 1], [1, 1, 0]]),
-               'ce_loss': np.array([[1., 2., 3.]] * 4), 'mae_loss': np.array([[0.5, 0.25]] * 4)}
+               'ce_loss': np.array([[1., 2., 3.]] * 4), 'mae_loss': np.array([[0.5, 0.25]] * 4),
+               'tv_loss': np.array([[2., 1.]] * 4)}  # a second test-time loss, by its name
     summary = summarize(records, 5)
     assert summary['accuracy_per_step'] == [50.0, 75.0, 75.0]
     assert summary['cross_entropy_per_step'] == [1., 2., 3.] and summary['mae_loss_per_step'] == [0.5, 0.25]
+    assert summary['tv_loss_per_step'] == [2., 1.] and 'ce_loss_per_step' not in summary
     assert (summary['num_images'], summary['num_images_expected'], summary['complete']) == (4, 5, False)

@@ -8,6 +8,8 @@ import sys
 
 from util.errors import UserError  # the scripts import it from here, with the CLI's other helpers
 
+FINETUNE_MODES = ('encoder', 'all', 'encoder_no_cls_no_msk')  # engine_test_time.trainable_parameters
+OPTIMIZERS = ('sgd', 'adam', 'adam_w')  # engine_test_time.build_optimizer
 TEST_SET_NAMES = ('imagenet_c', 'imagenet', 'imagenet_r', 'imagenet_a', 'imagenet_v2', 'imagenet_sketch', 'folder')
 
 
@@ -229,4 +231,39 @@ def add_run_args(parser, seed=True, tensorboard=True):
     group.add_argument('--dist_url', default='env://',
                        help='rendezvous when the launcher sets no MASTER_ADDR/MASTER_PORT, e.g. '
                             'file:///shared/folder/init_file')
+    return group
+
+
+def add_adaptation_args(parser, steps, finetune_mode, optimizer_type, weight_decay, lr):
+    """How each image is adapted, shared by the paper's script and the online one, each with its own
+    defaults (lr None: --lr is computed from --blr, as the released code did)."""
+    group = parser.add_argument_group('test-time training')
+    group.add_argument('--batch_size', default=128, type=POSITIVE_INT, help='views of the image per step')
+    group.add_argument('--accum_iter', default=1, type=POSITIVE_INT, help='micro-batches of views per step')
+    group.add_argument('--steps_per_example', default=steps, type=NON_NEGATIVE_INT, help='optimiser steps per image')
+    group.add_argument('--mask_ratio', default=0.75, type=OPEN_FRACTION, help='fraction of patches removed')
+    group.add_argument('--single_crop', action='store_true',
+                       help='every view is the eval crop (the paper); otherwise random resized crops + flips')
+    group.add_argument('--no_single_crop', action='store_false', dest='single_crop',
+                       help='random resized crops + flips (the default; the released flag)')
+    group.add_argument('--finetune_mode', default=finetune_mode, choices=FINETUNE_MODES,
+                       help='what adapts: encoder = everything but the decoder (the paper); all = the decoder '
+                            'too; encoder_no_cls_no_msk = the encoder without cls_token and mask_token')
+    group.add_argument('--optimizer_type', default=optimizer_type, choices=OPTIMIZERS,
+                       help='sgd (momentum --optimizer_momentum, no weight decay), adam or adam_w (betas 0.9, 0.95)')
+    group.add_argument('--optimizer_momentum', default=0.9, type=number(float, 0, 1, high_open=True),
+                       help='SGD momentum')
+    group.add_argument('--weight_decay', default=weight_decay, type=NON_NEGATIVE_FLOAT, help='weight decay of adam_w')
+    if lr is None:
+        group.add_argument('--lr', default=None, type=POSITIVE_FLOAT,
+                           help='absolute lr (None: blr * batch_size * accum_iter / 256)')
+        group.add_argument('--blr', default=1e-2, type=POSITIVE_FLOAT, help='base lr, scaled by the views per step / 256')
+    else:
+        group.add_argument('--lr', default=lr, type=POSITIVE_FLOAT, help='learning rate')
+    group.add_argument('--flush_every', default=10, type=POSITIVE_INT, help='save results every N images')
+    group.add_argument('--verbose', action='store_true',
+                       help="print every step's losses of each image once it is done (the released lines)")
+    group.add_argument('--save_reconstructions', default=0, type=NON_NEGATIVE_INT,
+                       help='for the first N images, a PNG of the masked input and the reconstruction as TTT proceeds '
+                            '(OUT/reconstructions/)')
     return group

@@ -12,7 +12,7 @@ import torch
 from util.checkpoint import load_checkpoint
 from util.errors import UserError
 from util.io import atomic_path
-from util.seed import derive_seed
+from util.seed import STREAM_ORDER, derive_seed
 
 
 def stream_order(indices, order, seed):
@@ -21,7 +21,7 @@ def stream_order(indices, order, seed):
     indices = [int(i) for i in indices]
     if order == 'listed':
         return indices
-    return [indices[i] for i in np.random.default_rng(derive_seed(seed, 3)).permutation(len(indices))]
+    return [indices[i] for i in np.random.default_rng(derive_seed(seed, STREAM_ORDER)).permutation(len(indices))]
 
 
 def process_share(stream, rank, world_size):
@@ -58,10 +58,11 @@ class StreamState:
                 found[int(m.group(1))] = path
         return found
 
-    def save(self, position, tensors):
+    def save(self, position, state):
+        """state: the trainer's state by name (engine_online.OnlineTrainer.state)."""
         os.makedirs(self.folder, exist_ok=True)
         with atomic_path(os.path.join(self.folder, f'{self.prefix}{position:08d}.pt')) as tmp:
-            torch.save({'position': position, 'tensors': [t.cpu() for t in tensors]}, tmp)
+            torch.save({'position': position, 'state': state}, tmp)
 
     def prune(self, position):
         for p, path in self._files().items():
@@ -69,36 +70,36 @@ class StreamState:
                 os.remove(path)
 
     def load(self, position):
-        """The tensors saved at this position (None at position 0: the stream starts fresh)."""
+        """The state saved at this position (None at position 0: the stream starts fresh)."""
         if position == 0:
             return None
         path = self._files().get(position)
         if path is None:
             raise UserError(f"{position} images of this process's stream are done but {self.folder} holds no state "
                             f"for that position: the stream cannot continue exactly; use another --output_dir")
-        return load_checkpoint(path, 'online stream state')['tensors']
+        saved = load_checkpoint(path, 'online stream state')
+        if 'state' not in saved:  # before the state was saved by name: a list whose order was the engine's
+            raise UserError(f"{path} is an online stream state of an older version of this code, which this one "
+                            f"cannot continue exactly; rerun into another --output_dir")
+        return saved['state']
 
 
 class OnlineStream:
-    """One process's stream: its images in order (share), how many of them earlier runs did (position),
-    the window of the last `window` images whose views train each step, whether the optimiser state
-    restarts for every image, and the state saved with the results. The engine's loop takes it (or None
-    for episodic TTT-MAE)."""
+    """One process's stream, as engine_test_time.run_test_time_training sees it (its Episodic has the same
+    methods): the images in order (share), how many of them earlier runs did (position), the window of the
+    last `window` images whose views train each step, what each image records of the drift, and the
+    trainer's state saved with the results. What the trainer does differently (the carried weights, the
+    remedies against drift) is engine_online.OnlineTrainer's."""
 
-    def __init__(self, share, position, state, window, reset_optimizer, reset_every=0):
-        self.share, self.position, self.state = share, position, state
-        self.window, self.reset_optimizer, self.reset_every = deque(maxlen=window), reset_optimizer, reset_every
+    def __init__(self, share, position, state, window):
+        self.share, self.position, self.state, self.window = share, position, state, deque(maxlen=window)
 
     @classmethod
     def of_run(cls, args, indices, store):
         stream = stream_order(indices, args.stream_order, args.seed)
         share = process_share(stream, args.rank, args.world_size)
         return cls(share, stream_position(share, store.done_indices()), StreamState(args.output_dir, args.rank),
-                   args.online_window, not args.online_keep_optimizer, args.online_reset_every)
-
-    def resets_weights(self, done):
-        """Whether the image after `done` more of the stream starts from the loaded weights (periodic reset)."""
-        return bool(self.reset_every) and (self.position + done) % self.reset_every == 0
+                   args.online_window)
 
     def todo(self):
         return self.share[self.position:]
@@ -117,6 +118,10 @@ class OnlineStream:
         """The window after `image` (1, 3, H, W) and its decoded `raw` joined it: its (eval crop, raw) pairs."""
         self.window.append((image, raw))
         return list(self.window)
+
+    def records(self, trainer, done):
+        """The image's place in the stream and how far the adapted weights are from the loaded ones."""
+        return {'position': self.position + done, 'weight_distance': trainer.distance_from_start()}
 
     def save(self, done, trainer):
         """The trainer's state after `done` more images, written before the results it goes with."""

@@ -7,7 +7,7 @@ import torch
 
 from util.datasets import IMAGENET_MEAN, IMAGENET_STD
 from util.io import atomic_path
-from util.seed import derive_seed
+from util.seed import FIGURE_MASKS, derive_seed
 
 
 def shown_steps(steps):
@@ -59,14 +59,15 @@ def save_figure(path, title, panels):
 
 
 class Reconstructions:
-    """Observer factory for run_test_time_training: observers for the groups holding chosen images."""
+    """The figures of the chosen images: run_test_time_training asks for an observer of each group of
+    images, which a trainer calls after each classification (None for a group without a chosen image)."""
 
     def __init__(self, args, dataset, indices):
         self.args, self.dataset, self.chosen = args, dataset, {int(i) for i in indices}
         self.names = {label: name for name, label in dataset.class_to_idx.items()}
         self.folder = os.path.join(args.output_dir, 'reconstructions')
 
-    def __call__(self, indices):
+    def observer(self, indices):
         wanted = [(k, i) for k, i in enumerate(indices) if i in self.chosen]
         return _Observer(self, indices, wanted) if wanted else None
 
@@ -86,7 +87,7 @@ class _Observer:
             return
         indices = list(self.indices) + [self.indices[-1]] * (len(images) - len(self.indices))  # padded groups
         orders = torch.stack([torch.rand(trainer.num_patches, generator=torch.Generator().manual_seed(
-            derive_seed(args.seed, i, 3))).argsort() for i in indices]).to(trainer.device)
+            derive_seed(args.seed, i, FIGURE_MASKS))).argsort() for i in indices]).to(trainer.device)
         preds = trainer.reconstruct(images, orders[:, None])
         for k, index in self.wanted:
             masked, recon = compose(trainer.model, images[k, 0], preds[k], orders[k], args.mask_ratio)

@@ -5,9 +5,8 @@ Every process appends its records to small chunk files in OUT/partial/ (each wri
 the set of finished images is the union of all chunks and of OUT/per_image.npz, so a rerun with
 any number of processes skips them. The merge sorts records by image index. While a run is
 unfinished, the main process rewrites the readable outputs after its flushes, marked partial
-(readable_outputs), so a run stopped early shows how far it came.
+(ReadableOutputs), so a run stopped early shows how far it came.
 """
-import contextlib
 import glob
 import json
 import os
@@ -36,15 +35,16 @@ def select_indices(num_images, max_examples=None, subset='stride', subset_seed=0
     return np.sort(rng.choice(num_images, size=max_examples, replace=False))
 
 
-def check_run_config(store, config, is_main, recorded_only=()):
+def check_run_config(store, config, is_main, recorded_only=(), normalize=lambda saved: saved):
     """A rerun into a folder holding results must compute the same thing as the run it continues.
     Keys in recorded_only (e.g. checkpoint paths, which may move) are recorded but not compared; a
-    changed checkpoint hash is shown with the files of both runs."""
+    changed checkpoint hash is shown with the files of both runs. normalize(saved) drops what an older
+    version recorded that leaves the run as it was."""
     output_dir = store.output_dir
     path = os.path.join(output_dir, 'run_config.json')
     if os.path.exists(path) and store.has_results():
         with open(path) as f:
-            saved = json.load(f)
+            saved = normalize(json.load(f))
         changed = sorted(k for k in set(saved) | set(config) if saved.get(k) != config.get(k))
         shown = [k for k in changed if k not in recorded_only]
 
@@ -70,8 +70,6 @@ class ResultStore:
         self.prefix = f"rank{rank}-{os.getpid()}-{time.time_ns()}"
         self.pending, self.chunks_written, self.records_written = [], 0, 0
         self._chunks = {}  # chunk files read so far: each is written once, so it is read once
-        self.after_flush = None  # set by readable_outputs on the main process
-        self.verbose = False  # print each record's losses per step as it is added (--verbose)
 
     def _files(self):
         files = sorted(glob.glob(os.path.join(self.partial_dir, '*.npz')))
@@ -109,10 +107,6 @@ class ResultStore:
 
     def add(self, **record):
         self.pending.append(record)
-        if self.verbose:  # the released --verbose lines, here once the image is done
-            for step, loss in enumerate(record['mae_loss']):
-                print(f"datapoint {record['index']} iter {step}: rec_loss {loss}")
-                print(f"datapoint {record['index']} iter {step}: class_loss {record['ce_loss'][step + 1]}")
 
     def flush(self):
         if not self.pending:
@@ -123,8 +117,6 @@ class ResultStore:
             np.savez(f, **arrays)
         self.records_written += len(self.pending)
         self.pending, self.chunks_written = [], self.chunks_written + 1
-        if self.after_flush is not None:
-            self.after_flush()
 
     def finalize(self, records):
         """Write the merged records to per_image.npz, then drop the chunks they came from."""
@@ -154,6 +146,11 @@ def drift(records, window=DRIFT_WINDOW):
             'weight_distance': [float(distance[s:s + window].mean()) for s in starts]}
 
 
+def loss_keys(records):
+    """The per-step records of the test-time losses, '<name>_loss' (e.g. mae_loss), by name."""
+    return sorted(k for k in records if k.endswith('_loss') and k != 'ce_loss')
+
+
 def summarize(records, num_expected):
     """Per-step accuracy (percent) and mean losses over the records (online: and their drift)."""
     correct = records['pred'] == records['label'][:, None]
@@ -163,7 +160,7 @@ def summarize(records, num_expected):
         'complete': bool(len(records['index']) == num_expected),
         'accuracy_per_step': (100 * correct.mean(axis=0)).tolist(),
         'cross_entropy_per_step': records['ce_loss'].mean(axis=0).tolist(),
-        'mae_loss_per_step': records['mae_loss'].mean(axis=0).tolist() if records['mae_loss'].size else [],
+        **{f'{key}_per_step': records[key].mean(axis=0).tolist() for key in loss_keys(records)},
         **({'drift': drift(records)} if 'weight_distance' in records else {}),
     }
 
@@ -214,7 +211,7 @@ def write_outputs(args, run, method, wall_time_s, images_this_run, final=True):
                    args_line + '\n' + ''.join(f"{i}\t{a}\n" for i, a in enumerate(steps[1:])) + partial)
     result = {'method': method, 'data_path': os.path.abspath(args.data_path), **summary,
               'selection': selection(args, run), 'dataset_name': args.dataset_name,
-              'online': getattr(args, 'online', False),
+              'online': run.online is not None,
               'steps_per_example': getattr(args, 'steps_per_example', 0),
               'wall_time_s': wall_time_s,
               'images_per_s': images_this_run / wall_time_s if wall_time_s > 0 else None,
@@ -231,31 +228,31 @@ def write_outputs(args, run, method, wall_time_s, images_this_run, final=True):
     return result
 
 
-@contextlib.contextmanager
-def readable_outputs(args, run, method, main_process):
-    """While the block runs, flushes of the main process rewrite the outputs with the images done so far,
-    marked partial, and the block's end (the loop finished, an error or a stop signal) rewrites them once
-    more: a run stopped by a time limit or kill -9 shows how far it came. A rewrite reads and writes every
-    record so far, so after a flush it waits until 20 times its own duration has passed since the last
-    one: under 5% of the run's time, also for the baseline's flush after every batch."""
-    if not main_process:
-        yield
-        return
-    start, last = time.time(), {'end': 0., 'took': 0.}
+class ReadableOutputs:
+    """The readable outputs of a run under way: update() after a flush rewrites them with the images done so
+    far, marked partial; close() (also when the loop ends by an error or a stop signal) rewrites them once
+    more, so a run stopped by a time limit or kill -9 shows how far it came. A rewrite reads and writes
+    every record so far, so update() waits until 20 times the last rewrite's duration has passed since it
+    ended: under 5% of the run's time, also for the baseline's flush after every batch. Only the main
+    process writes."""
 
-    def rewrite(force=False):
+    def __init__(self, args, run, method, main_process):
+        self.args, self.run, self.method, self.main_process = args, run, method, main_process
+        self.start, self.last_end, self.last_took = time.time(), 0., 0.
+
+    def update(self, force=False):
         begin = time.time()
-        if force or begin - last['end'] >= 20 * last['took']:
-            write_outputs(args, run, method, begin - start, run.store.records_written * args.world_size,
-                          final=False)
-            last['end'] = time.time()
-            last['took'] = last['end'] - begin
-    run.store.after_flush = rewrite
-    try:
-        yield
-    finally:
-        run.store.after_flush = None
-        rewrite(force=True)
+        if self.main_process and (force or begin - self.last_end >= 20 * self.last_took):
+            write_outputs(self.args, self.run, self.method, begin - self.start,
+                          self.run.store.records_written * self.args.world_size, final=False)
+            self.last_end = time.time()
+            self.last_took = self.last_end - begin
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.update(force=True)
 
 
 def is_finished(folder):

@@ -21,9 +21,16 @@ from util.results import ResultStore, check_run_config, select_indices
 RUN_ONLY_ARGS = {'output_dir', 'log_dir', 'device', 'num_workers', 'pin_mem', 'world_size', 'local_rank',
                  'rank', 'gpu', 'distributed', 'dist_url', 'flush_every', 'print_freq',
                  'data_path', 'resume_model', 'resume_finetune', 'save_reconstructions', 'verbose'}
-# flags added after results folders were first recorded: left out where they leave the run as it was, so
-# that a folder an older version made is still continued
-LATER_FLAGS = {'encoder_lr_scale': 1., 'clip_grad': 0., 'online_ema': 0.}
+# flags added after results folders were first recorded, or that the paper's script no longer has since online
+# TTT-MAE has its own: left out where they leave the run as it was, so that a folder an older version made
+# is still continued
+NEUTRAL_FLAGS = {'encoder_lr_scale': 1., 'clip_grad': 0., 'online_ema': 0., 'online': False, 'online_window': 1,
+                 'online_keep_optimizer': False, 'online_reset_every': 0, 'online_anchor': 0., 'online_restore': 0.,
+                 'stream_order': None}
+
+
+def without_neutral_flags(config):
+    return {k: v for k, v in config.items() if not (k in NEUTRAL_FLAGS and v == NEUTRAL_FLAGS[k])}
 
 
 def set_precision(device, strict_fp32):
@@ -56,12 +63,11 @@ class Run:
     online: Optional[OnlineStream] = None
 
 
-def run_config(args, checkpoint_sha256, subset_file_sha256=None):
+def run_config(args, checkpoint_sha256, subset_file_sha256=None, online=False):
     """The settings a run's per-image results depend on (recorded in run_config.json). The checkpoints
     (and a --subset_file) are identified by their SHA-256, so that another file of the same name is not
     taken for them."""
-    config = {k: v for k, v in vars(args).items()
-              if k not in RUN_ONLY_ARGS and not (k in LATER_FLAGS and v == LATER_FLAGS[k])}
+    config = without_neutral_flags({k: v for k, v in vars(args).items() if k not in RUN_ONLY_ARGS})
     if subset_file_sha256:
         config['subset_file_sha256'] = subset_file_sha256
     # device_type: CPU and CUDA generators draw other masks
@@ -69,8 +75,8 @@ def run_config(args, checkpoint_sha256, subset_file_sha256=None):
     for key in ('resume_model', 'resume_finetune'):
         config[f'{key}_sha256'] = checkpoint_sha256[key]
         config[f'{key}_file'] = os.path.abspath(getattr(args, key))
-    if getattr(args, 'online', False):  # each process runs its own stream: their number changes the results
-        config['online_processes'] = args.world_size
+    if online:  # each process runs its own stream: their number changes the results
+        config.update(online=True, online_processes=args.world_size)
     return config
 
 
@@ -136,9 +142,9 @@ def select_images(args, dataset):
     return np.array([where[p] for p in listed], dtype=np.int64)
 
 
-def prepare_run(args, build_model):
-    """The shared start of both test-time scripts: processes, precision, data, model (build_model:
-    models_mae.build_model), and the images this process has to do. Returns a Run."""
+def prepare_run(args, build_model, online=False):
+    """The shared start of the test-time scripts: processes, precision, data, model (build_model:
+    models_mae.build_model), and the images this process has to do (online: its stream). Returns a Run."""
     if args.subset_file and args.max_examples:
         raise UserError("--subset_file and --max_examples both choose the images: pass one")
     if args.max_examples is None and (args.subset != 'stride' or args.subset_seed != 0):
@@ -155,10 +161,11 @@ def prepare_run(args, build_model):
     subset_file_sha256 = file_sha256(args.subset_file) if args.subset_file else None
     make_output_dir(args.output_dir)
     store = ResultStore(args.output_dir, args.rank)
-    check_run_config(store, run_config(args, checkpoint_sha256, subset_file_sha256), distributed.is_main_process(),
-                     recorded_only={'resume_model_file', 'resume_finetune_file'})
+    check_run_config(store, run_config(args, checkpoint_sha256, subset_file_sha256, online),
+                     distributed.is_main_process(), recorded_only={'resume_model_file', 'resume_finetune_file'},
+                     normalize=without_neutral_flags)
     run = Run(device, dataset, indices, model, store, checkpoint_sha256, subset_file_sha256, len(dataset))
-    if getattr(args, 'online', False):  # each process continues its own stream
+    if online:  # each process continues its own stream
         run.online = OnlineStream.of_run(args, indices, store)
     # rank 0 decides what is left and tells the others, so all shard the same list
     todo = [images_to_do(store, indices) if distributed.is_main_process() else None]

@@ -4,6 +4,15 @@ import random
 import numpy as np
 import torch
 
+# The random streams of a test-time run, each a key after the run's --seed: derive_seed(seed, image, MASKS)
+# gives an image's masks wherever and whenever it is adapted. FIGURE_MASKS and STREAM_ORDER share a value
+# but not a key length (the second takes no image).
+MASKS = 1  # (seed, image, MASKS): the masks of every step, micro-batch and view
+CROPS = 2  # (seed, image, CROPS): the random resized crops of its views
+FIGURE_MASKS = 3  # (seed, image, FIGURE_MASKS): the one mask of its reconstruction figure
+STREAM_ORDER = 3  # (seed, STREAM_ORDER): the order of an online stream ('shuffled')
+RESTORE = 4  # (seed, image, RESTORE, step): online stochastic restore
+
 
 def derive_seed(*keys):
     return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0])
