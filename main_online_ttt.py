@@ -25,9 +25,10 @@ def get_args_parser():
     group.add_argument('--online_window', default=16, type=POSITIVE_INT,
                        help="each step's views are spread over the last K images (the current one and the K-1 before "
                             "it); 1 = plain online TTT-MAE")
-    group.add_argument('--stream_order', default='shuffled', choices=['shuffled', 'listed'],
+    group.add_argument('--stream_order', default='shuffled', choices=['shuffled', 'listed', 'natural'],
                        help="the stream is the images shuffled with --seed (a class-sorted folder is a label-correlated "
-                            "stream), or in the order listed: the folder's, or --subset_file's (video frames)")
+                            "stream), in the order listed (the folder's, or --subset_file's), or by file name with "
+                            "numbers as numbers (video frames: frame_2 before frame_10)")
     group.add_argument('--online_keep_optimizer', action='store_true',
                        help='carry the optimiser state from image to image too (default: a fresh one for every image, '
                             "as the follow-up work's --restart_optimizer)")

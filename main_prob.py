@@ -10,9 +10,9 @@ from timm.optim import param_groups_weight_decay
 from engine_prob import evaluate, train_one_epoch
 from models_mae import HEAD_PREFIXES, build_model
 from util import distributed
-from util.checkpoint import checkpoint_path, load_finetune_for_probe, resume_training, save_checkpoint
-from util.cli import (ArgumentParser, UserError, add_data_args, add_model_args, add_run_args, add_training_args,
-                      number, run_main)
+from util.checkpoint import checkpoint_path, load_finetune_for_probe, prune_checkpoints, resume_training, save_checkpoint
+from util.cli import (NON_NEGATIVE_INT, ArgumentParser, UserError, add_data_args, add_model_args, add_run_args,
+                      add_training_args, number, run_main)
 from util.datasets import ImageFolder, eval_transform, make_loader, train_transform, training_classes
 from util.io import write_text
 from util.logger import append_json_line, keep_log_before, tensorboard_writer
@@ -36,6 +36,9 @@ def get_args_parser():
                         help='label smoothing')
     parser.add_argument('--dist_eval', action='store_true', help='shard evaluation over the processes')
     parser.add_argument('--eval', action='store_true', help='evaluate the resumed checkpoint only')
+    parser.add_argument('--keep_last', default=2, type=NON_NEGATIVE_INT,
+                        help="keep the newest N epoch checkpoints besides checkpoint-final.pth (each holds the whole "
+                             "model and the head's optimiser state, about 2 GB at ViT-L); 0: keep every one")
     add_model_args(parser, norm_pix_help='accepted because the released command passes it; no effect on '
                                          'probing (no decoder)')
     add_data_args(parser, 'dataset root: <data_path>/train/<class>/<image> and <data_path>/val/<class>/<image>',
@@ -120,6 +123,8 @@ def main(args):
                                 epoch, loss_scaler, args, classes=classes)
             save_checkpoint(checkpoint_path(args.output_dir, epoch), model_without_ddp, optimizer,
                             epoch, loss_scaler, args, classes=classes)
+            if args.keep_last:  # after the new one is written: a kill leaves at least what was there
+                prune_checkpoints(args.output_dir, args.keep_last)
         distributed.barrier()
     print(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
     distributed.destroy()

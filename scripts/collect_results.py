@@ -1,15 +1,16 @@
 """Collect an ImageNet-C sweep into the paper's table: accuracy (or error) without adaptation and after TTT-MAE.
 
 Layout (the released README's): ROOT/<corruption>/ holds the test-time training run and
-ROOT/<corruption>/baseline/ the baseline; each holds our results.json or only the released accuracy.txt
+ROOT/<corruption>/baseline/ the baseline (any other ROOT/<name>/ holding a run is a column too: a test
+set of one's own); each holds our results.json or only the released accuracy.txt
 (results.json wins when both exist; a released accuracy.txt does not say whether the run finished, so
 it counts as complete and is marked with a dagger; ours ends with "partial: N of M images" while the
 run is unfinished).
 
 Prints a Markdown table and writes PREFIX.csv, PREFIX.json and PREFIX.png (accuracy or error vs TTT step).
 It says which images each number comes from (all of a folder, --max_examples of them, or a --subset_file's list).
-The mean is over the 15 standard corruptions present (not the 4 extra ones) and is "n/a" when any of
-them is missing or partial: nothing is averaged silently (--allow_partial averages partial runs, flagged).
+The mean is over the 15 standard corruptions present (not the 4 extra ones or other folders; over every
+column where there is no standard corruption) and is "n/a" when any of them is missing or partial: nothing is averaged silently (--allow_partial averages partial runs, flagged).
 """
 import argparse
 import csv
@@ -134,7 +135,8 @@ def collect(root, step=None, allow_partial=False, metric='accuracy'):
     elif not any(r and step in r['curve'] for r in ttt.values()):
         raise UserError(f"no TTT run has step {step} (last steps found: {sorted(set(last_steps))})")
 
-    mean_over = [c for c in columns if c in CORRUPTIONS]
+    # the ImageNet-C mean is over its 15 standard corruptions; folders of one's own are averaged only alone
+    mean_over = [c for c in columns if c in CORRUPTIONS] or columns
     rows = []
     for method, label, runs, s in (('baseline', 'no adaptation', baseline, 0),
                                    ('ttt', f'TTT-MAE (step {step})', ttt, step)):
@@ -161,7 +163,8 @@ def collect(root, step=None, allow_partial=False, metric='accuracy'):
                 selections.setdefault(selection_text(run['selection']), []).append(f'{c} ({method})')
     return {'root': root, 'step': step, 'metric': metric, 'columns': columns, 'mean_over': mean_over,
             'selections': selections,
-            'not_run': [c for c in CORRUPTIONS if c not in columns], 'allow_partial': allow_partial,
+            'not_run': [c for c in CORRUPTIONS if c not in columns] if set(mean_over) <= set(CORRUPTIONS) else [],
+            'allow_partial': allow_partial,
             'rows': rows, 'curves': curves, 'mean_curve': mean_curve}
 
 
@@ -175,7 +178,10 @@ def fmt(c):
 def markdown(summary):
     cols = summary['columns']
     n_mean = len(summary['mean_over'])
-    mean_label = 'mean' if n_mean == len(CORRUPTIONS) else f'mean ({n_mean}/{len(CORRUPTIONS)})'
+    if not set(summary['mean_over']) <= set(CORRUPTIONS):
+        mean_label = f'mean of {n_mean}'
+    else:
+        mean_label = 'mean' if n_mean == len(CORRUPTIONS) else f'mean ({n_mean}/{len(CORRUPTIONS)})'
     lines = ['| method | ' + ' | '.join(cols) + f' | {mean_label} |',
              '|---|' + '---:|' * (len(cols) + 1)]
     notes = [f"top-1 {summary['metric']} (%)" + (' = 100 - accuracy' if summary['metric'] == 'error' else '')]
@@ -197,7 +203,7 @@ def markdown(summary):
     if summary['not_run']:
         notes.append(f"not run: {', '.join(summary['not_run'])}")
     if summary['columns'] != summary['mean_over']:
-        notes.append('the mean leaves out the extra corruptions (' + ', '.join(
+        notes.append('the mean is over the standard corruptions only, not (' + ', '.join(
             c for c in cols if c not in summary['mean_over']) + ')')
     return '\n'.join(lines + [''] + notes) + '\n'
 
@@ -226,7 +232,8 @@ def plot(summary, path, title):
     colors = tab20[0::2] + tab20[1::2]  # the 10 strong colours first; a corruption keeps its colour across sweeps
     baseline = summary['rows'][0]['cells']
     for c in summary['columns']:
-        color = colors[(CORRUPTIONS + EXTRA_CORRUPTIONS).index(c)]
+        known = CORRUPTIONS + EXTRA_CORRUPTIONS
+        color = colors[known.index(c) if c in known else summary['columns'].index(c) % len(colors)]
         if c in summary['curves']:
             curve = summary['curves'][c]
             ax.plot(curve['steps'], curve['value'], color=color, lw=1,

@@ -11,7 +11,7 @@
 # rerunning after an interruption continues, and a stage whose folder other settings made stops the
 # script. Each stage prints its wall time, and $DEMO_RESULTS/stage_times.tsv keeps them. Needs bash 5.
 #
-# Environment (defaults are the demo's settings, chosen on the validation split, docs/demo.md):
+# Environment (defaults are the demo's settings, chosen on the validation split, docs/notes/demo.md):
 #   PYTHON                 interpreter (default: python)
 #   DEMO_OUT               output root (default: demo_out)
 #   DEMO_SPLIT             test (default) or val: which split is corrupted and evaluated
@@ -69,7 +69,7 @@ SEVERITY=${DEMO_SEVERITY:-5}
 zero_or_one() {  # zero_or_one NAME VALUE: a switch of the environment is 0 or 1
     [[ $2 == 0 || $2 == 1 ]] || { echo "error: $1 must be 0 or 1, got '$2'" >&2; exit 2; }
 }
-# Sizes and TTT settings below were chosen on the validation split (docs/demo.md).
+# Sizes and TTT settings below were chosen on the validation split (docs/notes/demo.md).
 read -r N_TRAIN N_VAL N_TEST <<< "${DEMO_DIGITS:-300 100 100}"
 EVAL_PER_CLASS=${DEMO_EVAL_PER_CLASS:-30}
 SIZE=${DEMO_SIZE:-32}
@@ -93,7 +93,7 @@ TTT_BATCH=${DEMO_TTT_BATCH:-16}
 TTT_LR=${DEMO_TTT_LR:-3e-4}
 TTT_MASK_RATIO=${DEMO_TTT_MASK_RATIO:-0.75}
 TTT_FINETUNE_MODE=${DEMO_TTT_FINETUNE_MODE:-encoder}
-# Adam, not the paper's SGD: at this scale SGD's steps barely move the MAE loss (docs/demo.md, round 8)
+# Adam, not the paper's SGD: at this scale SGD's steps barely move the MAE loss (docs/notes/demo.md, round 8)
 TTT_OPTIMIZER=${DEMO_TTT_OPTIMIZER:-adam}
 TTT_MAX_EXAMPLES=${DEMO_TTT_MAX_EXAMPLES:-}
 # the compiled step, 4 images at once as independent weight sets: the same function up to float
@@ -199,7 +199,7 @@ stage probe exists "$PROBE/checkpoint-final.pth" "$PROBE" \
     "${SEED_FLAGS[@]}" \
     --finetune "$PRETRAIN/checkpoint-final.pth" --batch_size "$PROBE_BATCH" --epochs "$PROBE_EPOCHS" \
     --warmup_epochs "$PROBE_WARMUP" --blr "$PROBE_BLR" --min_crop_scale "$PROBE_MIN_SCALE" "${AUGMENT_FLAGS[@]}" \
-    --weight_decay 0.05 --no_weight_decay_1d --min_lr 0 --num_workers 0 --print_freq 100  # the recipe chosen (docs/demo.md)
+    --weight_decay 0.05 --no_weight_decay_1d --min_lr 0 --num_workers 0 --print_freq 100  # the recipe chosen (docs/notes/demo.md)
 
 UPSTREAM=$(< "$PROBE/demo_command.txt")  # the probe's record holds the pre-training's
 

@@ -6,9 +6,9 @@ continual test-time adaptation benchmarks' ImageNet-C: corruption after corrupti
   python main_online_ttt.py --data_path streams/weather --subset_file streams/weather/stream.txt --stream_order listed ...
 
 OUTPUT_DIR/<class>/<set>__<image> links to each image (no copies), and OUTPUT_DIR/stream.txt lists them
-set by set, each set's images shuffled with --seed: the order an online run follows with --subset_file
-(--stream_order listed). The same folder with --stream_order shuffled is the control without
-locality. <set> is the set's last two path parts (fog-5), or --names. A rerun with the same arguments
+set by set, each set's images shuffled with --seed (or in time order, --within_set natural): the order an
+online run follows with --subset_file --stream_order listed. The same folder with --stream_order shuffled
+is the control without locality. <set> is the set's last two path parts (fog-5), or --names. A rerun with the same arguments
 changes nothing; outputs other arguments made are refused.
 """
 import os
@@ -23,6 +23,7 @@ sys.path.insert(0, REPO_ROOT)
 from util.cli import NON_NEGATIVE_INT, POSITIVE_INT, ArgumentParser, UserError, run_main  # noqa: E402
 from util.datasets import ImageFolder  # noqa: E402
 from util.io import write_text  # noqa: E402
+from util.results import natural_key  # noqa: E402
 
 
 def get_args_parser():
@@ -32,8 +33,11 @@ def get_args_parser():
     parser.add_argument('--names', nargs='+', default=None, help="the sets' names in the links (default: fog-5)")
     parser.add_argument('--output_dir', required=True, help='the stream folder')
     parser.add_argument('--max_per_set', default=None, type=POSITIVE_INT,
-                        help='the first N images of each set after its shuffle (None: all)')
+                        help='the first N images of each set in its order (None: all)')
     parser.add_argument('--seed', default=0, type=NON_NEGATIVE_INT, help='seed of the shuffle within each set')
+    parser.add_argument('--within_set', default='shuffled', choices=['shuffled', 'natural'],
+                        help="each set's images shuffled with --seed, or in time order: by file name with numbers "
+                             "as numbers (video frames: frame_2 before frame_10)")
     return parser
 
 
@@ -56,7 +60,12 @@ def main(args):
     links, listed = {}, []
     for number, (path, name) in enumerate(zip(args.sets, names)):
         dataset = ImageFolder(path)
-        order = np.random.default_rng([args.seed, number]).permutation(len(dataset))[:args.max_per_set]
+        if args.within_set == 'natural':
+            order = sorted(range(len(dataset)), key=lambda i: (natural_key(os.path.basename(dataset.samples[i][0])),
+                                                               natural_key(dataset.samples[i][0])))
+        else:
+            order = np.random.default_rng([args.seed, number]).permutation(len(dataset))
+        order = order[:args.max_per_set]
         for i in order:
             source, label = dataset.samples[i]
             # the class, then the file's path inside it (a class folder may hold sub-folders)

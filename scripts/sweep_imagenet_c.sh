@@ -3,12 +3,13 @@
 #
 # Usage:
 #   scripts/sweep_imagenet_c.sh DATA_ROOT OUTPUT_ROOT RESUME_MODEL RESUME_FINETUNE \
-#       [--severity 5] [--corruptions "a b c"] [-- extra flags for the python scripts]
+#       [--severity 5] [--corruptions "a b c"] [--only baseline|ttt] [-- extra flags for the python scripts]
 #
 #   DATA_ROOT/<corruption>/<severity>/ is read; OUTPUT_ROOT/<corruption>/ gets the TTT run and
 #   OUTPUT_ROOT/<corruption>/baseline/ the baseline (the released README's layout). A run whose
 #   results.json says "complete": true is skipped, so rerunning the same command resumes the sweep
-#   (a failing run stops it).
+#   (a failing run stops it). --only baseline runs the baselines alone (one forward pass per image: the
+#   cheap first check of a reproduction, docs/reproduce.md), --only ttt the TTT-MAE runs alone.
 #   Each extra flag goes to the scripts that take it (--max_examples to both, --steps_per_example to the
 #   TTT run only, a flag neither takes is an error before any run). The paper's flags are passed first,
 #   so extra flags override them (argparse keeps the last value):
@@ -18,13 +19,9 @@
 #   PYTHON    the interpreter (default: python)
 #   LAUNCHER  what runs the python scripts (default: $PYTHON), e.g. on one 8-GPU node:
 #               LAUNCHER="torchrun --nproc_per_node=8" scripts/sweep_imagenet_c.sh ...
-#   SLURM_ARRAY_TASK_ID  run only the corruption with this index (0-based) in the list; e.g. one
-#             job per corruption, submitted from the repository root:
-#               sbatch --array=0-14 --nodes=1 --gres=gpu:8 --cpus-per-task=80 --time=12:00:00 \
-#                 --wrap 'LAUNCHER="torchrun --nproc_per_node=8" scripts/sweep_imagenet_c.sh \
-#                         imagenet-c out ckpt/mae.pth ckpt/probe.pth'
-#             Each task ends by collecting whatever has finished; rerun the collector when all are done:
-#               python scripts/collect_results.py out
+#   SLURM_ARRAY_TASK_ID  run only the corruption with this index (0-based) in the list: one job per
+#             corruption, as scripts/imagenet_c.sbatch submits them. Each task ends by collecting whatever
+#             has finished; rerun the collector when all are done: python scripts/collect_results.py out
 set -euo pipefail
 
 usage() { sed -n '4,6p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
@@ -34,6 +31,7 @@ die() { echo "error: $*" >&2; exit 2; }
 DATA_ROOT=$1 OUTPUT_ROOT=$2 RESUME_MODEL=$3 RESUME_FINETUNE=$4
 shift 4
 SEVERITY=5
+ONLY=
 CORRUPTIONS="gaussian_noise shot_noise impulse_noise defocus_blur glass_blur motion_blur zoom_blur
 snow frost fog brightness contrast elastic_transform pixelate jpeg_compression"
 EXTRA=()
@@ -41,6 +39,7 @@ while [[ $# -gt 0 ]]; do
     case $1 in
         --severity) [[ $# -ge 2 ]] || die "--severity needs a value"; SEVERITY=$2; shift 2 ;;
         --corruptions) [[ $# -ge 2 ]] || die "--corruptions needs a value"; CORRUPTIONS=$2; shift 2 ;;
+        --only) [[ $# -ge 2 && ($2 == baseline || $2 == ttt) ]] || die "--only takes baseline or ttt"; ONLY=$2; shift 2 ;;
         --) shift; EXTRA=("$@"); break ;;
         *) die "unknown option $1 (flags for the python scripts go after --)" ;;
     esac
@@ -88,10 +87,10 @@ run() {  # run LABEL SCRIPT OUTPUT_DIR FLAGS...: one run on corruption $c, skipp
 }
 
 for c in "${LIST[@]}"; do
-    run baseline test_without_adaptation.py "$OUTPUT_ROOT/$c/baseline" "${MODEL_FLAGS[@]}" \
+    [[ $ONLY == ttt ]] || run baseline test_without_adaptation.py "$OUTPUT_ROOT/$c/baseline" "${MODEL_FLAGS[@]}" \
         ${BASELINE_EXTRA[@]+"${BASELINE_EXTRA[@]}"}
-    run TTT-MAE main_test_time_training.py "$OUTPUT_ROOT/$c/" "${MODEL_FLAGS[@]}" "${TTT_FLAGS[@]}" \
-        ${TTT_EXTRA[@]+"${TTT_EXTRA[@]}"}
+    [[ $ONLY == baseline ]] || run TTT-MAE main_test_time_training.py "$OUTPUT_ROOT/$c/" "${MODEL_FLAGS[@]}" \
+        "${TTT_FLAGS[@]}" ${TTT_EXTRA[@]+"${TTT_EXTRA[@]}"}
 done
 
 "$PY" "$REPO/scripts/collect_results.py" "$OUTPUT_ROOT"

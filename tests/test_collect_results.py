@@ -158,6 +158,25 @@ def test_extra_corruptions_are_shown_but_not_averaged(complete_root):
     assert ttt[-2:] == ['62.0', '29.1'] and baseline[-2:] == ['missing', '18.4']
 
 
+def test_folders_of_ones_own_are_columns_in_natural_order(tmp_path):
+    """A dataset of one's own (docs/own_data.md): any folder holding a run is a column; with no ImageNet-C
+    corruption among them the mean is over them all; beside corruptions it is over the corruptions only."""
+    root = tmp_path / 'mine'
+    for name, acc in (('site10', 30.0), ('night', 10.0), ('site2', 20.0)):
+        ttt_json(root / name, [acc, acc + 1.0])
+        baseline_json(root / name / 'baseline', acc)
+    (root / 'logs').mkdir()
+    r = collect(root, '--out', tmp_path / 'mine_summary')
+    assert r.returncode == 0, r.stderr
+    header, _, baseline, ttt = markdown_rows(r.stdout)
+    assert header[1:] == ['night', 'site2', 'site10', 'mean of 3']  # site2 before site10
+    assert ttt[1:] == ['11.0', '21.0', '31.0', '21.0'] and 'not run' not in r.stdout
+    assert 'ignoring folders that hold no run: logs' in r.stderr
+    ttt_json(root / 'fog', [50.0, 52.0])
+    header, _, _, ttt = markdown_rows(collect(root, '--out', tmp_path / 'mixed').stdout)
+    assert header[1:] == ['fog', 'night', 'site2', 'site10', 'mean (1/15)'] and ttt[-1] == '52.0'
+
+
 @pytest.mark.parametrize('case', ['missing_root', 'no_corruptions', 'bad_json', 'wrong_method', 'bad_txt',
                                   'bad_partial_line', 'no_step'])
 def test_bad_input_is_one_line_and_exit_2(case, complete_root, tmp_path):

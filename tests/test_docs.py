@@ -10,8 +10,9 @@ import pytest
 from conftest import REPO, check_error_line
 from util.cli import run_main
 
-GUIDES = ['README.md', 'docs/datasets.md', 'docs/online.md', 'docs/own_data.md']
-SCRIPTS = ('main_pretrain', 'main_prob', 'main_test_time_training', 'test_without_adaptation')
+GUIDES = ['README.md', 'docs/reproduce.md', 'docs/training.md', 'docs/datasets.md', 'docs/online.md',
+          'docs/own_data.md']
+SCRIPTS = ('main_pretrain', 'main_prob', 'main_test_time_training', 'main_online_ttt', 'test_without_adaptation')
 
 
 def guide_commands():
@@ -51,3 +52,31 @@ def test_command_parses_and_reaches_the_data_check(guide, script, argv, tmp_path
     out, err = capfd.readouterr()
     line = check_error_line(e.value.code, out, err, [])
     assert 'not found' in line and ('data folder' in line or 'checkpoint' in line), line
+
+
+def test_the_readme_stays_short():
+    with open(os.path.join(REPO, 'README.md')) as f:
+        assert len(f.read().split()) <= 1500
+
+
+def test_user_docs_say_nothing_of_the_machines_the_code_is_developed_on():
+    """Studies and tuning logs live in docs/notes/; the rest is for users."""
+    pattern = re.compile(r'\blease|\blent\b|at hand|where this code is developed|development machine', re.I)
+    for root, _, files in os.walk(os.path.join(REPO, 'docs')):
+        if os.path.relpath(root, REPO).startswith(os.path.join('docs', 'notes')):
+            continue
+        for name in files:
+            if name.endswith('.md'):
+                with open(os.path.join(root, name)) as f:
+                    found = pattern.findall(f.read())
+                assert not found, (name, found)
+    with open(os.path.join(REPO, 'README.md')) as f:
+        assert not pattern.findall(f.read())
+
+
+def test_every_linked_doc_exists():
+    for guide in ['README.md'] + [f'docs/{n}' for n in os.listdir(os.path.join(REPO, 'docs')) if n.endswith('.md')]:
+        with open(os.path.join(REPO, guide)) as f:
+            for target in re.findall(r'\]\(([^)#]+?)(?:#[^)]*)?\)', f.read()):
+                if not target.startswith('http'):
+                    assert os.path.exists(os.path.join(REPO, os.path.dirname(guide), target)), (guide, target)

@@ -33,7 +33,8 @@ def load(path):
 @pytest.fixture(scope='module')
 def vit_probe(color_folder, checkpoints, tmp_path_factory):
     out = tmp_path_factory.mktemp('probe')
-    command = probe_command(color_folder, checkpoints[0], out, '--batch_size', '8', '--epochs', str(VIT_EPOCHS))
+    command = probe_command(color_folder, checkpoints[0], out, '--batch_size', '8', '--epochs', str(VIT_EPOCHS),
+                            '--keep_last', '0')
     return out, command, run_script(command)
 
 
@@ -83,6 +84,15 @@ def test_rerun_resumes_and_redoes_nothing(vit_probe):
     assert 'Epoch: [' not in again.stdout
     assert (out / 'log.txt').read_text() == before
     assert (out / 'checkpoint-final.pth').read_bytes() == final
+
+
+def test_only_the_newest_checkpoints_are_kept_and_a_rerun_resumes_from_them(color_folder, checkpoints, tmp_path):
+    out = tmp_path / 'kept'
+    command = probe_command(color_folder, checkpoints[0], out, '--batch_size', '8', '--epochs', '3')  # --keep_last 2
+    run_inprocess(command)
+    assert sorted(f for f in os.listdir(out) if f.endswith('.pth')) == \
+        ['checkpoint-1.pth', 'checkpoint-2.pth', 'checkpoint-final.pth']
+    assert f'Resumed from {out}/checkpoint-2.pth' in run_inprocess(command).stdout
 
 
 def test_interrupted_probe_resumes_to_the_same_head(vit_probe, tmp_path):

@@ -68,3 +68,24 @@ def test_an_online_run_follows_the_stream_in_its_listed_order(capsys, checkpoint
     samples = sorted(f'{c}/{f}' for c in ('class_a', 'class_b') for f in os.listdir(out / c))  # the folder's order
     in_stream_order = [samples[i] for i in records['index'][np.argsort(records['position'])]]
     assert in_stream_order == listed and records['pred'].shape == (8, 2)  # the online default: one step
+
+
+def test_frames_keep_their_time_order_in_the_stream_and_in_an_online_run(capsys, checkpoints, tmp_path):
+    """Video frames: names compared with their numbers as numbers (frame_2 before frame_10), whatever the
+    class folder; make_stream.py --within_set natural and main_online_ttt.py --stream_order natural agree."""
+    from PIL import Image
+    video = tmp_path / 'video'
+    rng = np.random.default_rng(0)
+    for t in (1, 2, 10, 11, 3):
+        cls = 'class_a' if t < 10 else 'class_b'
+        os.makedirs(video / cls, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(video / cls / f'frame_{t}.png')
+    out = tmp_path / 'stream'
+    assert stream(capsys, '--sets', video, '--names', 'v', '--within_set', 'natural', '--output_dir', out)[0] == 0
+    frames = [r.split('__')[-1] for r in (out / 'stream.txt').read_text().split()]
+    assert frames == ['frame_1.png', 'frame_2.png', 'frame_3.png', 'frame_10.png', 'frame_11.png']
+    run_inprocess(script_args('main_online_ttt.py', checkpoints, str(video), tmp_path / 'online', '--stream_order',
+                              'natural', '--batch_size', '4', '--single_crop', '--norm_pix_loss'))
+    records = per_image(tmp_path / 'online')
+    in_stream = [os.path.basename(f) for f in records['filename'][np.argsort(records['position'])]]
+    assert in_stream == frames

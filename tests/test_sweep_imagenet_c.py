@@ -83,3 +83,21 @@ def test_extra_flags_go_to_the_scripts_that_take_them(checkpoints, tmp_path):
                          '--', '--steps_per_example', '2', '--no_such_flag', '1'],
                         env={'PYTHON': sys.executable}, check=False)
     assert result.returncode == 2 and 'error: --no_such_flag is a flag of neither' in result.stderr
+
+
+def test_the_slurm_job_file_runs_its_array_task_and_the_baselines_alone(swept, checkpoints, tmp_path):
+    """scripts/imagenet_c.sbatch as SLURM runs it (bash, SLURM_ARRAY_TASK_ID set): its task's corruption,
+    with the sweep's options and the scripts' flags passed through; --only baseline runs no TTT."""
+    corrupted, out, _ = swept
+    mae, probe = checkpoints
+    env = {'PYTHON': sys.executable, 'LAUNCHER': sys.executable, 'SLURM_ARRAY_TASK_ID': '1', 'DATA': corrupted,
+           'MAE': mae, 'PROBE': probe, 'TTT_ENV': str(tmp_path / 'none')}
+    sweep_options = ['--severity', '5', '--corruptions', ' '.join(CORRUPTIONS)]
+    run_script(['bash', 'scripts/imagenet_c.sbatch', *sweep_options, '--only', 'baseline', *EXTRA],
+               env={**env, 'OUT': str(tmp_path / 'base')})
+    assert (tmp_path / 'base' / 'fog' / 'baseline' / 'results.json').exists()
+    assert not (tmp_path / 'base' / 'fog' / 'results.json').exists() and not (tmp_path / 'base' / 'gaussian_noise').exists()
+    run_script(['bash', 'scripts/imagenet_c.sbatch', *sweep_options, *EXTRA], env={**env, 'OUT': str(tmp_path / 'all')})
+    for sub in ('fog', 'fog/baseline'):
+        a, b = (json.load(open(root / sub / 'results.json')) for root in (out, tmp_path / 'all'))
+        assert a['accuracy_per_step'] == b['accuracy_per_step']

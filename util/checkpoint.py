@@ -139,14 +139,26 @@ def save_checkpoint(path, model, optimizer, epoch, scaler, args, classes=None):
         torch.save(state, tmp)
 
 
-def latest_checkpoint(output_dir):
-    """The checkpoint with the highest epoch number in output_dir, or None."""
+def numbered_checkpoints(output_dir):
+    """[(epoch, path)] of output_dir's checkpoint-{epoch}.pth files, oldest first."""
     found = []
     for path in glob.glob(os.path.join(output_dir, 'checkpoint-*.pth')):
         m = re.fullmatch(r'checkpoint-(\d+)\.pth', os.path.basename(path))
         if m:
             found.append((int(m.group(1)), path))
-    return max(found)[1] if found else None
+    return sorted(found)
+
+
+def latest_checkpoint(output_dir):
+    """The checkpoint with the highest epoch number in output_dir, or None."""
+    found = numbered_checkpoints(output_dir)
+    return found[-1][1] if found else None
+
+
+def prune_checkpoints(output_dir, keep):
+    """Remove all but the newest `keep` numbered checkpoints (checkpoint-final.pth stays)."""
+    for _, path in numbered_checkpoints(output_dir)[:-keep]:
+        os.remove(path)
 
 
 def resume_training(args, model, optimizer, scaler, drop=()):

@@ -12,15 +12,20 @@ import torch
 from util.checkpoint import load_checkpoint
 from util.errors import UserError
 from util.io import atomic_path
+from util.results import natural_key
 from util.seed import STREAM_ORDER, derive_seed
 
 
-def stream_order(indices, order, seed):
+def stream_order(indices, order, seed, paths):
     """The images in stream order: 'listed' keeps the given order (a --subset_file's, or the folder's),
-    'shuffled' is a permutation fixed by the seed (a class-sorted folder is a label-correlated stream)."""
+    'natural' sorts them by file name with numbers compared as numbers (video frames: frame_2 before
+    frame_10, whatever their class folder), 'shuffled' is a permutation fixed by the seed (a class-sorted
+    folder is a label-correlated stream). paths: every image's path, by index."""
     indices = [int(i) for i in indices]
     if order == 'listed':
         return indices
+    if order == 'natural':
+        return sorted(indices, key=lambda i: (natural_key(os.path.basename(paths[i])), natural_key(paths[i])))
     return [indices[i] for i in np.random.default_rng(derive_seed(seed, STREAM_ORDER)).permutation(len(indices))]
 
 
@@ -95,8 +100,8 @@ class OnlineStream:
         self.share, self.position, self.state, self.window = share, position, state, deque(maxlen=window)
 
     @classmethod
-    def of_run(cls, args, indices, store):
-        stream = stream_order(indices, args.stream_order, args.seed)
+    def of_run(cls, args, indices, store, paths):
+        stream = stream_order(indices, args.stream_order, args.seed, paths)
         share = process_share(stream, args.rank, args.world_size)
         return cls(share, stream_position(share, store.done_indices()), StreamState(args.output_dir, args.rank),
                    args.online_window)

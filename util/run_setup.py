@@ -166,7 +166,7 @@ def prepare_run(args, build_model, online=False):
                      normalize=without_neutral_flags)
     run = Run(device, dataset, indices, model, store, checkpoint_sha256, subset_file_sha256, len(dataset))
     if online:  # each process continues its own stream
-        run.online = OnlineStream.of_run(args, indices, store)
+        run.online = OnlineStream.of_run(args, indices, store, [path for path, _ in dataset.samples])
     # rank 0 decides what is left and tells the others, so all shard the same list
     todo = [images_to_do(store, indices) if distributed.is_main_process() else None]
     distributed.broadcast_object(todo)
