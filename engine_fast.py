@@ -12,8 +12,8 @@ import logging
 
 import torch
 
-from engine_test_time import (AMP_DTYPES, TestTimeTrainer, build_optimizer, crop_generator, image_masks,
-                              mode_dependent_modules, objective, predictions, step_records, trainable_parameters)
+from engine_test_time import (AMP_DTYPES, TestTimeTrainer, build_optimizer, classification, crop_generator,
+                              image_masks, mode_dependent_modules, objective, step_records, trainable_parameters)
 from util.datasets import training_views
 from util.errors import UserError
 
@@ -138,18 +138,15 @@ class FastTrainer:
         self.reset()
         masks = torch.stack([image_masks(self.args, i, self.num_patches, self.device) for i in indices], dim=2)
         crops = [crop_generator(self.args, i) for i in indices]
-        pred, ce = self.classify(images, labels)
-        preds, ces, losses = [pred], [ce], []
+        classified, losses = [self.classify(images, labels)], []
         if observe:
-            observe(0, self, images, ce)
+            observe(0, self, images, classified[-1]['ce_loss'])
         for step in range(self.args.steps_per_example):
             losses.append(self.step(training_views(images, sources, crops, self.args), masks[step]))
-            pred, ce = self.classify(images, labels)
-            preds.append(pred)
-            ces.append(ce)
+            classified.append(self.classify(images, labels))
             if observe:
-                observe(step + 1, self, images, ce)
-        records = step_records(preds, ces, losses)  # (steps, K) arrays: one host copy for the group
+                observe(step + 1, self, images, classified[-1]['ce_loss'])
+        records = step_records(classified, losses, self.args.steps_per_example)  # (steps, K) arrays: one host copy
         return [{key: value[:, k] for key, value in records.items()} for k in range(n)]
 
     def step(self, views, masks):
@@ -169,10 +166,10 @@ class FastTrainer:
 
     @torch.no_grad()
     def classify(self, images, labels):
-        """images (K, 1, 3, H, W), labels (K,) -> top-1 predictions (K,) and cross-entropies (K,)."""
+        """images (K, 1, 3, H, W), labels (K,) -> classification()'s records, each (K,)."""
         with self._autocast():
             logits = self._logits(images)
-        return predictions(logits, labels, self.class_subset)
+        return classification(logits, labels, self.class_subset)
 
     @torch.no_grad()
     def reconstruct(self, images, orders):

@@ -20,6 +20,7 @@ from util import distributed
 from util.datasets import training_views
 from util.errors import UserError
 from util.logger import ProgressLine
+from util import stop_rules
 from util.seed import CROPS, MASKS, derive_seed
 from util.signals import StopRequested
 
@@ -69,6 +70,21 @@ def predictions(logits, labels, class_subset=None):
             F.cross_entropy(logits, torch.searchsorted(class_subset, labels), reduction='none'))
 
 
+def confidence(logits, class_subset=None):
+    """Label-free signals per image of logits (N, C): the top-1 probability and the entropy (nats) of the
+    softmax, over class_subset's outputs where given, as predictions() restricts them."""
+    logits = logits.float() if class_subset is None else logits.float()[:, class_subset]
+    log_p = logits.log_softmax(dim=1)
+    return log_p.max(dim=1).values.exp(), -(log_p.exp() * log_p).sum(dim=1)
+
+
+def classification(logits, labels, class_subset=None):
+    """What is recorded of each classification: {'pred', 'ce_loss', 'top1_prob', 'entropy'}, each (N,)."""
+    pred, ce = predictions(logits, labels, class_subset)
+    top1_prob, entropy = confidence(logits, class_subset)
+    return {'pred': pred, 'ce_loss': ce, 'top1_prob': top1_prob, 'entropy': entropy}
+
+
 def mode_dependent_modules(model):
     """Modules outside the head that compute differently in train and eval mode."""
     from timm.layers import DropPath
@@ -102,12 +118,16 @@ def crop_generator(args, index):
     return torch.Generator().manual_seed(derive_seed(args.seed, index, CROPS))
 
 
-def step_records(preds, ces, losses):
-    """Predictions and cross-entropies before and after each step, and each loss of each step as
-    '<name>_loss', as host arrays whose first axis is the step (and the second the image, K at once)."""
-    records = {'pred': torch.stack(preds), 'ce_loss': torch.stack(ces)}
-    for name in (losses[0] if losses else {}):
-        records[f'{name}_loss'] = torch.stack([step[name] for step in losses])
+def step_records(classified, losses, steps, loss_names=()):
+    """Each classification's records (classification()) before and after each step, and each loss of each
+    step as '<name>_loss', as host arrays whose first axis is the step (and the second the image, K at
+    once). An image stopped early (--stop_rule) repeats its last values up to `steps`; the losses of one
+    stopped before its first step (loss_names) are NaN."""
+    classified = classified + classified[-1:] * (steps + 1 - len(classified))
+    records = {key: torch.stack([c[key] for c in classified]) for key in classified[0]}
+    for name in (losses[0] if losses else loss_names):
+        records[f'{name}_loss'] = (torch.stack([step[name] for step in losses + losses[-1:] * (steps - len(losses))])
+                                   if losses else torch.full((steps,), float('nan')))
     return {key: value.cpu().numpy() for key, value in records.items()}
 
 
@@ -143,6 +163,9 @@ class TestTimeTrainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.scaler_start = self.scaler.state_dict()  # fp16: every image starts from the same loss scale
         self.optimizer = build_optimizer(self.param_groups(), args)
+        self.stop_rule = args.stop_rule  # (name, parameter) or None: the paper's fixed steps
+        # an image may then stop before its first step: the names of the losses it records (as NaN)
+        self.loss_names = self._loss_names() if self.stop_rule else ()
 
     def param_groups(self):
         return [{'params': list(self.params.values())}]
@@ -162,20 +185,31 @@ class TestTimeTrainer:
         self.begin_image()
         masks = image_masks(args, index, self.num_patches, self.device)
         crops = crop_generator(args, index)
-        pred, ce = self.classify(image, label)
-        preds, ces, losses = [pred], [ce], []
+        classified, losses = [self.classify(image, label)], []
         if observe:
-            observe(0, self, image[None], ce[None])
+            observe(0, self, image[None], classified[-1]['ce_loss'][None])
         for step in range(args.steps_per_example):
+            if self.stop_rule and self.stops(classified, losses):  # --stop_rule: this image needs no more steps
+                break
             views = training_views(image[None], [sources], [crops], args)[:, 0]  # (accum_iter, batch_size, 3, H, W)
             losses.append(self.step(views, masks[step]))
             self.after_step(index, step)
-            pred, ce = self.classify(image, label)
-            preds.append(pred)
-            ces.append(ce)
+            classified.append(self.classify(image, label))
             if observe:
-                observe(step + 1, self, image[None], ce[None])
-        return step_records(preds, ces, losses)
+                observe(step + 1, self, image[None], classified[-1]['ce_loss'][None])
+        records = step_records(classified, losses, args.steps_per_example, self.loss_names)
+        return {**records, 'stop_step': len(losses)} if self.stop_rule else records
+
+    @torch.no_grad()
+    def _loss_names(self):
+        image = torch.zeros(1, 3, *self.model.patch_embed.img_size, device=self.device)
+        return list(self.model.test_time_losses(image, self.args.mask_ratio,
+                                                torch.arange(self.num_patches, device=self.device)[None]))
+
+    def stops(self, classified, losses):
+        """Whether --stop_rule stops the image after the steps done so far (util/stop_rules.py)."""
+        preds, probs = ([c[key].item() for c in classified] for key in ('pred', 'top1_prob'))
+        return stop_rules.fires(*self.stop_rule, len(losses), preds, probs, [step['mae'].item() for step in losses])
 
     def begin_image(self):
         """The paper: every image starts from the loaded weights with a fresh optimiser state."""
@@ -219,15 +253,14 @@ class TestTimeTrainer:
 
     @torch.no_grad()
     def classify(self, image, label):
-        """The top-1 prediction and the cross-entropy (0-d tensors) of an eval crop (1, 3, H, W)."""
+        """classification()'s records (0-d tensors) of an eval crop (1, 3, H, W)."""
         if self.switch_modes:
             self.model.eval()
         with self._autocast():
             logits = self.logits(image)
         if self.switch_modes:
             self.model.train()
-        pred, ce = predictions(logits, label.view(1), self.class_subset)
-        return pred[0], ce[0]
+        return {key: value[0] for key, value in classification(logits, label.view(1), self.class_subset).items()}
 
     def logits(self, image):
         return self.model.logits(image)
@@ -332,7 +365,9 @@ def run_test_time_training(trainer, loader, store, outputs, args, stream=Episodi
                 results = trainer.adapt(indices, labels, images, sources, observe)
                 seconds = (time.time() - start) / len(group)  # adapt() ends with a host copy
                 for item, record in zip(group, results):
-                    if not all(np.all(np.isfinite(v)) for k, v in record.items() if k.endswith('_loss')):
+                    done_steps = record.get('stop_step', args.steps_per_example)  # the losses of the steps run
+                    if not all(np.all(np.isfinite(v[:done_steps + (k == 'ce_loss')])) for k, v in record.items()
+                               if k.endswith('_loss')):
                         path = loader.dataset.samples[item['index']][0]
                         raise UserError(f"non-finite loss on image {item['index']} ({path}); stopping, the images "
                                         f"flushed before it are kept in {args.output_dir}")
@@ -374,13 +409,15 @@ def run_baseline(model, loader, store, outputs, device, args, class_subset=None)
     done, progress = 0, ProgressLine(len(loader.dataset), args.print_freq * loader.batch_size)
     try:
         for batch in loader:
+            start = time.time()
             images = batch['image'].to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 logits = model.logits(images)
-            preds, ces = (x.numpy() for x in predictions(logits.cpu(), batch['label'], class_subset))
+            records = {k: v.numpy() for k, v in classification(logits.cpu(), batch['label'], class_subset).items()}
+            seconds = (time.time() - start) / len(batch['index'])
             for i, index in enumerate(batch['index'].tolist()):
-                store.add(index=index, label=int(batch['label'][i]), pred=preds[i:i + 1], ce_loss=ces[i:i + 1],
-                          seconds=0.)
+                store.add(index=index, label=int(batch['label'][i]), **{k: v[i:i + 1] for k, v in records.items()},
+                          seconds=seconds)
             done += len(preds)
             store.flush()
             outputs.update()

@@ -8,7 +8,7 @@ Each process runs its own stream over a contiguous share of the images: the numb
 of the run's settings. The state is saved with the results, so a killed run continues exactly.
 """
 from engine_online import OnlineTrainer
-from main_test_time_training import run_ttt
+from main_test_time_training import check_stop_rule, run_ttt
 from util.cli import (NON_NEGATIVE_FLOAT, NON_NEGATIVE_INT, POSITIVE_FLOAT, POSITIVE_INT, ArgumentParser,
                       add_adaptation_args, add_data_args, add_model_args, add_run_args, add_test_time_args, number,
                       run_main)
@@ -51,6 +51,7 @@ def get_args_parser():
 
 
 def main(args):
+    check_stop_rule(args)
     run_ttt(args, OnlineTrainer, online=True)
 
 

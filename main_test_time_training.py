@@ -60,6 +60,16 @@ def check_args(args):
     if args.amp == 'fp16' and (args.parallel_images > 1 or args.compile):
         raise UserError("--amp fp16 runs one image at a time without --compile (its loss scale is per image); "
                         "use --amp bf16 with --parallel_images or --compile")
+    if args.stop_rule and (args.parallel_images > 1 or args.compile):
+        raise UserError("--stop_rule stops images one at a time in the default loop: drop --parallel_images and "
+                        "--compile")
+    check_stop_rule(args)
+
+
+def check_stop_rule(args):
+    if args.stop_rule and args.stop_rule[0] == 'fixed' and args.stop_rule[1] > args.steps_per_example:
+        raise UserError(f"--stop_rule fixed:{args.stop_rule[1]} stops after more steps than --steps_per_example "
+                        f"{args.steps_per_example}")
 
 
 def main(args):

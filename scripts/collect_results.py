@@ -56,7 +56,8 @@ def read_run(folder, method):
                 raise ValueError('accuracy_per_step is empty')
             return {'curve': curve, 'complete': bool(r['complete']), 'num_images': r.get('num_images'),
                     'num_images_expected': r.get('num_images_expected'), 'source': 'results.json',
-                    'selection': r.get('selection')}
+                    'selection': r.get('selection'), 'device_seconds': r.get('device_seconds'),
+                    'device': r.get('device')}
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise UserError(f"cannot read {json_path}: {type(e).__name__}: {e}") from None
     if os.path.exists(txt_path):
@@ -80,7 +81,8 @@ def read_run(folder, method):
         except (OSError, ValueError) as e:
             raise UserError(f"cannot read {txt_path}: {e}") from None
         return {'curve': curve, 'complete': counts[0] is None, 'num_images': counts[0],
-                'num_images_expected': counts[1], 'source': 'accuracy.txt', 'selection': None}
+                'num_images_expected': counts[1], 'source': 'accuracy.txt', 'selection': None,
+                'device_seconds': None, 'device': None}
     return None
 
 
@@ -162,10 +164,21 @@ def collect(root, step=None, allow_partial=False, metric='accuracy'):
             if run:
                 selections.setdefault(selection_text(run['selection']), []).append(f'{c} ({method})')
     return {'root': root, 'step': step, 'metric': metric, 'columns': columns, 'mean_over': mean_over,
-            'selections': selections,
+            'selections': selections, 'cost': cost({'ttt': ttt, 'baseline': baseline}),
             'not_run': [c for c in CORRUPTIONS if c not in columns] if set(mean_over) <= set(CORRUPTIONS) else [],
             'allow_partial': allow_partial,
             'rows': rows, 'curves': curves, 'mean_curve': mean_curve}
+
+
+def cost(runs):
+    """The device-hours of the runs read (from results.json's device_seconds: every process, resumed parts
+    included), per method, the devices they ran on, and how many runs recorded none."""
+    recorded = [(method, r) for method, by_column in runs.items() for r in by_column.values() if r]
+    hours = {method: sum(r['device_seconds'] for m, r in recorded if m == method and r['device_seconds'] is not None)
+             / 3600 for method in runs}
+    return {'device_hours': hours, 'total_device_hours': sum(hours.values()),
+            'devices': sorted({r['device'] for _, r in recorded if r['device']}),
+            'runs_without_record': sum(r['device_seconds'] is None for _, r in recorded)}
 
 
 def fmt(c):
@@ -202,6 +215,12 @@ def markdown(summary):
         notes.append('\u2020 read from accuracy.txt (released format), which does not record whether the run finished')
     if summary['not_run']:
         notes.append(f"not run: {', '.join(summary['not_run'])}")
+    c = summary['cost']
+    notes.append(f"device time: {c['total_device_hours']:.3g} device-hours (TTT-MAE {c['device_hours']['ttt']:.3g}, "
+                 f"no adaptation {c['device_hours']['baseline']:.3g})"
+                 + (f" on {', '.join(c['devices'])}" if c['devices'] else '')
+                 + (f"; {c['runs_without_record']} runs record none (accuracy.txt, or an older results.json)"
+                    if c['runs_without_record'] else ''))
     if summary['columns'] != summary['mean_over']:
         notes.append('the mean is over the standard corruptions only, not (' + ', '.join(
             c for c in cols if c not in summary['mean_over']) + ')')

@@ -48,6 +48,8 @@
 #   DEMO_STREAM_IMAGES     images of each of the three streams (default: 300)
 #   DEMO_RECONSTRUCTIONS   reconstruction pictures saved for the first N images of each episodic run (default 3)
 #   DEMO_REPORT_STEP       the TTT step tabulated (default: 4; the figure shows every step)
+#   DEMO_CHOOSE_ON         results of a DEMO_SPLIT=val run, on whose TTT runs the stopping rules' parameters
+#                          are chosen (default: $DEMO_OUT/results_val, where it exists)
 set -euo pipefail
 (( BASH_VERSINFO[0] >= 5 )) || { echo "error: scripts/demo.sh needs bash 5 or newer (this is $BASH_VERSION)" >&2; exit 2; }
 
@@ -58,6 +60,7 @@ OUT=${DEMO_OUT:-demo_out}
 OUT=${OUT#./} && OUT=${OUT%/}  # one spelling per folder in the stages' records (below)
 SPLIT=${DEMO_SPLIT:-test}
 RESULTS=${DEMO_RESULTS:-$OUT/results_$SPLIT}
+CHOOSE_ON=${DEMO_CHOOSE_ON:-$OUT/results_val}
 export OMP_NUM_THREADS=${DEMO_THREADS:-2}
 # Fixed before any tuning, one or more per ImageNet-C family, at severity 5: noise (gaussian_noise),
 # blur (motion_blur), weather (fog), digital (contrast, pixelate). Left out as unreadable at 32x32
@@ -294,6 +297,16 @@ stage collect never "" "" \
     --title "Digits-C ($SPLIT split, severity $SEVERITY), TTT-MAE vs no adaptation"
 stage "paired gains" never "" "" \
     "$PY" scripts/paired_gain.py "$RESULTS" --step "$REPORT_STEP" --out "$RESULTS/paired_gain"
+# how many steps each image needs: stopping rules scored on the TTT runs, without rerunning; each family's
+# parameter chosen on the validation split's runs where they exist (a DEMO_SPLIT=val run before)
+runs=() choose=()
+for c in $CORRUPTIONS; do runs+=("$RESULTS/$c"); done
+if [[ $SPLIT != val && -d $CHOOSE_ON ]]; then
+    choose=(--choose_on)
+    for c in $CORRUPTIONS; do choose+=("$CHOOSE_ON/$c"); done
+fi
+stage "step rules" never "" "" \
+    "$PY" scripts/step_rules.py "${runs[@]}" ${choose[@]+"${choose[@]}"} --out "$RESULTS/step_rules"
 
 total=$(awk -v a="$DEMO_START" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f", b - a }')
 printf 'total\tran\t%s\n' "$total" >> "$TIMES"

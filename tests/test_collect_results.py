@@ -158,6 +158,17 @@ def test_extra_corruptions_are_shown_but_not_averaged(complete_root):
     assert ttt[-2:] == ['62.0', '29.1'] and baseline[-2:] == ['missing', '18.4']
 
 
+def test_the_sweeps_device_hours_are_summed_under_the_table(complete_root, tmp_path):
+    for folder, seconds in (('gaussian_noise', 5400.), ('gaussian_noise/baseline', 360.), ('shot_noise', 1800.)):
+        path = complete_root / folder / 'results.json'
+        record = json.loads(path.read_text())
+        path.write_text(json.dumps({**record, 'device_seconds': seconds, 'device': 'NVIDIA H100 80GB HBM3'}))
+    r = collect(complete_root, '--out', tmp_path / 's')
+    assert ('device time: 2.1 device-hours (TTT-MAE 2, no adaptation 0.1) on NVIDIA H100 80GB HBM3; 3 runs record '
+            'none') in r.stdout
+    assert json.load(open(tmp_path / 's.json'))['cost']['total_device_hours'] == pytest.approx(7560 / 3600)
+
+
 def test_folders_of_ones_own_are_columns_in_natural_order(tmp_path):
     """A dataset of one's own (docs/own_data.md): any folder holding a run is a column; with no ImageNet-C
     corruption among them the mean is over them all; beside corruptions it is over the corruptions only."""

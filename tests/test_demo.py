@@ -49,7 +49,7 @@ def test_every_stage_ran_and_wrote_its_outputs(demo):
                                           for m in ('baseline', 'TTT-MAE', 'TTT-MAE online')] \
         + ["figure's images", "figure's reconstructions", 'stream of the corruptions'] \
         + [f'{s} stream {m}' for s in STREAMS for m in ('baseline', 'online')] \
-        + ['stream gains', 'collect', 'paired gains', 'total']
+        + ['stream gains', 'collect', 'paired gains', 'step rules', 'total']
     assert list(times) == expected
     assert all(t['status'] == 'ran' and float(t['seconds']) >= 0 for t in times.values())
     assert read_json(f'{out}/digits/digits.json')['counts'] == {'train': 200, 'val': 50, 'test': 50}
@@ -63,7 +63,8 @@ def test_every_stage_ran_and_wrote_its_outputs(demo):
         assert sorted(os.listdir(folder)) == [str(d) for d in range(10)]
         assert all(len(os.listdir(f'{folder}/{d}')) == PER_CLASS for d in range(10))
     assert read_json(f'{out}/clean_test/results.json')['num_images'] == 50
-    for name in ('summary.csv', 'summary.json', 'summary.png', 'paired_gain.md', 'paired_gain.json'):
+    for name in ('summary.csv', 'summary.json', 'summary.png', 'paired_gain.md', 'paired_gain.json', 'step_rules.md',
+                 'step_rules.json', 'step_rules.png'):
         assert os.path.getsize(f'{out}/results_test/{name}') > 0
     assert '| mean of 2 |' in first.stdout and 'TTT-MAE online (step 1)' in first.stdout
     for c in CORRUPTIONS:  # the first images of each episodic run, pictured

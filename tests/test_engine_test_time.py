@@ -222,12 +222,15 @@ def test_views_and_classification(test_folder):
     gens = [torch.Generator().manual_seed(i) for i in range(2)]
     crops = training_views(images, own, gens, trainer.args)
     assert crops.shape == (2, 2, 5, 3, 16, 16) and not torch.equal(crops[0], crops[1])
-    pred, ce = trainer.classify(images[1], torch.tensor(1))
+    classified = trainer.classify(images[1], torch.tensor(1))
     model = tiny_model().eval()
     with torch.no_grad():
         logits = model(images[1], mask_ratio=0, reconstruct=False)[3]
-    assert pred.item() == logits.argmax(1).item()
-    torch.testing.assert_close(ce, torch.nn.functional.cross_entropy(logits[0], torch.tensor(1)))
+    assert classified['pred'].item() == logits.argmax(1).item()
+    torch.testing.assert_close(classified['ce_loss'], torch.nn.functional.cross_entropy(logits[0], torch.tensor(1)))
+    p = logits[0].softmax(0)
+    torch.testing.assert_close(classified['top1_prob'], p.max())
+    torch.testing.assert_close(classified['entropy'], -(p * p.log()).sum())
 
 
 def test_restricted_predictions_are_the_best_of_the_subset():
@@ -241,12 +244,17 @@ def test_restricted_predictions_are_the_best_of_the_subset():
     torch.testing.assert_close(ces, torch.stack(expected))
     preds, _ = ttt.predictions(logits, torch.tensor([1, 3]))
     assert preds.tolist() == [1, 3]
+    top1, entropy = ttt.confidence(logits, subset)  # the label-free signals over the same outputs
+    restricted = logits[:, subset].softmax(1)
+    torch.testing.assert_close(top1, restricted.max(1).values)
+    torch.testing.assert_close(entropy, -(restricted * restricted.log()).sum(1))
 
 
 def test_trainer_restricts_every_classification(test_folder):
     trainer = ttt.TestTimeTrainer(tiny_model(norm_pix_loss=True), ttt_args(), 'cpu', class_subset=[1])
     record, = adapt_all(trainer, items_of(test_folder, raw=False)[5:6])
     assert record['pred'].tolist() == [1] * 4 and np.allclose(record['ce_loss'], 0)  # one class: certain, always it
+    assert np.allclose(record['top1_prob'], 1) and np.allclose(record['entropy'], 0)
 
 
 def test_micro_batches_are_the_same_step(test_folder):
@@ -301,7 +309,7 @@ def test_a_second_loss_is_minimised_and_recorded_by_name(test_folder, k):
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), plain.state_dict().values()))
     make = (lambda m: ttt.TestTimeTrainer(m, args, 'cpu')) if k == 1 else (lambda m: FastTrainer(m, args, 'cpu', k=k))
     both, mae_only = stacked(adapt_all(make(model), items)), stacked(adapt_all(make(plain), items))
-    assert set(both) == {'pred', 'ce_loss', 'mae_loss', 'tv_loss'} and both['tv_loss'].shape == (3, 3)
+    assert set(both) == {'pred', 'ce_loss', 'top1_prob', 'entropy', 'mae_loss', 'tv_loss'} and both['tv_loss'].shape == (3, 3)
     assert np.all(both['tv_loss'] > 0)
     # step 1's losses come from the loaded weights either way; after that the second loss moved the weights
     np.testing.assert_array_equal(both['mae_loss'][:, 0], mae_only['mae_loss'][:, 0])
@@ -316,3 +324,24 @@ def test_a_second_loss_is_minimised_and_recorded_by_name(test_folder, k):
     with torch.no_grad():
         torch.testing.assert_close(trainer.adapted_weights()['cls_token'],
                                    reference.cls_token - args.lr * reference.cls_token.grad, rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize('rule', ['stable:1', 'plateau:0.05', 'confident:0.55', 'fixed:2'])
+def test_a_live_stop_rule_stops_where_the_rule_on_a_full_run_says(test_folder, rule):
+    """--stop_rule: each image stops adapting where util/stop_rules.py, applied to the full run's records,
+    says it would have; its predictions up to there are the full run's, later steps repeat the last."""
+    from util import stop_rules
+    items = items_of(test_folder, raw=False)
+    full = adapt_all(ttt.TestTimeTrainer(tiny_model(norm_pix_loss=True), ttt_args('--steps_per_example', '5'), 'cpu'),
+                     items)
+    live = adapt_all(ttt.TestTimeTrainer(tiny_model(norm_pix_loss=True),
+                                         ttt_args('--steps_per_example', '5', '--stop_rule', rule), 'cpu'), items)
+    stops = []
+    for f, l in zip(full, live):
+        stop = stop_rules.stop_step(*stop_rules.parse(rule), f['pred'], f['top1_prob'], f['mae_loss'])
+        assert l['stop_step'] == stop and l['pred'][-1] == f['pred'][stop]
+        assert all(np.array_equal(l[k][:stop + 1], f[k][:stop + 1]) for k in ('pred', 'ce_loss', 'top1_prob', 'entropy'))
+        assert np.array_equal(l['mae_loss'][:stop], f['mae_loss'][:stop])
+        assert np.all(l['pred'][stop:] == l['pred'][stop]) and l['mae_loss'].shape == (5,)
+        stops.append(stop)
+    assert min(stops) < 5  # the rule fired on some image

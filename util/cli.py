@@ -80,6 +80,25 @@ def number(kind, low=None, high=None, low_open=False, high_open=False):
     return parse
 
 
+def stop_rule(text):
+    """An argparse type: a stopping rule NAME:PARAM (util/stop_rules.py), checked while parsing."""
+    from util.stop_rules import parse
+    try:
+        return parse(text)
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+class Switch(argparse.Action):
+    """A flag and its negation as one entry of --help: --x sets True, --no_x sets False."""
+
+    def __init__(self, option_strings, dest, default=False, help=None):
+        super().__init__(option_strings, dest, nargs=0, default=default, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, not option_string.startswith('--no_'))
+
+
 POSITIVE_INT = number(int, 1)
 NON_NEGATIVE_INT = number(int, 0)
 POSITIVE_FLOAT = number(float, 0, low_open=True)
@@ -173,9 +192,8 @@ def add_data_args(parser, data_help, min_crop_scale=None):
                            help='no random horizontal flips in training (e.g. for digits or text)')
     group.add_argument('--num_workers', default=10, type=NON_NEGATIVE_INT,
                        help='image decoding processes (0: decode in the main process)')
-    group.add_argument('--pin_mem', action='store_true', default=True,
-                       help='pin host memory of loaded batches for faster copies to the GPU')
-    group.add_argument('--no_pin_mem', action='store_false', dest='pin_mem', help='do not pin host memory')
+    group.add_argument('--pin_mem', '--no_pin_mem', action=Switch, default=True,
+                       help='pin host memory of loaded batches for faster copies to the GPU (or not)')
     return group
 
 
@@ -242,10 +260,9 @@ def add_adaptation_args(parser, steps, finetune_mode, optimizer_type, weight_dec
     group.add_argument('--accum_iter', default=1, type=POSITIVE_INT, help='micro-batches of views per step')
     group.add_argument('--steps_per_example', default=steps, type=NON_NEGATIVE_INT, help='optimiser steps per image')
     group.add_argument('--mask_ratio', default=0.75, type=OPEN_FRACTION, help='fraction of patches removed')
-    group.add_argument('--single_crop', action='store_true',
-                       help='every view is the eval crop (the paper); otherwise random resized crops + flips')
-    group.add_argument('--no_single_crop', action='store_false', dest='single_crop',
-                       help='random resized crops + flips (the default; the released flag)')
+    group.add_argument('--single_crop', '--no_single_crop', action=Switch,
+                       help='every view is the eval crop (the paper), or (--no_single_crop, the released flag) '
+                            'random resized crops + flips')
     group.add_argument('--finetune_mode', default=finetune_mode, choices=FINETUNE_MODES,
                        help='what adapts: encoder = everything but the decoder (the paper); all = the decoder '
                             'too; encoder_no_cls_no_msk = the encoder without cls_token and mask_token')
@@ -260,6 +277,10 @@ def add_adaptation_args(parser, steps, finetune_mode, optimizer_type, weight_dec
         group.add_argument('--blr', default=1e-2, type=POSITIVE_FLOAT, help='base lr, scaled by the views per step / 256')
     else:
         group.add_argument('--lr', default=lr, type=POSITIVE_FLOAT, help='learning rate')
+    group.add_argument('--stop_rule', default=None, type=stop_rule, metavar='NAME:PARAM',
+                       help="stop adapting an image once a label-free rule fires (fixed:K, stable:M, plateau:X, "
+                            "confident:P; util/stop_rules.py); the per-step records keep their width. None: "
+                            "--steps_per_example steps for every image (the paper)")
     group.add_argument('--flush_every', default=10, type=POSITIVE_INT, help='save results every N images')
     group.add_argument('--verbose', action='store_true',
                        help="print every step's losses of each image once it is done (the released lines)")

@@ -152,6 +152,12 @@ def loss_keys(records):
     return sorted(k for k in records if k.endswith('_loss') and k != 'ce_loss')
 
 
+def nan_mean(values):
+    """The mean over images (axis 0) of the values that are not NaN (NaN where none is)."""
+    count = np.sum(~np.isnan(values), axis=0)
+    return np.where(count > 0, np.nansum(values, axis=0) / np.maximum(count, 1), np.nan)
+
+
 def summarize(records, num_expected):
     """Per-step accuracy (percent) and mean losses over the records (online: and their drift)."""
     correct = records['pred'] == records['label'][:, None]
@@ -161,7 +167,9 @@ def summarize(records, num_expected):
         'complete': bool(len(records['index']) == num_expected),
         'accuracy_per_step': (100 * correct.mean(axis=0)).tolist(),
         'cross_entropy_per_step': records['ce_loss'].mean(axis=0).tolist(),
-        **{f'{key}_per_step': records[key].mean(axis=0).tolist() for key in loss_keys(records)},
+        # NaN: the losses of images that --stop_rule stopped before their first step
+        **{f'{key}_per_step': nan_mean(records[key]).tolist() for key in loss_keys(records)},
+        **({'mean_steps_used': float(records['stop_step'].mean())} if 'stop_step' in records else {}),
         **({'drift': drift(records)} if 'weight_distance' in records else {}),
     }
 
@@ -216,7 +224,9 @@ def write_outputs(args, run, method, wall_time_s, images_this_run, final=True):
               'steps_per_example': getattr(args, 'steps_per_example', 0),
               'wall_time_s': wall_time_s,
               'images_per_s': images_this_run / wall_time_s if wall_time_s > 0 else None,
-              'seconds_per_image': float(records['seconds'].mean()) if method == 'ttt' else None,
+              'seconds_per_image': float(records['seconds'].mean()),
+              # the device time of every process together, resumed parts included: the sum over images
+              'device_seconds': float(records['seconds'].sum()), **run.device_record(),
               'checkpoints': {k: {'file': os.path.abspath(getattr(args, k)), 'sha256': run.checkpoint_sha256[k]}
                               for k in ('resume_model', 'resume_finetune')},
               'args': json.loads(json.dumps(vars(args), default=str))}

@@ -3,6 +3,7 @@ model, and which images are left to do."""
 import hashlib
 import json
 import os
+import platform
 from dataclasses import dataclass
 from typing import Optional
 
@@ -61,6 +62,14 @@ class Run:
     num_images_in_folder: int
     todo: Optional[list] = None  # this process's images left, None when the run is finished
     online: Optional[OnlineStream] = None
+
+    def device_record(self):
+        """What results.json records of the device: its name, the torch version and (on a GPU) this process's
+        peak memory held by tensors."""
+        cuda = self.device.type == 'cuda'
+        return {'device': torch.cuda.get_device_name(self.device) if cuda else platform.processor() or 'cpu',
+                'torch': torch.__version__,
+                'peak_memory_gib': torch.cuda.max_memory_allocated(self.device) / 2 ** 30 if cuda else None}
 
 
 def run_config(args, checkpoint_sha256, subset_file_sha256=None, online=False):
