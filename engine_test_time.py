@@ -418,7 +418,7 @@ def run_baseline(model, loader, store, outputs, device, args, class_subset=None)
             for i, index in enumerate(batch['index'].tolist()):
                 store.add(index=index, label=int(batch['label'][i]), **{k: v[i:i + 1] for k, v in records.items()},
                           seconds=seconds)
-            done += len(preds)
+            done += len(batch['index'])
             store.flush()
             outputs.update()
             progress.update(done)
