@@ -5,6 +5,7 @@ import torch
 
 from engine_test_time import run_baseline
 from models_mae import build_model
+import models_vit  # noqa: F401 (registers MAE's fine-tuned ViTs: the paper's Fine-Tune row)
 from util import distributed
 from util.cli import POSITIVE_INT, ArgumentParser, add_data_args, add_model_args, add_run_args, add_test_time_args, \
     run_main

@@ -16,6 +16,7 @@ import argparse
 import csv
 import io
 import json
+import math
 import os
 import re
 import sys
@@ -29,9 +30,22 @@ from util.io import atomic_path, write_json, write_text  # noqa: E402
 from util.results import sweep_corruptions  # noqa: E402
 
 
+# runs without adaptation, ROOT/<corruption>/<folder>/: the probe's (the paper's ViT Probe row), MAE's fine-tuned
+# ViT (Fine-Tune) and a jointly trained model (Joint Train), each a test_without_adaptation.py run
+FIXED_MODELS = {'baseline': 'no adaptation', 'finetuned': 'fine-tune (MAE)', 'joint': 'joint train'}
+REFERENCES = os.path.join(REPO_ROOT, 'docs', 'results', 'references')
+
+
 def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('root', help="the sweep's output root (ROOT/<corruption>/[baseline/])")
+    parser.add_argument('roots', nargs='+', metavar='ROOT',
+                        help="a sweep's output root (ROOT/<corruption>/[baseline/]); several: their mean accuracy "
+                             "per TTT step side by side (ablations)")
+    parser.add_argument('--labels', nargs='+', default=None, help="the roots' names in the comparison (default: "
+                                                                   "their folder names)")
+    parser.add_argument('--reference', default=None,
+                        help=f"rows to compare with, under the table: a name ({', '.join(known_references())}; "
+                             f"docs/results/references/) or a JSON file of that format")
     parser.add_argument('--step', default=None, type=int, help='TTT step to tabulate (default: the last one)')
     parser.add_argument('--out', default=None, help='output prefix (default: ROOT/summary)')
     parser.add_argument('--title', default=None, help="the figure's title (default: 'ImageNet-C: <ROOT folder name>')")
@@ -123,12 +137,13 @@ def collect(root, step=None, allow_partial=False, metric='accuracy'):
     columns = sweep_corruptions(root)
 
     ttt = {c: read_run(os.path.join(root, c), 'ttt') for c in columns}
-    baseline = {c: read_run(os.path.join(root, c, 'baseline'), 'baseline') for c in columns}
+    fixed = {sub: {c: read_run(os.path.join(root, c, sub), 'baseline') for c in columns} for sub in FIXED_MODELS}
+    baseline = fixed['baseline']
     for c, run in ttt.items():  # a released accuracy.txt has no step 0: it is the baseline's accuracy
         if run and 0 not in run['curve'] and baseline[c] and baseline[c]['complete']:
             run['curve'][0] = baseline[c]['curve'][0]
     if metric == 'error':
-        for run in [*ttt.values(), *baseline.values()]:
+        for run in [*ttt.values(), *(r for runs in fixed.values() for r in runs.values())]:
             if run:
                 run['curve'] = {k: 100 - v for k, v in run['curve'].items()}
     last_steps = [max(r['curve']) for r in ttt.values() if r]
@@ -140,8 +155,9 @@ def collect(root, step=None, allow_partial=False, metric='accuracy'):
     # the ImageNet-C mean is over its 15 standard corruptions; folders of one's own are averaged only alone
     mean_over = [c for c in columns if c in CORRUPTIONS] or columns
     rows = []
-    for method, label, runs, s in (('baseline', 'no adaptation', baseline, 0),
-                                   ('ttt', f'TTT-MAE (step {step})', ttt, step)):
+    present = [(sub, FIXED_MODELS[sub], runs, 0) for sub, runs in fixed.items()
+               if sub == 'baseline' or any(runs.values())]
+    for method, label, runs, s in present + [('ttt', f'TTT-MAE (step {step})', ttt, step)]:
         cells = {c: cell(runs[c], s) for c in columns}
         rows.append({'method': method, 'label': label, 'step': s, 'cells': cells,
                      'mean': mean_cell([cells[c] for c in mean_over], allow_partial)})
@@ -160,11 +176,11 @@ def collect(root, step=None, allow_partial=False, metric='accuracy'):
                       'value': [sum(ttt[c]['curve'][k] for c in members) / len(members) for k in steps]}
     selections = {}  # which images the numbers come from: corruption folders that share one
     for c in columns:
-        for method, run in (('ttt', ttt[c]), ('baseline', baseline[c])):
+        for method, run in [('ttt', ttt[c])] + [(sub, runs[c]) for sub, runs in fixed.items()]:
             if run:
                 selections.setdefault(selection_text(run['selection']), []).append(f'{c} ({method})')
     return {'root': root, 'step': step, 'metric': metric, 'columns': columns, 'mean_over': mean_over,
-            'selections': selections, 'cost': cost({'ttt': ttt, 'baseline': baseline}),
+            'selections': selections, 'cost': cost({'ttt': ttt, **fixed}),
             'not_run': [c for c in CORRUPTIONS if c not in columns] if set(mean_over) <= set(CORRUPTIONS) else [],
             'allow_partial': allow_partial,
             'rows': rows, 'curves': curves, 'mean_curve': mean_curve}
@@ -177,6 +193,7 @@ def cost(runs):
     hours = {method: sum(r['device_seconds'] for m, r in recorded if m == method and r['device_seconds'] is not None)
              / 3600 for method in runs}
     return {'device_hours': hours, 'total_device_hours': sum(hours.values()),
+            'methods_run': sorted({method for method, _ in recorded}),
             'devices': sorted({r['device'] for _, r in recorded if r['device']}),
             'runs_without_record': sum(r['device_seconds'] is None for _, r in recorded)}
 
@@ -216,8 +233,9 @@ def markdown(summary):
     if summary['not_run']:
         notes.append(f"not run: {', '.join(summary['not_run'])}")
     c = summary['cost']
-    notes.append(f"device time: {c['total_device_hours']:.3g} device-hours (TTT-MAE {c['device_hours']['ttt']:.3g}, "
-                 f"no adaptation {c['device_hours']['baseline']:.3g})"
+    labels = {'ttt': 'TTT-MAE', **FIXED_MODELS}
+    notes.append(f"device time: {c['total_device_hours']:.3g} device-hours ("
+                 + ', '.join(f"{labels[m]} {h:.3g}" for m, h in c['device_hours'].items() if m in c['methods_run']) + ')'
                  + (f" on {', '.join(c['devices'])}" if c['devices'] else '')
                  + (f"; {c['runs_without_record']} runs record none (accuracy.txt, or an older results.json)"
                     if c['runs_without_record'] else ''))
@@ -276,10 +294,146 @@ def plot(summary, path, title):
     plt.close(fig)
 
 
+def known_references():
+    return sorted(os.path.splitext(f)[0] for f in os.listdir(REFERENCES) if f.endswith('.json'))
+
+
+def load_reference(name):
+    """A reference table ({'source', 'metric', 'rows': {label: {'method', 'values', 'mean'}}}), checked."""
+    path = name if name.endswith('.json') or os.sep in name else os.path.join(REFERENCES, name + '.json')
+    if not os.path.exists(path):
+        raise UserError(f"unknown reference {name!r}: neither a file nor one of {', '.join(known_references())}")
+    try:
+        with open(path) as f:
+            reference = json.load(f)
+        rows = reference['rows']
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"cannot read reference {path}: {type(e).__name__}: {e}") from None
+    for label, row in rows.items():
+        values = row.get('values') if isinstance(row, dict) else None
+        if not isinstance(values, dict) or row.get('method') not in ('ttt', *FIXED_MODELS):
+            raise UserError(f"reference {path}: row {label!r} needs 'method' (ttt, {', '.join(FIXED_MODELS)}) and "
+                            f"'values' {{corruption: number}}")
+        unknown = [c for c in values if c not in CORRUPTIONS + EXTRA_CORRUPTIONS]
+        bad = [c for c, v in values.items() if not isinstance(v, (int, float))]
+        if unknown or bad:
+            raise UserError(f"reference {path}: row {label!r} has " + (f"corruptions that are not ImageNet-C's: "
+                            f"{', '.join(unknown)}" if unknown else f"values that are not numbers: {', '.join(bad)}"))
+    return {**reference, 'file': os.path.abspath(path)}
+
+
+def compare_with(summary, reference):
+    """Each reference row under the run's row of the same method, and each column's difference; for a run of
+    fewer images than the full set, whether the difference is within 2 of its own standard errors
+    (sqrt(p (1 - p) / n) of its accuracy p over its n images)."""
+    ours = {row['method']: row for row in summary['rows']}
+    compared = []
+    for label, ref in reference['rows'].items():
+        values = {c: (100 - v if summary['metric'] == 'error' else v) for c, v in ref['values'].items()}
+        row, cells = ours.get(ref['method']), {}
+        for c in summary['columns']:
+            if c not in values or row is None or row['cells'][c]['value'] is None:
+                continue
+            x = row['cells'][c]
+            diff = x['value'] - values[c]
+            subset = x.get('selection') is not None and not x['selection'].get('all')
+            se = 100 * math.sqrt(x['value'] / 100 * (1 - x['value'] / 100) / x['num_images']) \
+                if subset and x.get('num_images') else None
+            cells[c] = {'reference': values[c], 'difference': diff, 'se': se,
+                        'within_2se': None if se is None else abs(diff) <= 2 * se}
+        compared.append({'label': label, 'method': ref['method'], 'ours': row['label'] if row else None,
+                         'values': values, 'cells': cells})
+    return {'source': reference.get('source'), 'file': reference['file'], 'rows': compared}
+
+
+def reference_markdown(summary):
+    cols, ref = summary['columns'], summary['reference']
+    lines = ['', f"Reference: {ref['source']} ({ref['file']})", '',
+             '| row | ' + ' | '.join(cols) + ' |', '|---|' + '---:|' * len(cols)]
+    for row in ref['rows']:
+        lines.append(f"| {row['label']} | " + ' | '.join(f"{row['values'][c]:.1f}" if c in row['values'] else ''
+                                                       for c in cols) + ' |')
+        if row['ours']:
+            def diff(c):
+                x = row['cells'].get(c)
+                if x is None:
+                    return ''
+                mark = '' if x['within_2se'] is None else (' ok' if x['within_2se'] else ' !')
+                return f"{x['difference']:+.1f}{mark}"
+            lines.append(f"| {row['ours']} - {row['label']} | " + ' | '.join(diff(c) for c in cols) + ' |')
+    if any(x['within_2se'] is not None for row in ref['rows'] for x in row['cells'].values()):
+        lines += ['', 'ok / !: the difference is within / beyond 2 standard errors of the run\'s own sampling error '
+                      '(runs of fewer images than the full set)']
+    return '\n'.join(lines) + '\n'
+
+
+def compare_roots(roots, labels, step_metric):
+    """The mean accuracy per TTT step of several sweeps (their complete standard runs), side by side."""
+    curves = []
+    for root, label in zip(roots, labels):
+        summary = collect(root, None, False, step_metric)
+        if not summary['mean_curve']:
+            raise UserError(f"{root} has no complete TTT run to average")
+        m = summary['mean_curve']
+        curves.append({'label': label, 'root': os.path.abspath(root), 'steps': m['steps'], 'value': m['value'],
+                       'corruptions': m['corruptions']})
+    return {'metric': step_metric, 'curves': curves}
+
+
+def comparison_markdown(comparison):
+    last = max(max(c['steps']) for c in comparison['curves'])
+    lines = ['| run | corruptions | ' + ' | '.join(f'step {k}' for k in range(last + 1)) + ' |',
+             '|---|---:|' + '---:|' * (last + 1)]
+    for c in comparison['curves']:
+        by_step = dict(zip(c['steps'], c['value']))
+        lines.append(f"| {c['label']} | {len(c['corruptions'])} | "
+                     + ' | '.join(f'{by_step[k]:.1f}' if k in by_step else '' for k in range(last + 1)) + ' |')
+    return '\n'.join(lines + ['', f"mean top-1 {comparison['metric']} (%) over each run's complete corruptions, "
+                                   'per TTT step (step 0: before adaptation)']) + '\n'
+
+
+def plot_comparison(comparison, path, title):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for c in comparison['curves']:  # each up to its own last step
+        ax.plot(c['steps'], c['value'], marker='o', ms=3, label=f"{c['label']} ({len(c['corruptions'])} corruptions)")
+    ax.set_xlabel('TTT step (0 = before adaptation)')
+    ax.set_ylabel(f"mean top-1 {comparison['metric']} (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format='png', dpi=120)
+    plt.close(fig)
+
+
 def main(args):
+    if len(args.roots) > 1:
+        labels = args.labels or [os.path.basename(os.path.abspath(r)) for r in args.roots]
+        if len(labels) != len(args.roots):
+            raise UserError(f"--labels gives {len(labels)} names for {len(args.roots)} roots")
+        if args.reference or args.step is not None:
+            raise UserError("--reference and --step take one root; several roots are compared step by step")
+        comparison = compare_roots(args.roots, labels, args.metric)
+        prefix = args.out or os.path.join(os.path.dirname(os.path.abspath(args.roots[0])), 'comparison')
+        table = comparison_markdown(comparison)
+        print(table, end='')
+        write_text(prefix + '.md', table)
+        write_json(prefix + '.json', comparison)
+        plot_comparison(comparison, prefix + '.png', args.title or 'TTT-MAE: ' + ' vs '.join(labels))
+        print(f"\nwrote {prefix}.md, {prefix}.json, {prefix}.png")
+        return
+    args.root = args.roots[0]
+    reference = load_reference(args.reference) if args.reference else None  # a bad one stops before any output
     summary = collect(args.root, args.step, args.allow_partial, args.metric)
     prefix = args.out or os.path.join(args.root, 'summary')
     table = markdown(summary)
+    if reference:
+        summary['reference'] = compare_with(summary, reference)
+        table += reference_markdown(summary)
     print(table, end='')
     write_text(prefix + '.csv', to_csv(summary))
     write_json(prefix + '.json', summary)

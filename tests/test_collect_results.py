@@ -239,3 +239,61 @@ def test_error_rates_and_which_images(complete_root, tmp_path):
            'shot_noise (ttt), shot_noise (baseline), fog (ttt), fog (baseline)' in error.stdout
     with open(tmp_path / 'err.csv') as f:
         assert 'error' in next(csv.reader(f))
+
+
+PAPER = json.load(open(os.path.join(REPO, 'docs', 'results', 'references', 'paper.json')))
+
+
+def test_the_paper_beside_the_users_numbers(complete_root, tmp_path):
+    """--reference paper: the paper's rows under the table, each corruption's difference, and for a run of
+    fewer images than the full set whether that difference is within 2 of its standard errors."""
+    path = complete_root / 'gaussian_noise' / 'results.json'  # 100 images of a 5,000-image list
+    record = json.loads(path.read_text())
+    path.write_text(json.dumps({**record, 'selection': {'images': 100, 'subset_file': '/ids.txt',
+                                                         'subset_file_sha256': 'ab' * 32}}))
+    (complete_root / 'gaussian_noise' / 'finetuned').mkdir()
+    baseline_json(complete_root / 'gaussian_noise' / 'finetuned', 41.0)
+    r = collect(complete_root, '--reference', 'paper', '--out', tmp_path / 's')
+    assert r.returncode == 0, r.stderr
+    rows = markdown_rows(r.stdout)
+    labels = [row[0] for row in rows]
+    assert labels[:5] == ['method', '---', 'no adaptation', 'fine-tune (MAE)', 'TTT-MAE (step 2)']
+    paper = {row[0]: row for row in rows[5:]}
+    assert paper['ViT Probe'][1:] == ['17.4', '18.2', '38.6']  # gaussian_noise, shot_noise, fog
+    # ours - paper: TTT at step 2 on gaussian_noise is 30.25 vs 30.5; SE of 30.25% over 100 images is 4.6
+    assert paper['TTT-MAE (step 2) - TTT-MAE'][1] == '-0.2 ok'
+    assert paper['TTT-MAE (step 2) - TTT-MAE'][3] == f"{45.0 - 44.7:+.1f}"  # fog, a released run: no SE check
+    summary = json.load(open(tmp_path / 's.json'))
+    cell = next(row for row in summary['reference']['rows'] if row['label'] == 'TTT-MAE')['cells']['gaussian_noise']
+    assert cell['se'] == pytest.approx(100 * (0.3025 * 0.6975 / 100) ** 0.5) and cell['within_2se']
+    assert summary['reference']['source'].startswith('Gandelsman')
+
+
+@pytest.mark.parametrize('reference, fragment', [
+    ('table9', "unknown reference 'table9': neither a file nor one of paper"),
+    ({'rows': {'Mine': {'method': 'ttt', 'values': {'gaussian_nois': 3}}}}, "row 'Mine' has corruptions that are not"),
+    ({'rows': {'Mine': {'method': 'ttt', 'values': {'fog': 'high'}}}}, "row 'Mine' has values that are not numbers: fog"),
+    ({'rows': {'Mine': {'values': {'fog': 3}}}}, "row 'Mine' needs 'method'")])
+def test_bad_references_are_one_line(complete_root, tmp_path, reference, fragment):
+    if isinstance(reference, dict):
+        (tmp_path / 'ref.json').write_text(json.dumps(reference))
+        reference = str(tmp_path / 'ref.json')
+    r = collect(complete_root, '--reference', reference)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and fragment in r.stderr, r.stderr
+
+
+def test_ablations_side_by_side_each_to_its_last_step(tmp_path):
+    sgd, adam = tmp_path / 'sgd', tmp_path / 'adam'
+    for c, accs in (('gaussian_noise', [10.0, 12.0, 14.0]), ('fog', [20.0, 22.0, 26.0])):
+        ttt_json(sgd / c, accs)
+        ttt_json(adam / c, accs[:1] + [15.0])  # one step only
+    r = collect(sgd, adam, '--labels', 'SGD', 'Adam', '--out', tmp_path / 'cmp')
+    assert r.returncode == 0, r.stderr
+    rows = markdown_rows(r.stdout)
+    assert rows[0] == ['run', 'corruptions', 'step 0', 'step 1', 'step 2']
+    assert rows[2] == ['SGD', '2', '15.0', '17.0', '20.0'] and rows[3] == ['Adam', '2', '15.0', '15.0', '']
+    comparison = json.load(open(tmp_path / 'cmp.json'))
+    assert [c['steps'] for c in comparison['curves']] == [[0, 1, 2], [0, 1]]
+    assert (tmp_path / 'cmp.png').read_bytes()[:4] == b'\x89PNG'
+    r = collect(sgd, adam, '--labels', 'SGD')
+    assert r.returncode == 2 and '--labels gives 1 names for 2 roots' in r.stderr

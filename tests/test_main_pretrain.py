@@ -212,8 +212,56 @@ def test_final_checkpoint_is_saved_before_the_last_numbered_one(image_folder, tm
     saved = []
     real_save = main_pretrain.save_checkpoint
     monkeypatch.setattr(main_pretrain, 'save_checkpoint',
-                        lambda path, *a: (saved.append(os.path.basename(path)), real_save(path, *a)))
+                        lambda path, *a, **k: (saved.append(os.path.basename(path)), real_save(path, *a, **k)))
     args = main_pretrain.get_args_parser().parse_args(pretrain_args(image_folder, tmp_path / 'out', 2, '--log_dir',
                                                                     '')[1:])
     main_pretrain.main(args)
     assert saved == ['checkpoint-0.pth', 'checkpoint-final.pth', 'checkpoint-1.pth']
+
+
+
+def test_joint_weight_0_is_plain_pretraining_bit_for_bit(image_folder, tmp_path):
+    run_inprocess([sys.executable, *pretrain_args(image_folder, tmp_path / 'plain', 2)])
+    run_inprocess([sys.executable, *pretrain_args(image_folder, tmp_path / 'zero', 2, '--joint_weight', '0')])
+    assert_same_weights(final_model(tmp_path / 'plain'), final_model(tmp_path / 'zero'))
+    assert not any(k.startswith('classifier') for k in final_model(tmp_path / 'plain'))
+
+
+def test_the_joint_loss_is_the_weighted_sum():
+    import argparse
+    from conftest import tiny_model
+    from main_pretrain import joint_loss
+    model = tiny_model(num_classes=2, norm_pix_loss=True)
+    images, labels = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 1, 0])
+    torch.manual_seed(5)
+    got = joint_loss(model, argparse.Namespace(mask_ratio=0.75, joint_weight=0.25))(images, labels)
+    torch.manual_seed(5)  # the same masks
+    mae = model(images, mask_ratio=0.75)[0]['mae']
+    ce = torch.nn.functional.cross_entropy(model.logits(images), labels)
+    torch.testing.assert_close(got, mae + 0.25 * ce, rtol=0, atol=0)
+
+
+def test_a_jointly_trained_checkpoint_loads_for_the_baseline_and_for_ttt(image_folder, tmp_path):
+    """Two processes (torchrun): the MAE and the ViT head trained together; the checkpoint records the
+    head's classes and serves as both --resume_model and --resume_finetune."""
+    out = tmp_path / 'joint'
+    run_script(torchrun(2, pretrain_args(image_folder, out, 2, '--joint_weight', '0.01', '--classifier_depth', '1')))
+    checkpoint = torch.load(out / 'checkpoint-final.pth', map_location='cpu', weights_only=False)
+    assert checkpoint['classes'] == ['class_a', 'class_b'] and 'classifier_blocks.0.norm1.weight' in checkpoint['model']
+    first = torch.load(out / 'checkpoint-0.pth', map_location='cpu', weights_only=False)['model']
+    assert not torch.equal(first['classifier_pred.weight'], checkpoint['model']['classifier_pred.weight'])
+    common = ['--data_path', f'{image_folder}/val', '--model', TINY, '--resume_model', str(out / 'checkpoint-final.pth'),
+              '--resume_finetune', str(out / 'checkpoint-final.pth'), '--classifier_depth', '1', '--num_classes', '2',
+              '--dataset_name', 'folder', '--num_workers', '0', '--device', 'cpu']
+    run_inprocess([sys.executable, 'test_without_adaptation.py', *common, '--output_dir', str(tmp_path / 'b')])
+    run_inprocess([sys.executable, 'main_test_time_training.py', *common, '--output_dir', str(tmp_path / 't'),
+                   '--steps_per_example', '1', '--batch_size', '2', '--single_crop'])
+    base = json.load(open(tmp_path / 'b' / 'results.json'))
+    ttt = json.load(open(tmp_path / 't' / 'results.json'))
+    assert base['complete'] and ttt['complete'] and ttt['accuracy_per_step'][0] == base['accuracy']
+
+
+def test_joint_only_flags_without_joint_training_are_refused(image_folder, tmp_path):
+    result = run_inprocess([sys.executable, *pretrain_args(image_folder, tmp_path / 'o', 1, '--classifier_depth', '2')],
+                           check=False)
+    assert result.returncode == 2 and '--classifier_depth sets the jointly trained head' in result.stderr

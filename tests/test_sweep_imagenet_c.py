@@ -101,3 +101,28 @@ def test_the_slurm_job_file_runs_its_array_task_and_the_baselines_alone(swept, c
     for sub in ('fog', 'fog/baseline'):
         a, b = (json.load(open(root / sub / 'results.json')) for root in (out, tmp_path / 'all'))
         assert a['accuracy_per_step'] == b['accuracy_per_step']
+
+
+def test_the_papers_other_rows_fine_tune_and_joint_train(swept, checkpoints, tmp_path):
+    """--finetuned evaluates a fine-tuned ViT into <corruption>/finetuned/, --joint a jointly trained MAE into
+    <corruption>/joint/, each without adaptation; the collector shows them as rows of their own."""
+    import torch
+    import models_vit  # noqa: F401
+    from models_mae import build_model
+    corrupted, _, _ = swept
+    torch.manual_seed(0)
+    torch.save({'model': build_model('vit_micro_patch4', num_classes=2).state_dict(), 'classes': ['class_a', 'class_b']},
+               tmp_path / 'ft.pth')  # a released one has 1000 outputs: ImageNet's classes
+    from conftest import tiny_model
+    torch.save({'model': tiny_model(num_classes=2, seed=3).state_dict(), 'classes': ['class_a', 'class_b']},
+               tmp_path / 'joint.pth')  # as main_pretrain.py --joint_weight writes: the MAE and its head
+    mae, probe = checkpoints
+    out = tmp_path / 'out'
+    result = run_script(['bash', 'scripts/sweep_imagenet_c.sh', corrupted, str(out), mae, probe, '--severity', '5',
+                         '--corruptions', 'fog', '--only', 'baseline', '--finetuned', str(tmp_path / 'ft.pth'),
+                         '--finetuned_model', 'vit_micro_patch4', '--joint', str(tmp_path / 'joint.pth'), *EXTRA],
+                        env={'PYTHON': sys.executable})
+    for sub in ('baseline', 'finetuned', 'joint'):
+        assert json.load(open(out / 'fog' / sub / 'results.json'))['complete']
+    assert json.load(open(out / 'fog' / 'finetuned' / 'results.json'))['args']['model'] == 'vit_micro_patch4'
+    assert '| fine-tune (MAE) |' in result.stdout and '| joint train |' in result.stdout

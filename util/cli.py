@@ -200,10 +200,12 @@ def add_data_args(parser, data_help, min_crop_scale=None):
 def add_test_time_args(parser):
     """What both test-time scripts (TTT and the baseline) evaluate: checkpoints, images, precision."""
     group = parser.add_argument_group('test time')
-    group.add_argument('--resume_model', required=True,
-                       help='MAE checkpoint with the decoder (e.g. mae_pretrain_vit_large_full.pth)')
+    group.add_argument('--resume_model', default=None,
+                       help='MAE checkpoint with the decoder (e.g. mae_pretrain_vit_large_full.pth); none for a '
+                            'fine-tuned ViT (--model vit_large_patch16)')
     group.add_argument('--resume_finetune', required=True,
-                       help='probe checkpoint with the classification head (written by main_prob.py)')
+                       help='probe checkpoint with the classification head (written by main_prob.py), or a fine-tuned '
+                            "ViT's (e.g. MAE's mae_finetuned_vit_large.pth with --model vit_large_patch16)")
     group.add_argument('--dataset_name', default='imagenet_c', choices=TEST_SET_NAMES,
                        help='what --data_path holds: imagenet_c, imagenet, imagenet_sketch: ImageNet wnid folders; '
                             'imagenet_r, imagenet_a: wnid folders of their 200 classes, predictions restricted to '

@@ -227,8 +227,8 @@ def write_outputs(args, run, method, wall_time_s, images_this_run, final=True):
               'seconds_per_image': float(records['seconds'].mean()),
               # the device time of every process together, resumed parts included: the sum over images
               'device_seconds': float(records['seconds'].sum()), **run.device_record(),
-              'checkpoints': {k: {'file': os.path.abspath(getattr(args, k)), 'sha256': run.checkpoint_sha256[k]}
-                              for k in ('resume_model', 'resume_finetune')},
+              'checkpoints': {k: {'file': os.path.abspath(getattr(args, k)), 'sha256': sha256}
+                              for k, sha256 in run.checkpoint_sha256.items()},
               'args': json.loads(json.dumps(vars(args), default=str))}
     if method == 'baseline':
         result.update(accuracy=steps[0], loss=summary['cross_entropy_per_step'][0])

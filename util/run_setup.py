@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from util import distributed
-from util.checkpoint import load_state_dict_strict, load_test_checkpoints
+from util.checkpoint import load_checkpoint, load_state_dict_strict, load_test_checkpoints, model_state
 from util.cli import make_output_dir
 from util.errors import UserError
 from util.datasets import ImageFolder, class_folders, folder_labels, imagenet_wnids
@@ -81,8 +81,8 @@ def run_config(args, checkpoint_sha256, subset_file_sha256=None, online=False):
         config['subset_file_sha256'] = subset_file_sha256
     # device_type: CPU and CUDA generators draw other masks
     config.update(data=os.path.abspath(args.data_path), device_type=torch.device(args.device).type)
-    for key in ('resume_model', 'resume_finetune'):
-        config[f'{key}_sha256'] = checkpoint_sha256[key]
+    for key, sha256 in checkpoint_sha256.items():
+        config[f'{key}_sha256'] = sha256
         config[f'{key}_file'] = os.path.abspath(getattr(args, key))
     if online:  # each process runs its own stream: their number changes the results
         config.update(online=True, online_processes=args.world_size)
@@ -111,15 +111,26 @@ def head_classes(args, probe_classes, num_outputs):
 
 def build_test_model(args, device, build_model):
     """The MAE checkpoint plus the probe's head, loaded strictly (docs/method.md), and the head's classes;
-    build_model: models_mae.build_model (passed in: util/ does not import the model)."""
+    or a fine-tuned ViT (models_vit.py) from its own checkpoint alone. build_model: models_mae.build_model
+    (passed in: util/ does not import the model)."""
     model = build_model(args.model, img_size=args.input_size, norm_pix_loss=getattr(args, 'norm_pix_loss', False),
                         head_type=args.head_type, classifier_depth=args.classifier_depth,
                         num_classes=args.num_classes)
     args.input_size = model.patch_embed.img_size[0]
-    state, probe_classes = load_test_checkpoints(args.resume_model, args.resume_finetune, args.head_type,
-                                                 model.head_prefixes)
-    load_state_dict_strict(model, state, f"{args.resume_model} + {args.resume_finetune}")
-    return model.to(device), head_classes(args, probe_classes, args.num_classes)
+    if getattr(model, 'takes_test_time_training', True):
+        if not args.resume_model:
+            raise UserError(f"--model {args.model} needs --resume_model, the MAE checkpoint with its decoder")
+        state, classes = load_test_checkpoints(args.resume_model, args.resume_finetune, args.head_type,
+                                               model.head_prefixes)
+        load_state_dict_strict(model, state, f"{args.resume_model} + {args.resume_finetune}")
+    else:  # a fine-tuned ViT: one checkpoint holds it whole
+        if args.resume_model:
+            raise UserError(f"--model {args.model} is a fine-tuned ViT without a decoder: pass its checkpoint as "
+                            f"--resume_finetune alone, without --resume_model")
+        checkpoint = load_checkpoint(args.resume_finetune, 'fine-tuned ViT checkpoint (--resume_finetune)')
+        load_state_dict_strict(model, model_state(checkpoint), args.resume_finetune)
+        classes = checkpoint.get('classes') if isinstance(checkpoint, dict) else None
+    return model.to(device), head_classes(args, classes, args.num_classes)
 
 
 def load_test_set(args, classes):
@@ -165,7 +176,8 @@ def prepare_run(args, build_model, online=False):
     model, classes = build_test_model(args, device, build_model)
     dataset = load_test_set(args, classes)
     indices = select_images(args, dataset)
-    checkpoint_sha256 = {k: file_sha256(getattr(args, k)) for k in ('resume_model', 'resume_finetune')}
+    checkpoint_sha256 = {k: file_sha256(getattr(args, k)) for k in ('resume_model', 'resume_finetune')
+                         if getattr(args, k)}
     # recorded: another list of the same name is refused
     subset_file_sha256 = file_sha256(args.subset_file) if args.subset_file else None
     make_output_dir(args.output_dir)
