@@ -85,8 +85,8 @@ def test_the_papers_script_shows_the_released_defaults_literally():
     assert args.lr == 1e-2 * 128 / 256  # the released command's lr: blr * views per step / 256
     assert parser.parse_args(REQUIRED['main_test_time_training'] + ['--accum_iter', '2']).lr == 1e-2 * 256 / 256
     unset = [a.dest for a in shown if a.default is None and not a.required]  # each 'None: ...' in its help
-    assert unset == ['lr', 'input_size', 'classifier_depth', 'classes', 'max_examples', 'subset_file', 'log_dir',
-                     'world_size']
+    assert unset == ['lr', 'stop_rule', 'input_size', 'classifier_depth', 'resume_model', 'classes', 'max_examples',
+                     'subset_file', 'log_dir', 'world_size']
 
 
 def without_device(command):

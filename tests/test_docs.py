@@ -80,3 +80,37 @@ def test_every_linked_doc_exists():
             for target in re.findall(r'\]\(([^)#]+?)(?:#[^)]*)?\)', f.read()):
                 if not target.startswith('http'):
                     assert os.path.exists(os.path.join(REPO, os.path.dirname(guide), target)), (guide, target)
+
+
+def test_the_examples_tables_are_its_committed_results():
+    """docs/example.md's tables are, line for line, what scripts/paired_gain.py and scripts/step_rules.py make
+    of the committed JSON of the example's run (docs/results/example/)."""
+    import json
+    import sys
+    sys.path.insert(0, os.path.join(REPO, 'scripts'))
+    import paired_gain
+    import step_rules
+    results = os.path.join(REPO, 'docs', 'results', 'example')
+    with open(os.path.join(REPO, 'docs', 'example.md')) as f:
+        page = f.read().splitlines()
+
+    def load(name):
+        with open(os.path.join(results, name)) as f:
+            return json.load(f)
+
+    def rows(markdown):
+        return [line for line in markdown.splitlines() if line.startswith('|')]
+    chosen = load('step_rules.json')
+    chosen_table = rows(step_rules.markdown({**chosen, 'rows': []}))  # the chosen rules, and an empty full table
+    tables = {'paired gains': rows(paired_gain.markdown(load('paired_gain.json'))),
+              'streams': rows(paired_gain.markdown(load('streams_paired_gain.json'), with_mean=False)),
+              'stopping rules': chosen_table[:2 + len(chosen['chosen']['rows'])]}
+    for name, lines in tables.items():
+        found = [i for i in range(len(page) - len(lines) + 1) if page[i:i + len(lines)] == lines]
+        assert len(lines) > 3 and found, name
+    totals = {}
+    with open(os.path.join(results, 'stage_times.tsv')) as f:
+        for line in f.read().splitlines()[1:]:
+            stage, _, seconds = line.split('\t')
+            totals[stage] = seconds
+    assert f"took {totals['total']} s" in ' '.join(page)
