@@ -241,8 +241,8 @@ def write_outputs(args, run, method, wall_time_s, images_this_run, final=True):
 
 class ReadableOutputs:
     """The readable outputs of a run under way: update() after a flush rewrites them with the images done so
-    far, marked partial; close() (also when the loop ends by an error or a stop signal) rewrites them once
-    more, so a run stopped by a time limit or kill -9 shows how far it came. A rewrite reads and writes
+    far, marked partial, and the end of its `with` block (the loop finished, an error or a stop signal)
+    rewrites them once more, so a run stopped by a time limit or kill -9 shows how far it came. A rewrite reads and writes
     every record so far, so update() waits until 20 times the last rewrite's duration has passed since it
     ended: under 5% of the run's time, also for the baseline's flush after every batch. Only the main
     process writes."""
