@@ -26,7 +26,7 @@ sys.path.insert(0, REPO_ROOT)
 
 from util.cli import UserError, run_main  # noqa: E402
 from util.corruptions import CORRUPTIONS, EXTRA_CORRUPTIONS  # noqa: E402
-from util.io import atomic_path, write_json, write_text  # noqa: E402
+from util.io import save_png, write_json, write_text  # noqa: E402
 from util.results import sweep_corruptions  # noqa: E402
 
 
@@ -288,10 +288,7 @@ def plot(summary, path, title):
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc='center left', bbox_to_anchor=(1.01, 0.5))
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format='png', dpi=120, metadata={'Title': title})
-    plt.close(fig)
+    save_png(fig, path, 120, metadata={'Title': title})
 
 
 def known_references():
@@ -404,10 +401,7 @@ def plot_comparison(comparison, path, title):
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format='png', dpi=120)
-    plt.close(fig)
+    save_png(fig, path, 120)
 
 
 def main(args):

@@ -26,7 +26,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
 from util.cli import UserError, run_main  # noqa: E402
-from util.io import atomic_path, write_json, write_text  # noqa: E402
+from util.io import save_png, write_json, write_text  # noqa: E402
 from util.results import load_per_image  # noqa: E402
 from util.stop_rules import RULES, parse, stop_step  # noqa: E402
 
@@ -175,10 +175,7 @@ def plot(summary, path):
                                                                    if summary['chosen'] else ''), fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format='png', dpi=110)
-    plt.close(fig)
+    save_png(fig, path, 110)
 
 
 def main(args):

@@ -39,3 +39,12 @@ def write_text(path, text):
 
 def write_json(path, obj):
     write_text(path, json.dumps(obj, indent=2) + '\n')
+
+
+def save_png(fig, path, dpi, **savefig):
+    """A matplotlib figure laid out, written atomically as a PNG, and closed."""
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format='png', dpi=dpi, **savefig)
+    plt.close(fig)

@@ -6,7 +6,7 @@ import os
 import torch
 
 from util.datasets import IMAGENET_MEAN, IMAGENET_STD
-from util.io import atomic_path
+from util.io import save_png
 from util.seed import FIGURE_MASKS, derive_seed
 
 
@@ -52,10 +52,7 @@ def save_figure(path, title, panels):
         ax.set_title(caption, fontsize=8)
         ax.axis('off')
     fig.suptitle(title, fontsize=8, wrap=True)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format='png', dpi=110)
-    plt.close(fig)
+    save_png(fig, path, 110)
 
 
 class Reconstructions:
