@@ -13,7 +13,7 @@ import torch.nn as nn
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 
-from models_mae import MODELS, register_model
+from models_mae import register_model
 
 
 class VisionTransformer(nn.Module):
@@ -51,4 +51,3 @@ vit_base_patch16 = _builder('vit_base_patch16', patch_size=16, embed_dim=768, de
 vit_large_patch16 = _builder('vit_large_patch16', patch_size=16, embed_dim=1024, depth=24, num_heads=16)
 vit_huge_patch14 = _builder('vit_huge_patch14', patch_size=14, embed_dim=1280, depth=32, num_heads=16)
 vit_micro_patch4 = _builder('vit_micro_patch4', img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2)  # tests
-FINE_TUNED = {name for name in MODELS if name.startswith('vit_')}
