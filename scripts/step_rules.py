@@ -56,10 +56,12 @@ def load_runs(folders):
         if 'stop_step' in r:
             raise UserError(f"{folder} was stopped early by --stop_rule: score rules on a run of fixed steps")
         parts.append(r)
-    steps = {p['pred'].shape[1] - 1 for p in parts}
-    if len(steps) > 1:
-        raise UserError(f"the runs have different numbers of steps ({sorted(steps)}): score them separately")
-    losses = [p['mae_loss'] if 'mae_loss' in p else np.full((len(p['pred']), steps.pop()), np.nan) for p in parts]
+    counts = {p['pred'].shape[1] - 1 for p in parts}
+    if len(counts) > 1:
+        raise UserError(f"the runs have different numbers of steps ({sorted(counts)}): score them separately")
+    steps = counts.pop()
+    # a model without a reconstruction loss: the plateau rule has nothing to read (collect() leaves it out)
+    losses = [p['mae_loss'] if 'mae_loss' in p else np.full((len(p['pred']), steps), np.nan) for p in parts]
     return {'pred': np.concatenate([p['pred'] for p in parts]), 'label': np.concatenate([p['label'] for p in parts]),
             'top1_prob': np.concatenate([p['top1_prob'] for p in parts]), 'mae_loss': np.concatenate(losses)}
 

@@ -104,6 +104,20 @@ def test_runs_without_the_signals_or_stopped_early_are_one_line(runs, tmp_path, 
         step_rules.load_runs([str(stopped)])
 
 
+def test_runs_without_a_reconstruction_loss_are_scored_without_the_plateau_rule(runs, tmp_path):
+    root, _ = runs
+    folders = []
+    for name in ('full_a', 'full_b'):  # two runs of a model whose losses have other names
+        folder = tmp_path / name
+        folder.mkdir()
+        records = per_image(root / name)
+        np.savez(folder / 'per_image.npz', **{k: v for k, v in records.items() if k != 'mae_loss'})
+        folders.append(str(folder))
+    summary = step_rules.collect(folders)
+    families = {step_rules.family(r['rule']) for r in summary['rows']}
+    assert families == {'fixed', 'stable', 'confident', 'oracle'} and summary['images'] == 24
+
+
 def test_the_fast_modes_refuse_a_stop_rule(checkpoints, tmp_path, user_error):
     user_error(ttt_command(checkpoints, str(tmp_path), tmp_path / 'o', '--stop_rule', 'stable:2', '--compile'),
                '--stop_rule stops images one at a time')
