@@ -8,33 +8,15 @@ addresses (the optimiser update on the one flat tensor stays eager: a few passes
 The same interface as engine_test_time.TestTimeTrainer, and the same function: tests/test_engine_fast.py
 compares the two (bit for bit with K = 1 and no compilation; to float rounding otherwise).
 """
+import contextlib
 import logging
 
 import torch
 
-from engine_test_time import (AMP_DTYPES, TestTimeTrainer, build_optimizer, classification, crop_generator,
-                              image_masks, mode_dependent_modules, objective, step_records, trainable_parameters)
+from engine_test_time import (AMP_DTYPES, NamedOutputs, build_optimizer, classification, crop_generator, image_masks,
+                              mode_dependent_modules, objective, step_records, trainable_parameters)
 from util.datasets import training_views
 from util.errors import UserError
-
-
-def make_trainer(model, args, device, class_subset=None):
-    """The trainer the flags ask for: the paper's loop, or this module's with --parallel_images or --compile."""
-    if args.parallel_images > 1 or args.compile:
-        return FastTrainer(model, args, device, k=args.parallel_images, class_subset=class_subset)
-    return TestTimeTrainer(model, args, device, class_subset)
-
-
-class NamedOutputs(torch.nn.Module):
-    """The model's named outputs (test_time_losses, logits, reconstruct) as one forward(name, *inputs), for
-    torch.func.functional_call, which calls a module's forward only."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, name, *inputs):
-        return getattr(self.model, name)(*inputs)
 
 
 class FastTrainer:
@@ -73,9 +55,6 @@ class FastTrainer:
         """{name: weight} of one image's row of the flat tensor (views, no copies)."""
         sizes = [self.shapes[n].numel() for n in self.names]
         return {prefix + n: w.view(self.shapes[n]) for n, w in zip(self.names, row.split(sizes))}
-
-    def adapted_weights(self, k=0):
-        return {n: w.detach() for n, w in self.weights(self.flat[k]).items()}
 
     def _functional(self, model, trainable):
         """losses(views, masks) -> {name: (K,)}, logits(images) and predict(images, masks) of the model with
@@ -126,15 +105,15 @@ class FastTrainer:
                     value.zero_()
         self.optimizer.zero_grad(set_to_none=False)  # the gradients stay where a graph finds them
 
-    def adapt(self, indices, labels, images, sources=None, observe=None):
+    def adapt(self, indices, labels, images, raws=None, observe=None):
         """As TestTimeTrainer.adapt, the K images (or fewer: the last group of a run, padded with copies of
         its last image) at once."""
         n, pad = len(indices), self.k - len(indices)
-        sources = sources or [[(image, None)] for image in images]
+        raws = raws or [None] * len(images)
         if pad:
             indices, labels = list(indices) + [indices[-1]] * pad, torch.cat([labels, labels[-1:].expand(pad)])
             images = torch.cat([images, images[-1:].expand(pad, -1, -1, -1, -1)])
-            sources = list(sources) + [sources[-1]] * pad
+            raws = list(raws) + [raws[-1]] * pad
         self.reset()
         masks = torch.stack([image_masks(self.args, i, self.num_patches, self.device) for i in indices], dim=2)
         crops = [crop_generator(self.args, i) for i in indices]
@@ -142,7 +121,7 @@ class FastTrainer:
         if observe:
             observe(0, self, images, classified[-1]['ce_loss'])
         for step in range(self.args.steps_per_example):
-            losses.append(self.step(training_views(images, sources, crops, self.args), masks[step]))
+            losses.append(self.step(training_views(images, raws, crops, self.args), masks[step]))
             classified.append(self.classify(images, labels))
             if observe:
                 observe(step + 1, self, images, classified[-1]['ce_loss'])
@@ -163,6 +142,10 @@ class FastTrainer:
         self.optimizer.step()  # a flat tensor: a few fused passes, left eager
         self.optimizer.zero_grad(set_to_none=False)
         return recorded
+
+    def saved_with_results(self):
+        """As TestTimeTrainer's: nothing carries over from one group of images to the next."""
+        return contextlib.nullcontext()
 
     @torch.no_grad()
     def classify(self, images, labels):

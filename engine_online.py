@@ -1,10 +1,18 @@
 """Online TTT-MAE (docs/online.md): the paper's trainer with the weights carried from image to image over a
-stream, and the remedies against drift. Each method here overrides one hook of
-engine_test_time.TestTimeTrainer; the stream itself (order, window, saved state) is util/online.py's."""
+stream, each step's views drawn from a window of the latest images, and the remedies against drift
+(OnlineTrainer, each method one hook of engine_test_time.TestTimeTrainer); and the stream as a run over a
+folder sees it (Online, the protocol main_online_ttt.py gives engine_run.test_time_training): its order,
+each process's share, where a rerun continues, what results.json adds. The stream's files and order are
+util/streams.py's."""
+import contextlib
+from collections import deque
+
 import torch
 
-from engine_test_time import TestTimeTrainer
-from util.seed import RESTORE, derive_seed
+from engine_test_time import NamedOutputs, TestTimeTrainer
+from util.datasets import random_resized_crops
+from util.seed import Stream, derive_seed
+from util.streams import StreamState, drift, process_share, stream_order, stream_position
 
 
 def lr_groups(names, encoder_lr_scale):
@@ -17,22 +25,49 @@ def lr_groups(names, encoder_lr_scale):
     return [(group, scale) for group, scale in ((encoder, encoder_lr_scale), (rest, 1.)) if group]
 
 
-class OnlineTrainer(TestTimeTrainer):
-    """TestTimeTrainer whose weights carry over from one image of the stream to the next, with:
-    --online_reset_every (back to the loaded weights every N images), --online_keep_optimizer (carry the
-    optimiser state too), --encoder_lr_scale, --clip_grad, --online_anchor (a pull toward the loaded
-    weights), --online_restore (stochastic restore) and --online_ema (classify with an average of the
-    adapted weights)."""
+def window_views(window, crops, args):
+    """A step's views (accum_iter, batch_size, 3, H, W) spread evenly over the window's (eval crop, decoded
+    image) pairs, the newest taking the remainder: their eval crops with --single_crop, else random resized
+    crops of each, cut with the current image's crop generator."""
+    b, n = args.batch_size, len(window)
+    counts = [b // n + (j >= n - b % n) for j in range(n)]
+    micro = []
+    for _ in range(args.accum_iter):
+        if args.single_crop:
+            parts = [image.expand(c, -1, -1, -1) for (image, _), c in zip(window, counts) if c]
+        else:
+            parts = [random_resized_crops(raw, c, window[-1][0].shape[-1], crops) for (_, raw), c in zip(window, counts)
+                     if c]
+        micro.append(torch.cat(parts))
+    return torch.stack(micro)
 
-    def __init__(self, model, args, device, class_subset=None):
+
+class OnlineTrainer(TestTimeTrainer):
+    """TestTimeTrainer whose weights carry over from one image of the stream to the next, each step's views
+    spread over the last --online_window images, with: --online_reset_every (back to the loaded weights
+    every N images), --online_keep_optimizer (carry the optimiser state too), --encoder_lr_scale,
+    --clip_grad, --online_anchor (a pull toward the loaded weights), --online_restore (stochastic restore)
+    and --online_ema (classify with an average of the adapted weights). Each image records its place in
+    the stream and how far the weights are from the loaded ones; state_files (util/streams.StreamState),
+    if given, keeps the stream's state with the results."""
+
+    def __init__(self, model, args, device, class_subset=None, state_files=None):
         super().__init__(model, args, device, class_subset)
-        self.images = 0  # images of the stream begun, for the periodic reset
+        self.images = 0  # images of the stream begun
+        self.window = deque(maxlen=args.online_window)  # the latest (eval crop, decoded image) pairs
+        self.state_files = state_files
         # --online_ema: the weights that classify, an average of the adapted ones
         self.average = {name: w.clone() for name, w in self.start.items()} if args.online_ema else None
 
     def param_groups(self):
         return [{'params': [self.params[n] for n in names], 'lr': self.args.lr * scale}
                 for names, scale in lr_groups(self.params, self.args.encoder_lr_scale)]
+
+    def adapt_image(self, index, label, image, raw=None, observe=None):
+        self.window.append((image, raw))
+        position = self.images
+        records = super().adapt_image(index, label, image, raw, observe)
+        return {**records, 'position': position, 'weight_distance': self.distance_from_start()}
 
     @torch.no_grad()
     def begin_image(self):
@@ -43,6 +78,9 @@ class OnlineTrainer(TestTimeTrainer):
             for name, w in self.average.items():
                 w.copy_(self.start[name])
         self.images += 1
+
+    def views(self, image, raw, crops):
+        return window_views(self.window, crops, self.args)
 
     def objective(self, losses):
         objective = super().objective(losses)
@@ -60,7 +98,8 @@ class OnlineTrainer(TestTimeTrainer):
     @torch.no_grad()
     def after_step(self, index, step):
         if self.args.online_restore:  # each weight back to its loaded value with this probability
-            gen = torch.Generator(device=self.device).manual_seed(derive_seed(self.args.seed, index, RESTORE, step))
+            gen = torch.Generator(device=self.device).manual_seed(
+                derive_seed(self.args.seed, index, Stream.RESTORE, step))
             back = torch.rand(sum(p.numel() for p in self.params.values()), generator=gen, device=self.device)
             back = back < self.args.online_restore
             for (name, p), keep in zip(self.params.items(), back.split([p.numel() for p in self.params.values()])):
@@ -71,7 +110,8 @@ class OnlineTrainer(TestTimeTrainer):
     def logits(self, image):
         if self.average is None:
             return super().logits(image)
-        return torch.func.functional_call(self.model, self.average, (image,), {'mask_ratio': 0, 'reconstruct': False})[3]
+        weights = {f'model.{name}': w for name, w in self.average.items()}
+        return torch.func.functional_call(NamedOutputs(self.model), weights, ('logits', image))
 
     @torch.no_grad()
     def distance_from_start(self):
@@ -80,13 +120,65 @@ class OnlineTrainer(TestTimeTrainer):
                                                      for n, p in self.params.items()])).item()
 
     def state(self):
-        return {**super().state(), 'images': self.images,
+        """What the stream carries, by name: the adapted weights, the optimiser's and loss scaler's state, the
+        images begun, and the average of --online_ema."""
+        return {'weights': {name: p.detach() for name, p in self.params.items()},
+                'optimizer': self.optimizer.state_dict(), 'scaler': self.scaler.state_dict(), 'images': self.images,
                 **({'average': {n: w.clone() for n, w in self.average.items()}} if self.average is not None else {})}
 
     @torch.no_grad()
     def load_state(self, state):
-        super().load_state(state)
+        for name, p in self.params.items():
+            p.copy_(state['weights'][name])
+        self.optimizer.load_state_dict(state['optimizer'])
+        self.scaler.load_state_dict(state['scaler'])
         self.images = state['images']
         if self.average is not None:
             for name, w in self.average.items():
                 w.copy_(state['average'][name])
+
+    def resume(self, position, before):
+        """Continue a stream after `position` images: the state saved there, and the window refilled with the
+        items before it ({'image', 'raw'}, util/datasets.TestTimeDataset's)."""
+        if position:
+            self.load_state(self.state_files.load(position))
+        for item in before:
+            self.window.append((item['image'].unsqueeze(0).to(self.device),
+                                item['raw'].to(self.device) if 'raw' in item else None))
+
+    @contextlib.contextmanager
+    def saved_with_results(self):
+        """The state after the images begun, written before the results it goes with are flushed; older
+        states removed after, so a kill at any moment leaves the state at which the results end."""
+        self.state_files.save(self.images, self.state())
+        yield
+        self.state_files.prune(self.images)
+
+
+class Online:
+    """Online TTT-MAE as a run over a folder sees it (engine_run.test_time_training's protocol; Episodic is
+    the paper's): the selected images in stream order (--stream_order), each process's own stream a
+    contiguous piece of it, continued where its results end, with the number of streams among the run's
+    settings and the drift in results.json."""
+
+    def settings(self, args):
+        """Each process runs its own stream: their number changes the results."""
+        return {'online': True, 'online_processes': args.world_size}
+
+    def todo(self, args, run, left):
+        """This process's images left: its stream after the position its results reach."""
+        if args.world_size > 1:
+            print(f"note: {args.world_size} processes run {args.world_size} streams, each over a contiguous share "
+                  f"of the images (one stream: one process)")
+        stream = stream_order(run.indices, args.stream_order, args.seed, [path for path, _ in run.dataset.samples])
+        self.share = process_share(stream, args.rank, args.world_size)
+        self.position = stream_position(self.share, run.store.done_indices())
+        return self.share[self.position:]
+
+    def trainer(self, args, run, load_items):
+        trainer = OnlineTrainer(run.model, args, run.device, run.class_subset, StreamState(args.output_dir, args.rank))
+        trainer.resume(self.position, load_items(self.share[max(0, self.position - args.online_window + 1):self.position]))
+        return trainer
+
+    def summary(self, records):
+        return {'online': True, 'drift': drift(records)}

@@ -1,30 +1,36 @@
-"""The test-time loops: TTT-MAE adapts the encoder to each test image and classifies it after every step
-(TestTimeTrainer, run over a folder by run_test_time_training), and the baseline classifies without
-adaptation (run_baseline).
+"""TTT-MAE's trainer: the encoder adapts to one test image at a time, which is classified after every step
+(TestTimeTrainer), and what it is built from (which parameters adapt, the optimiser, the masks, what a
+classification records).
 
 TestTimeTrainer is the paper's algorithm over the model's own parameters, and the reference the other
 modes are tested against. They are layers with the same interface, chosen by flags that default off:
 engine_fast.FastTrainer (--parallel_images, --compile: K images at once as rows of flat weights, vmap,
 fused kernels, CUDA graphs) and engine_online.OnlineTrainer (main_online_ttt.py: weights carried over a
-stream). The interface: k (images adapted at once), adapt(indices, labels, images, sources, observe),
-reconstruct(images, orders), reset(), adapted_weights(k).
+stream). The interface, as engine_run.py's loop uses it: k (images adapted at once), adapt(indices,
+labels, images, raws, observe), saved_with_results(), reconstruct(images, orders).
 """
-import time
+import contextlib
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models_mae import HEAD_PREFIXES
-from util import distributed
 from util.datasets import training_views
-from util.errors import UserError
-from util.logger import ProgressLine
 from util import stop_rules
-from util.seed import CROPS, MASKS, derive_seed
-from util.signals import StopRequested
+from util.seed import Stream, derive_seed
 
 AMP_DTYPES = {'none': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
+
+
+class NamedOutputs(torch.nn.Module):
+    """The model's named outputs (test_time_losses, logits, reconstruct) as one forward(name, *inputs), for
+    torch.func.functional_call, which calls a module's forward only (engine_fast.py, engine_online.py)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, name, *inputs):
+        return getattr(self.model, name)(*inputs)
 
 
 def trainable_parameters(model, finetune_mode):
@@ -35,7 +41,7 @@ def trainable_parameters(model, finetune_mode):
     """
     chosen = {}
     for name, p in model.named_parameters():
-        train = not name.endswith('pos_embed') and not name.startswith(HEAD_PREFIXES)
+        train = not name.endswith('pos_embed') and not name.startswith(model.head_prefixes)
         if finetune_mode in ('encoder', 'encoder_no_cls_no_msk'):
             train = train and not name.startswith('decoder')
         if finetune_mode == 'encoder_no_cls_no_msk':
@@ -90,7 +96,7 @@ def mode_dependent_modules(model):
     from timm.layers import DropPath
     found = []
     for name, m in model.named_modules():
-        if name.startswith(HEAD_PREFIXES) or name in ('head', 'bn'):
+        if name.startswith(model.head_prefixes) or name in ('head', 'bn'):
             continue
         if (isinstance(m, torch.nn.modules.batchnorm._BatchNorm) or (isinstance(m, torch.nn.Dropout) and m.p > 0)
                 or (isinstance(m, DropPath) and m.drop_prob > 0)):
@@ -107,7 +113,7 @@ def objective(model, losses):
 def image_masks(args, index, num_patches, device):
     """Shuffle orders (steps, accum_iter, batch_size, L) of one image's views, drawn from (seed, image) only,
     so that an image sees the same masks whatever the other images, processes or interruptions."""
-    gen = torch.Generator(device=device).manual_seed(derive_seed(args.seed, index, MASKS))
+    gen = torch.Generator(device=device).manual_seed(derive_seed(args.seed, index, Stream.MASKS))
     noise = torch.rand(args.steps_per_example, args.accum_iter, args.batch_size, num_patches,
                        generator=gen, device=device)
     return noise.argsort(dim=-1)
@@ -115,7 +121,7 @@ def image_masks(args, index, num_patches, device):
 
 def crop_generator(args, index):
     """The generator of one image's random resized crops (host side, where the crops are cut)."""
-    return torch.Generator().manual_seed(derive_seed(args.seed, index, CROPS))
+    return torch.Generator().manual_seed(derive_seed(args.seed, index, Stream.CROPS))
 
 
 def step_records(classified, losses, steps, loss_names=()):
@@ -145,8 +151,8 @@ class TestTimeTrainer:
     The released loop puts the model in train mode for the steps and in eval mode to classify. Where no
     module outside the head depends on the mode (the MAE ViTs: no dropout, drop path or batch norm
     there), the model stays in eval mode: the same function, without two walks over the module tree.
-    begin_image, objective, update, after_step and logits are where online TTT-MAE changes the loop
-    (engine_online.OnlineTrainer); the paper's are here.
+    begin_image, views, objective, update, after_step, logits and saved_with_results are where online
+    TTT-MAE changes the loop (engine_online.OnlineTrainer); the paper's are here.
     """
     __test__ = False  # not a pytest test class
     k = 1  # images adapted at once
@@ -170,15 +176,15 @@ class TestTimeTrainer:
     def param_groups(self):
         return [{'params': list(self.params.values())}]
 
-    def adapt(self, indices, labels, images, sources=None, observe=None):
+    def adapt(self, indices, labels, images, raws=None, observe=None):
         """Adapt to each image in turn: indices (K,), labels (K,) and eval crops images (K, 1, 3, H, W) on the
-        device; sources: per image, the (eval crop, decoded uint8 image or None) pairs its views are cut
-        from (None: its own). Returns each image's records (step_records)."""
-        sources = sources or [[(image, None)] for image in images]
-        return [self.adapt_image(index, label, image, source, observe)
-                for index, label, image, source in zip(indices, labels, images, sources)]
+        device; raws: per image, the decoded uint8 image random-crop views are cut from (None with
+        --single_crop). Returns each image's records (step_records)."""
+        raws = raws or [None] * len(images)
+        return [self.adapt_image(index, label, image, raw, observe)
+                for index, label, image, raw in zip(indices, labels, images, raws)]
 
-    def adapt_image(self, index, label, image, sources, observe=None):
+    def adapt_image(self, index, label, image, raw=None, observe=None):
         """The paper's loop for one image (1, 3, H, W). observe(step, trainer, images, cross-entropies), if
         given, is called after each classification (a reconstruction figure)."""
         args = self.args
@@ -191,8 +197,7 @@ class TestTimeTrainer:
         for step in range(args.steps_per_example):
             if self.stop_rule and self.stops(classified, losses):  # --stop_rule: this image needs no more steps
                 break
-            views = training_views(image[None], [sources], [crops], args)[:, 0]  # (accum_iter, batch_size, 3, H, W)
-            losses.append(self.step(views, masks[step]))
+            losses.append(self.step(self.views(image, raw, crops), masks[step]))
             self.after_step(index, step)
             classified.append(self.classify(image, label))
             if observe:
@@ -214,6 +219,10 @@ class TestTimeTrainer:
     def begin_image(self):
         """The paper: every image starts from the loaded weights with a fresh optimiser state."""
         self.reset()
+
+    def views(self, image, raw, crops):
+        """A step's views of the image, (accum_iter, batch_size, 3, H, W) (online: of the latest images)."""
+        return training_views(image[None], [raw], [crops], self.args)[:, 0]
 
     @torch.no_grad()
     def reset(self, weights=True, optimizer=True):
@@ -272,156 +281,10 @@ class TestTimeTrainer:
             return torch.stack([self.model.reconstruct(image, self.args.mask_ratio, order)[0]
                                 for image, order in zip(images, orders)]).float()
 
-    def adapted_weights(self, k=0):
-        """Image k's adapted weights as {name: tensor} (here the model's own trainable parameters)."""
-        if k != 0:
-            raise IndexError(f"this trainer adapts one image at a time: no image {k}")
-        return {name: p.detach() for name, p in self.params.items()}
-
-    def state(self):
-        """The adaptation state by name: what online TTT-MAE saves with its results, and load_state() puts back."""
-        return {'weights': self.adapted_weights(), 'optimizer': self.optimizer.state_dict(),
-                'scaler': self.scaler.state_dict()}
-
-    @torch.no_grad()
-    def load_state(self, state):
-        for name, p in self.params.items():
-            p.copy_(state['weights'][name])
-        self.optimizer.load_state_dict(state['optimizer'])
-        self.scaler.load_state_dict(state['scaler'])
+    def saved_with_results(self):
+        """A block around each flush of the results: what a resumed run needs to continue exactly is saved
+        with them. Nothing here: every image starts afresh (online TTT-MAE saves the stream's state)."""
+        return contextlib.nullcontext()
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
-
-
-def groups_of(iterable, size):
-    group = []
-    for item in iterable:
-        group.append(item)
-        if len(group) == size:
-            yield group
-            group = []
-    if group:
-        yield group
-
-
-class Episodic:
-    """The paper's run over a folder: every image's views are its own, and nothing is carried or saved
-    between images. util/online.OnlineStream is the online stream, with the same methods."""
-
-    def sources(self, image, raw):
-        """The (eval crop, decoded image) pairs an image's views are cut from."""
-        return [(image, raw)]
-
-    def records(self, trainer, done):
-        """What a run records per image beyond the steps' own records."""
-        return {}
-
-    def save(self, done, trainer):
-        """Before results are flushed: the state they end at (nothing: each image starts afresh)."""
-
-    def prune(self, done):
-        """After results are flushed: older saved states may go."""
-
-
-def released_lines(index, record):
-    """The released --verbose lines of one image, printed once it is done."""
-    for step, ce in enumerate(record['ce_loss'][1:]):
-        for key in record:
-            if key.endswith('_loss') and key != 'ce_loss':
-                print(f"datapoint {index} iter {step}: {'rec' if key == 'mae_loss' else key[:-5]}_loss "
-                      f"{record[key][step]}")
-        print(f"datapoint {index} iter {step}: class_loss {ce}")
-
-
-def run_test_time_training(trainer, loader, store, outputs, args, stream=Episodic(), figures=None, log_writer=None):
-    """Adapt to every image the loader yields, trainer.k at a time; records go to `store`, flushed every
-    args.flush_every images and on a stop signal, so that nothing finished is lost; `outputs`
-    (util/results.ReadableOutputs) rewrites the readable files after a flush.
-
-    stream: Episodic, or online TTT-MAE's util/online.OnlineStream, whose state is saved before each flush
-    of the results it goes with. figures: util/reconstructions.Reconstructions, or None.
-    Returns the number of images done."""
-    device, done, correct_last = trainer.device, 0, 0
-    progress = ProgressLine(len(loader), args.print_freq)
-
-    def flush():
-        stream.save(done, trainer)
-        store.flush()
-        stream.prune(done)
-        outputs.update()
-        distributed.raise_if_another_failed()  # with what is done saved
-
-    with StopRequested() as stop:
-        try:
-            for group in groups_of(loader, trainer.k):
-                start = time.time()
-                indices = [item['index'] for item in group]
-                labels = torch.tensor([item['label'] for item in group], device=device)
-                images = torch.stack([item['image'] for item in group]).to(device, non_blocking=True).unsqueeze(1)
-                raws = [item['raw'].to(device, non_blocking=True) if 'raw' in item else None for item in group]
-                sources = [stream.sources(image, raw) for image, raw in zip(images, raws)]
-                observe = figures.observer(indices) if figures else None
-                results = trainer.adapt(indices, labels, images, sources, observe)
-                seconds = (time.time() - start) / len(group)  # adapt() ends with a host copy
-                for item, record in zip(group, results):
-                    done_steps = record.get('stop_step', args.steps_per_example)  # the losses of the steps run
-                    if not all(np.all(np.isfinite(v[:done_steps + (k == 'ce_loss')])) for k, v in record.items()
-                               if k.endswith('_loss')):
-                        path = loader.dataset.samples[item['index']][0]
-                        raise UserError(f"non-finite loss on image {item['index']} ({path}); stopping, the images "
-                                        f"flushed before it are kept in {args.output_dir}")
-                    if args.verbose:
-                        released_lines(item['index'], record)
-                    store.add(index=item['index'], label=item['label'], **record, seconds=seconds,
-                              **stream.records(trainer, done))
-                    done += 1
-                    correct_last += int(record['pred'][-1] == item['label'])
-                    if done % args.flush_every == 0:
-                        flush()
-                    accuracy = 100 * correct_last / done
-                    if progress.update(done, f"accuracy after {args.steps_per_example} steps {accuracy:.2f}%") \
-                            and log_writer is not None:
-                        log_writer.add_scalar('ttt/running_accuracy_last_step', accuracy, done)
-                if stop.signal is not None:
-                    break
-        except BaseException as e:
-            # after a stop signal the loader's workers (sent the same signal by Ctrl-C or scancel) end, and
-            # the loader raises between images: that is the stop, not an error
-            if stop.signal is None or not isinstance(e, Exception):
-                # an error can fall mid-image, where an online stream's state is not the one its results end
-                # at: no run flushes then, and a rerun redoes the images since the last flush
-                raise
-        flush()
-    if stop.signal is not None:
-        print(f"stopped by signal {stop.signal}; {done} images saved, rerun the same command to continue",
-              flush=True)
-        raise SystemExit(128 + stop.signal)
-    return done
-
-
-@torch.no_grad()
-def run_baseline(model, loader, store, outputs, device, args, class_subset=None):
-    """Classify batches of eval crops without adaptation; one record per image. Returns the count."""
-    model.eval()
-    device, amp_dtype = torch.device(device), AMP_DTYPES[args.amp]
-    class_subset = None if class_subset is None else torch.as_tensor(class_subset)
-    done, progress = 0, ProgressLine(len(loader.dataset), args.print_freq * loader.batch_size)
-    try:
-        for batch in loader:
-            start = time.time()
-            images = batch['image'].to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                logits = model.logits(images)
-            records = {k: v.numpy() for k, v in classification(logits.cpu(), batch['label'], class_subset).items()}
-            seconds = (time.time() - start) / len(batch['index'])
-            for i, index in enumerate(batch['index'].tolist()):
-                store.add(index=index, label=int(batch['label'][i]), **{k: v[i:i + 1] for k, v in records.items()},
-                          seconds=seconds)
-            done += len(batch['index'])
-            store.flush()
-            outputs.update()
-            progress.update(done)
-    finally:
-        store.flush()
-    return done

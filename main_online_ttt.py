@@ -7,11 +7,11 @@ a window of 16 images, the decoder adapting too, a fresh optimiser state per ima
 Each process runs its own stream over a contiguous share of the images: the number of processes is part
 of the run's settings. The state is saved with the results, so a killed run continues exactly.
 """
-from engine_online import OnlineTrainer
-from main_test_time_training import check_stop_rule, run_ttt
+import engine_run
+from engine_online import Online
 from util.cli import (NON_NEGATIVE_FLOAT, NON_NEGATIVE_INT, POSITIVE_FLOAT, POSITIVE_INT, ArgumentParser,
-                      add_adaptation_args, add_data_args, add_model_args, add_run_args, add_test_time_args, number,
-                      run_main)
+                      add_adaptation_args, add_data_args, add_model_args, add_run_args, add_test_time_args,
+                      check_stop_rule, number, run_main)
 
 
 def get_args_parser():
@@ -52,7 +52,7 @@ def get_args_parser():
 
 def main(args):
     check_stop_rule(args)
-    run_ttt(args, OnlineTrainer, online=True)
+    engine_run.test_time_training(args, Online())
 
 
 if __name__ == '__main__':

@@ -6,9 +6,10 @@ import time
 import torch
 
 from engine_pretrain import train_one_epoch
-from models_mae import HEAD_PREFIXES, build_model
+from models_mae import build_model
 from util import distributed
 from util.checkpoint import checkpoint_path, resume_training, save_checkpoint
+from util.compat import pretraining_weights
 from util.cli import (NON_NEGATIVE_FLOAT, OPEN_FRACTION, POSITIVE_INT, ArgumentParser, UserError, add_data_args,
                       add_model_args, add_run_args, add_training_args, run_main)
 from util.datasets import ImageFolder, make_loader, train_transform, training_classes
@@ -62,7 +63,7 @@ def main(args):
     param_groups = param_groups_weight_decay(model_without_ddp, args.weight_decay)
     optimizer = torch.optim.AdamW(param_groups, lr=args.lr, betas=(0.9, 0.95))
     loss_scaler = torch.amp.GradScaler('cuda', enabled=device.type == 'cuda')
-    resume_training(args, model_without_ddp, optimizer, loss_scaler, drop=() if args.joint_weight else HEAD_PREFIXES)
+    resume_training(args, model_without_ddp, optimizer, loss_scaler, older=pretraining_weights)
     log_path = os.path.join(args.output_dir, 'log.txt') if args.output_dir else None
     keep_log_before(log_path, args.start_epoch)  # epochs after the checkpoint are redone
     log_writer = tensorboard_writer(args.log_dir)
@@ -97,7 +98,8 @@ def main(args):
 def joint_loss(model, args):
     """MAE loss + joint_weight x the ViT head's cross-entropy, as the released history's joint training
     (`0.01 * loss_dict["classification"] + loss_dict["mae"]`). The ViT head reads every token, so it
-    classifies the unmasked images in a second pass of the encoder."""
+    classifies the unmasked images in a second pass of the encoder. Both through forward, whose outputs
+    are picked here: DistributedDataParallel synchronises gradients only in a call of forward."""
     def loss(samples, targets):
         mae = model(samples, mask_ratio=args.mask_ratio)[0]['mae']
         return mae + args.joint_weight * model(samples, target=targets, mask_ratio=0)[0]['classification']

@@ -8,7 +8,7 @@ from timm.loss import LabelSmoothingCrossEntropy
 from timm.optim import param_groups_weight_decay
 
 from engine_prob import evaluate, train_one_epoch
-from models_mae import HEAD_PREFIXES, build_model
+from models_mae import build_model
 from util import distributed
 from util.checkpoint import checkpoint_path, load_finetune_for_probe, prune_checkpoints, resume_training, save_checkpoint
 from util.cli import (NON_NEGATIVE_INT, ArgumentParser, UserError, add_data_args, add_model_args, add_run_args,
@@ -78,7 +78,7 @@ def main(args):
         print("warning: no --finetune checkpoint: the encoder stays at its random initialisation")
     # only the head trains: the encoder is a frozen feature extractor (classifier_pos_embed stays fixed)
     for name, p in model.named_parameters():
-        if not name.startswith(HEAD_PREFIXES):
+        if not name.startswith(model.head_prefixes):
             p.requires_grad = False
     model, model_without_ddp = distributed.wrap_model(model.to(device), args, device)
     set_lr_from_blr(args)

@@ -227,10 +227,6 @@ class MaskedAutoencoderViT(nn.Module):
         as the released engine summed it (here {'mae': ...})."""
         return self(imgs, mask_ratio=mask_ratio, input_mask=input_mask)[0]
 
-    def mae_loss(self, imgs, mask_ratio=0.75, input_mask=None):
-        """The masked-reconstruction loss of a batch (mean over the removed patches of every image)."""
-        return self(imgs, mask_ratio=mask_ratio, input_mask=input_mask)[0]['mae']
-
     def logits(self, imgs):
         """The head's outputs for unmasked images."""
         return self(imgs, mask_ratio=0, reconstruct=False)[3]

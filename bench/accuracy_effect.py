@@ -20,7 +20,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import print_table  # noqa: E402
 from util.cli import UserError, run_main  # noqa: E402
 from util.io import write_json  # noqa: E402
-from util.results import load_per_image, sweep_corruptions  # noqa: E402
+from util.records import load_per_image  # noqa: E402
+from util.sweeps import sweep_corruptions  # noqa: E402
 
 
 def correctness(root, corruption):

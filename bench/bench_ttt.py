@@ -33,15 +33,14 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import (count_flops, device_name, driver_version, matmul_tflops, memory_allocated_gib,  # noqa: E402
                           peak_memory_gib, print_table, reset_peak_memory, timed)
-from engine_fast import make_trainer  # noqa: E402
-from engine_test_time import AMP_DTYPES, groups_of  # noqa: E402
+from engine_run import groups_of, make_trainer, set_precision  # noqa: E402
+from engine_test_time import AMP_DTYPES  # noqa: E402
 from main_test_time_training import check_args, get_args_parser as ttt_parser  # noqa: E402
 from models_mae import build_model  # noqa: E402
 from util.cli import UserError, run_main  # noqa: E402
 from util.datasets import TestTimeDataset  # noqa: E402
 from util.io import write_json  # noqa: E402
 from bench.reference_loop import reference_adapt  # noqa: E402
-from util.run_setup import set_precision  # noqa: E402
 
 PEAK_MEMORY = {'cuda': "the mode's own peak of GPU memory held by tensors, over what was held before it started",
                'cpu': "the process's peak resident memory so far (the CPU keeps no per-mode peak)"}
@@ -103,8 +102,8 @@ def adapt_all(trainer, items, device):
     for group in groups_of(items, trainer.k):
         labels = torch.tensor([item['label'] for item in group], device=device)
         images = torch.stack([item['image'] for item in group]).to(device).unsqueeze(1)
-        sources = [[(image, item['raw'].to(device) if 'raw' in item else None)] for image, item in zip(images, group)]
-        trainer.adapt([item['index'] for item in group], labels, images, sources)
+        raws = [item['raw'].to(device) if 'raw' in item else None for item in group]
+        trainer.adapt([item['index'] for item in group], labels, images, raws)
 
 
 def cudagraph_skips():

@@ -22,11 +22,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.bench_ttt import free, ttt_args  # noqa: E402
 from bench.common import count_flops, device_name, matmul_tflops, print_table, sync  # noqa: E402
 import engine_fast  # noqa: E402
-from engine_fast import make_trainer  # noqa: E402
+from engine_run import make_trainer, set_precision  # noqa: E402
 from engine_test_time import AMP_DTYPES, TestTimeTrainer  # noqa: E402
 from models_mae import build_model  # noqa: E402
 from util.io import write_json  # noqa: E402
-from util.run_setup import set_precision  # noqa: E402
 
 CATEGORIES = ('matmul', 'attention', 'normalisation / element-wise', 'fused kernels', 'optimiser update',
               'classification', 'idle between operations')

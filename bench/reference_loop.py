@@ -11,7 +11,7 @@ import torch
 
 from engine_test_time import build_optimizer, predictions, trainable_parameters
 from util.datasets import eval_transform, load_rgb
-from util.seed import MASKS, derive_seed
+from util.seed import Stream, derive_seed
 
 
 def reference_adapt(base_model_cpu, path, label, index, args, device, amp_dtype=None):
@@ -24,7 +24,7 @@ def reference_adapt(base_model_cpu, path, label, index, args, device, amp_dtype=
     optimizer = build_optimizer(list(trainable_parameters(model, args.finetune_mode).values()), args, foreach=None)
     transform = eval_transform(args.input_size)
     num_patches = model.patch_embed.num_patches
-    gen = torch.Generator(device=device).manual_seed(derive_seed(args.seed, index, MASKS))
+    gen = torch.Generator(device=device).manual_seed(derive_seed(args.seed, index, Stream.MASKS))
     masks = torch.rand(args.steps_per_example, args.accum_iter, args.batch_size, num_patches,
                        generator=gen, device=device).argsort(dim=-1)
 
@@ -45,7 +45,7 @@ def reference_adapt(base_model_cpu, path, label, index, args, device, amp_dtype=
             image = transform(load_rgb(path))
             views = torch.stack([image for _ in range(args.batch_size)]).to(device)
             with autocast():
-                loss = model.mae_loss(views, mask_ratio=args.mask_ratio, input_mask=masks[step, micro])
+                loss = model(views, mask_ratio=args.mask_ratio, input_mask=masks[step, micro])[0]['mae']
             (loss / args.accum_iter).backward()
             step_loss = step_loss + (loss.float() / args.accum_iter).detach()
         optimizer.step()

@@ -27,7 +27,7 @@ sys.path.insert(0, REPO_ROOT)
 from util.cli import UserError, run_main  # noqa: E402
 from util.corruptions import CORRUPTIONS, EXTRA_CORRUPTIONS  # noqa: E402
 from util.io import save_png, write_json, write_text  # noqa: E402
-from util.results import sweep_corruptions  # noqa: E402
+from util.sweeps import sweep_corruptions  # noqa: E402
 
 
 # runs without adaptation, ROOT/<corruption>/<folder>/: the probe's (the paper's ViT Probe row), MAE's fine-tuned

@@ -306,7 +306,7 @@ if [[ $SPLIT != val && -d $CHOOSE_ON ]]; then
     for c in $CORRUPTIONS; do choose+=("$CHOOSE_ON/$c"); done
 fi
 stage "step rules" never "" "" \
-    "$PY" scripts/step_rules.py "${runs[@]}" ${choose[@]+"${choose[@]}"} --out "$RESULTS/step_rules"
+    "$PY" scripts/score_stop_rules.py "${runs[@]}" ${choose[@]+"${choose[@]}"} --out "$RESULTS/step_rules"
 
 total=$(awk -v a="$DEMO_START" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f", b - a }')
 printf 'total\tran\t%s\n' "$total" >> "$TIMES"

@@ -23,7 +23,7 @@ sys.path.insert(0, REPO_ROOT)
 from util.cli import NON_NEGATIVE_INT, POSITIVE_INT, ArgumentParser, UserError, run_main  # noqa: E402
 from util.datasets import ImageFolder  # noqa: E402
 from util.io import write_text  # noqa: E402
-from util.results import natural_key  # noqa: E402
+from util.natural_sort import natural_key  # noqa: E402
 
 
 def get_args_parser():

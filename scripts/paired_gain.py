@@ -27,7 +27,8 @@ import numpy as np  # noqa: E402
 
 from util.cli import UserError, run_main  # noqa: E402
 from util.io import write_json, write_text  # noqa: E402
-from util.results import is_finished, load_per_image, sweep_corruptions  # noqa: E402
+from util.records import is_finished, load_per_image  # noqa: E402
+from util.sweeps import sweep_corruptions  # noqa: E402
 
 
 def get_args_parser():

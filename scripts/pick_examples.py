@@ -18,7 +18,7 @@ import numpy as np  # noqa: E402
 
 from util.cli import POSITIVE_INT, ArgumentParser, UserError, run_main  # noqa: E402
 from util.io import write_text  # noqa: E402
-from util.results import load_per_image  # noqa: E402
+from util.records import load_per_image  # noqa: E402
 
 
 def get_args_parser():

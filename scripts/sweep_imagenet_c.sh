@@ -69,7 +69,7 @@ fi
 # Each extra flag goes to the scripts that take it; one that neither takes stops the sweep here.
 ROUTED=$(mktemp -d)
 trap 'rm -rf "$ROUTED"' EXIT
-"$PY" "$REPO/scripts/route_flags.py" "$ROUTED/baseline" "$ROUTED/ttt" -- ${EXTRA[@]+"${EXTRA[@]}"} || exit 2
+"$PY" "$REPO/scripts/split_sweep_flags.py" "$ROUTED/baseline" "$ROUTED/ttt" -- ${EXTRA[@]+"${EXTRA[@]}"} || exit 2
 mapfile -d '' -t BASELINE_EXTRA < "$ROUTED/baseline"
 mapfile -d '' -t TTT_EXTRA < "$ROUTED/ttt"
 # Check every input before the first (long) run starts.

@@ -83,13 +83,13 @@ def test_every_linked_doc_exists():
 
 
 def test_the_examples_tables_are_its_committed_results():
-    """docs/example.md's tables are, line for line, what scripts/paired_gain.py and scripts/step_rules.py make
+    """docs/example.md's tables are, line for line, what scripts/paired_gain.py and scripts/score_stop_rules.py make
     of the committed JSON of the example's run (docs/results/example/)."""
     import json
     import sys
     sys.path.insert(0, os.path.join(REPO, 'scripts'))
     import paired_gain
-    import step_rules
+    import score_stop_rules as step_rules
     results = os.path.join(REPO, 'docs', 'results', 'example')
     with open(os.path.join(REPO, 'docs', 'example.md')) as f:
         page = f.read().splitlines()

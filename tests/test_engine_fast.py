@@ -8,8 +8,9 @@ import torch
 
 import engine_test_time as ttt
 from conftest import make_image_folder, tiny_model
-from engine_fast import FastTrainer, make_trainer
-from test_engine_test_time import adapt_all, assert_matches_recorded, golden_run, items_of, one_thread, stacked, \
+from engine_fast import FastTrainer
+from engine_run import make_trainer
+from test_engine_test_time import adapt_all, adapted, assert_matches_recorded, golden_run, items_of, one_thread, stacked, \
     test_folder, ttt_args  # noqa: F401 (fixtures)
 from util.datasets import training_views
 from util.errors import UserError
@@ -91,7 +92,7 @@ def test_compiled_step_equals_the_default_trainer(compiled_cpu_results):
 def test_compiled_step_equals_the_default_trainer_on_cuda(test_folder):
     """TF32 against TF32: both runs round matrix inputs to 10-bit mantissas (about 5e-4 relative) in
     kernels that sum in different orders, so losses agree to about 1e-3 relative."""
-    from util.run_setup import set_precision
+    from engine_run import set_precision
     set_precision('cuda', strict_fp32=False)
     items = items_of(test_folder, raw=False, device='cuda')
     eager = stacked(adapt_all(ttt.TestTimeTrainer(tiny_model(norm_pix_loss=True).cuda(), ttt_args(), 'cuda'), items))
@@ -111,8 +112,8 @@ def test_rows_are_reset_and_each_is_its_image_adapted_weights(test_folder):
     assert all(torch.equal(start[n], v) for n, v in model.state_dict().items())  # the model keeps the start weights
     one = ttt.TestTimeTrainer(tiny_model(norm_pix_loss=True), ttt_args(), 'cpu')
     adapt_all(one, items[1:2])
-    for name, weight in trainer.adapted_weights(1).items():
-        torch.testing.assert_close(weight, one.adapted_weights()[name], rtol=1e-4, atol=1e-6)
+    for name, weight in adapted(trainer, 1).items():
+        torch.testing.assert_close(weight, adapted(one)[name], rtol=1e-4, atol=1e-6)
     assert any(v.any() for s in trainer.optimizer.state.values() for v in s.values() if torch.is_tensor(v))
     trainer.reset()
     assert torch.equal(trainer.flat, trainer.start)
@@ -155,7 +156,7 @@ def test_step_and_classification_are_one_graph_that_copies_only_the_images(test_
             m.fused_attn = fused_attention
     items = items_of(test_folder, raw=False)[:k]
     images = torch.stack([image for _, _, image, _ in items])
-    views = training_views(images, [[(image, None)] for image in images], None, trainer.args)
+    views = training_views(images, [None] * len(images), None, trainer.args)
     masks = torch.stack([ttt.image_masks(trainer.args, index, 16, 'cpu') for index, *_ in items], dim=2)
     # the per-call inputs only: views and masks of one micro-batch, the images to classify
     assert len(graph_inputs_copied_per_call(trainer._losses, views[0], masks[0, 0])) == 2

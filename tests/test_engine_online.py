@@ -10,7 +10,7 @@ import engine_test_time as ttt
 from conftest import tiny_model
 from engine_online import OnlineTrainer
 from main_online_ttt import get_args_parser
-from test_engine_test_time import adapt_all, items_of, test_folder, ttt_args  # noqa: F401 (fixtures)
+from test_engine_test_time import adapt_all, adapted, items_of, test_folder, ttt_args  # noqa: F401 (fixtures)
 
 
 def online_args(*extra):
@@ -87,10 +87,10 @@ def test_encoder_lr_scale_and_clipping_are_torch_param_groups_and_clip_grad_norm
         if clip:
             assert torch.nn.utils.clip_grad_norm_(list(params.values()), clip) > 2 * clip  # the clip bites
         optimizer.step()
-    adapted = trainer.adapted_weights()
-    assert set(adapted) == set(params)
+    weights = adapted(trainer)
+    assert set(weights) == set(params)
     for n, p in params.items():
-        torch.testing.assert_close(adapted[n], p.detach(), rtol=0, atol=1e-6)
+        torch.testing.assert_close(weights[n], p.detach(), rtol=0, atol=1e-6)
 
 
 def test_stochastic_restore_puts_back_that_share_of_the_weights_the_same_way_each_time(test_folder):
@@ -98,11 +98,11 @@ def test_stochastic_restore_puts_back_that_share_of_the_weights_the_same_way_eac
     trainer = OnlineTrainer(tiny_model(norm_pix_loss=True), args, 'cpu')
     item = items_of(test_folder, raw=False)[0]
     adapt_all(trainer, [item])
-    restored = torch.cat([(w == trainer.start[n]).flatten() for n, w in trainer.adapted_weights().items()])
+    restored = torch.cat([(w == trainer.start[n]).flatten() for n, w in adapted(trainer).items()])
     assert abs(restored.float().mean().item() - 0.3) < 0.03  # of about 8,000 weights
-    first = copy.deepcopy(trainer.adapted_weights())
+    first = copy.deepcopy(adapted(trainer))
     adapt_all(trainer, [item])  # drawn from (seed, image, step): the same weights again
-    assert all(torch.equal(w, first[n]) for n, w in trainer.adapted_weights().items())
+    assert all(torch.equal(w, first[n]) for n, w in adapted(trainer).items())
 
 
 def test_the_average_of_the_adapted_weights_classifies(test_folder):
@@ -116,12 +116,12 @@ def test_the_average_of_the_adapted_weights_classifies(test_folder):
     for steps in ('1', '2'):  # the adapted weights after step 1 and 2 (the masks of step 1 do not depend on the steps)
         plain = ttt.TestTimeTrainer(tiny_model(norm_pix_loss=True), ttt_args('--steps_per_example', steps), 'cpu')
         plain_ces = adapt_all(plain, items)[0]['ce_loss']
-        weights.append(copy.deepcopy(plain.adapted_weights()))
+        weights.append(copy.deepcopy(adapted(plain)))
     assert plain_ces[0] == ces[0]  # before the first step: the loaded weights either way
     for n, start in trainer.start.items():
         expected = 0.75 * (0.75 * start + 0.25 * weights[0][n]) + 0.25 * weights[1][n]
         torch.testing.assert_close(trainer.average[n], expected, rtol=0, atol=1e-6)
-        assert torch.equal(trainer.adapted_weights()[n], weights[1][n])  # the steps are unchanged
+        assert torch.equal(adapted(trainer)[n], weights[1][n])  # the steps are unchanged
     model = tiny_model(norm_pix_loss=True)
     model.load_state_dict(trainer.average, strict=False)
     ce = torch.nn.functional.cross_entropy(model.eval().logits(items[0][2]), torch.tensor([items[0][1]]))
@@ -140,13 +140,13 @@ def test_periodic_reset_and_a_kept_optimizer(test_folder):
     assert trainer.distance_from_start() == 0 and trainer.optimizer.state
 
 
-def test_a_state_saved_by_an_older_version_is_refused_in_one_line(tmp_path):
-    from util.errors import UserError
-    from util.online import StreamState
-    state = StreamState(str(tmp_path), 0)
-    (tmp_path / 'online').mkdir()
-    torch.save({'position': 5, 'tensors': [torch.zeros(3)]}, tmp_path / 'online' / 'rank0-00000005.pt')
-    with pytest.raises(UserError, match='older version of this code'):
-        state.load(5)
-    state.save(6, {'weights': {'w': torch.ones(2)}, 'images': 6})
-    assert state.load(6)['images'] == 6 and torch.equal(state.load(6)['weights']['w'], torch.ones(2))
+def test_the_fp16_loss_scale_travels_with_the_state(test_folder):
+    trainer = OnlineTrainer(tiny_model(norm_pix_loss=True), online_args('--amp', 'fp16', '--online_keep_optimizer'), 'cpu')
+    adapt_all(trainer, items_of(test_folder, raw=False)[:1])
+    trainer.scaler.update(new_scale=8.)  # as after overflows on this image
+    saved = copy.deepcopy(trainer.state())
+    assert saved['scaler']['scale'] == 8.
+    trainer.reset()
+    assert trainer.scaler.get_scale() == 2. ** 16
+    trainer.load_state(saved)
+    assert trainer.scaler.state_dict() == saved['scaler']

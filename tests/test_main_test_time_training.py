@@ -17,7 +17,7 @@ from conftest import (REPO, TINY, check_error_line, make_image_folder, run_inpro
                       torchrun)
 from test_collect_results import collect
 from util.datasets import ImageFolder
-from util.results import ResultStore
+from util.records import ResultStore
 
 TTT = ('--batch_size', '4', '--steps_per_example', '3', '--single_crop', '--norm_pix_loss', '--blr', '0.5')
 

@@ -69,7 +69,7 @@ def test_slurm_array_task_under_torchrun_equals_one_process(swept, checkpoints, 
 
 def test_extra_flags_go_to_the_scripts_that_take_them(checkpoints, tmp_path):
     import importlib.util
-    spec = importlib.util.spec_from_file_location('route_flags', os.path.join(REPO, 'scripts', 'route_flags.py'))
+    spec = importlib.util.spec_from_file_location('split_sweep_flags', os.path.join(REPO, 'scripts', 'split_sweep_flags.py'))
     route = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(route)
     parsers = {s: importlib.import_module(s).get_args_parser() for s in route.SWEPT}

@@ -8,7 +8,7 @@ import pytest
 from conftest import make_image_folder, run_inprocess
 from test_main_test_time_training import per_image, script_args
 from util.errors import UserError
-from util.results import load_per_image
+from util.records import load_per_image
 
 
 def baseline(checkpoints, data, out, *extra):

@@ -161,16 +161,14 @@ def prune_checkpoints(output_dir, keep):
         os.remove(path)
 
 
-def resume_training(args, model, optimizer, scaler, drop=()):
-    """Load --resume, or else the newest checkpoint in --output_dir; sets args.start_epoch.
-    Keys starting with `drop` are left out (pre-training: the frozen random head that older versions of
-    this code saved). Returns the path loaded, or None."""
+def resume_training(args, model, optimizer, scaler, older=None):
+    """Load --resume, or else the newest checkpoint in --output_dir; sets args.start_epoch. older(state,
+    model), if given, reads weights an older version saved (util/compat.py). Returns the path loaded, or None."""
     path = args.resume or (latest_checkpoint(args.output_dir) if args.output_dir else None)
     if not path:
         return None
     checkpoint = load_checkpoint(path, 'checkpoint to resume (--resume)')
-    state = {k: v for k, v in model_state(checkpoint).items() if not k.startswith(drop)} if drop else \
-        model_state(checkpoint)
+    state = older(model_state(checkpoint), model) if older else model_state(checkpoint)
     load_state_dict_strict(model, state, path)
     if 'optimizer' in checkpoint and 'epoch' in checkpoint:
         optimizer.load_state_dict(checkpoint['optimizer'])

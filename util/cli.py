@@ -34,11 +34,13 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose errors (unknown flag, bad number, unknown choice) are one 'error:' line, exit 2."""
+    """argparse whose errors (unknown flag, bad number, unknown choice, flags that contradict each other) are
+    one 'error:' line, exit 2. resolvers run in turn once the flags are parsed: each fills in defaults that
+    depend on other flags, or raises UserError for a combination that cannot run."""
 
     def __init__(self, description=None, resolve=None, **kwargs):
         super().__init__(description=description, formatter_class=HelpFormatter, **kwargs)
-        self.resolve = resolve  # fills in, after parsing, the defaults that depend on other flags
+        self.resolvers = [resolve] if resolve else []
 
     def error(self, message):
         sys.stderr.write(f"error: {message} (see {self.prog} --help)\n")
@@ -48,8 +50,11 @@ class ArgumentParser(argparse.ArgumentParser):
         args = super().parse_args(args, namespace)
         if getattr(args, 'log_dir', '') is None:
             args.log_dir = args.output_dir
-        if self.resolve is not None:
-            self.resolve(args)
+        try:
+            for resolve in self.resolvers:
+                resolve(args)
+        except UserError as e:
+            self.error(str(e))
         return args
 
 
@@ -165,7 +170,9 @@ def add_training_args(parser, batch_size, epochs, warmup_epochs, weight_decay=0.
     """Optimisation and schedule flags shared by pre-training and probing (MAE's names and meanings);
     the defaults are each script's released ones."""
     group = parser.add_argument_group('training')
-    group.add_argument('--batch_size', default=batch_size, type=POSITIVE_INT, help='images per process and iteration')
+    group.add_argument('--batch_size', default=batch_size, type=POSITIVE_INT,
+                       help='images per process and iteration (in the test-time scripts the same flag counts views of '
+                            'one image, or images per forward pass)')
     group.add_argument('--epochs', default=epochs, type=POSITIVE_INT, help='epochs to train')
     group.add_argument('--accum_iter', default=1, type=POSITIVE_INT, help='iterations accumulated per optimiser step')
     group.add_argument('--weight_decay', type=NON_NEGATIVE_FLOAT, default=weight_decay, help=weight_decay_help)
@@ -258,7 +265,9 @@ def add_adaptation_args(parser, steps, finetune_mode, optimizer_type, weight_dec
     """How each image is adapted, shared by the paper's script and the online one, each with its own
     defaults (lr None: --lr is computed from --blr, as the released code did)."""
     group = parser.add_argument_group('test-time training')
-    group.add_argument('--batch_size', default=128, type=POSITIVE_INT, help='views of the image per step')
+    group.add_argument('--batch_size', default=128, type=POSITIVE_INT,
+                       help='views of the one image per step, as the released test-time script counts them (not '
+                            'images: each image is adapted alone)')
     group.add_argument('--accum_iter', default=1, type=POSITIVE_INT, help='micro-batches of views per step')
     group.add_argument('--steps_per_example', default=steps, type=NON_NEGATIVE_INT, help='optimiser steps per image')
     group.add_argument('--mask_ratio', default=0.75, type=OPEN_FRACTION, help='fraction of patches removed')
@@ -290,3 +299,10 @@ def add_adaptation_args(parser, steps, finetune_mode, optimizer_type, weight_dec
                        help='for the first N images, a PNG of the masked input and the reconstruction as TTT proceeds '
                             '(OUT/reconstructions/)')
     return group
+
+
+def check_stop_rule(args):
+    """--stop_rule against --steps_per_example, before any work (both test-time scripts)."""
+    if args.stop_rule and args.stop_rule[0] == 'fixed' and args.stop_rule[1] > args.steps_per_example:
+        raise UserError(f"--stop_rule fixed:{args.stop_rule[1]} stops after more steps than --steps_per_example "
+                        f"{args.steps_per_example}")

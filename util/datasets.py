@@ -97,6 +97,34 @@ def folder_labels(root, dataset_name, head_classes):
     return {c: allowed[c] for c in folders}
 
 
+def head_classes(args, probe_classes, num_outputs):
+    """The head's class names in label order: --classes, else the probe's record, else (a released probe,
+    1000 outputs) the ImageNet-1k wnids."""
+    if args.classes:
+        try:
+            with open(args.classes) as f:
+                classes = [line.strip() for line in f if line.strip()]
+        except OSError as e:
+            raise UserError(f"cannot read --classes {args.classes}: {e.strerror}") from None
+        if not classes or len(classes) > num_outputs:
+            raise UserError(f"--classes {args.classes} lists {len(classes)} classes; the head has {num_outputs} outputs")
+        return classes
+    if probe_classes:
+        return list(probe_classes)
+    if num_outputs == 1000:
+        return imagenet_wnids()
+    raise UserError(f"{args.resume_finetune} records no class names and its head is not a 1000-class ImageNet head: "
+                    f"pass --classes FILE, the head's class names in label order, one per line")
+
+
+def load_test_set(args, classes):
+    """The test folder, each class folder labelled by its index among the head's classes."""
+    dataset = ImageFolder(args.data_path, labels=folder_labels(args.data_path, args.dataset_name, classes))
+    if len(dataset) == 0:
+        raise UserError(f"no images in {args.data_path}")
+    return dataset
+
+
 def load_rgb(path):
     """Open an image as RGB; an unreadable or truncated file is a UserError naming it."""
     try:
@@ -219,27 +247,14 @@ def random_resized_crops(image, n, size, generator, scale=(0.2, 1.0), ratio=(3 /
     return (views - mean) / std
 
 
-def training_views(images, sources, crop_gens, args):
-    """(A, K, B, 3, H, W): the B = --batch_size views of each image k for each of A = --accum_iter
-    micro-batches, spread evenly over its sources, a list of (eval crop (1, 3, H, W), decoded uint8
-    image) pairs: its own, or online the window's, the newest taking the remainder. With --single_crop
-    the views are the eval crops, else random resized crops cut with image k's crop generator."""
-    b = args.batch_size
-    if args.single_crop and all(len(source) == 1 for source in sources):
-        return images.unsqueeze(0).expand(args.accum_iter, -1, b, -1, -1, -1)
-    per_image = []
-    for source, gen in zip(sources, crop_gens):
-        counts = [b // len(source) + (j >= len(source) - b % len(source)) for j in range(len(source))]
-        micro = []
-        for _ in range(args.accum_iter):
-            if args.single_crop:
-                parts = [image.expand(c, -1, -1, -1) for (image, _), c in zip(source, counts) if c]
-            else:
-                parts = [random_resized_crops(raw, c, images.shape[-1], gen) for (_, raw), c in zip(source, counts)
-                         if c]
-            micro.append(torch.cat(parts))
-        per_image.append(torch.stack(micro))
-    return torch.stack(per_image, dim=1)
+def training_views(images, raws, crop_gens, args):
+    """(A, K, B, 3, H, W): the B = --batch_size views of each image k (images (K, 1, 3, H, W)) for each of
+    A = --accum_iter micro-batches. With --single_crop the views are the eval crop itself, else random
+    resized crops of the decoded uint8 image raws[k], cut with image k's crop generator."""
+    if args.single_crop:
+        return images.unsqueeze(0).expand(args.accum_iter, -1, args.batch_size, -1, -1, -1)
+    return torch.stack([torch.stack([random_resized_crops(raw, args.batch_size, images.shape[-1], gen)
+                                     for _ in range(args.accum_iter)]) for raw, gen in zip(raws, crop_gens)], dim=1)
 
 
 def make_loader(dataset, args, train=True, shuffle=None):

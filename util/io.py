@@ -1,4 +1,6 @@
-"""Atomic file writes: a kill at any moment leaves either the old file or the new one, never half."""
+"""Files: atomic writes (a kill at any moment leaves either the old file or the new one, never half) and
+their SHA-256."""
+import hashlib
 import json
 import os
 import tempfile
@@ -48,3 +50,11 @@ def save_png(fig, path, dpi, **savefig):
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format='png', dpi=dpi, **savefig)
     plt.close(fig)
+
+
+def file_sha256(path):
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 24), b''):
+            digest.update(block)
+    return digest.hexdigest()

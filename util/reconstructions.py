@@ -7,7 +7,7 @@ import torch
 
 from util.datasets import IMAGENET_MEAN, IMAGENET_STD
 from util.io import save_png
-from util.seed import FIGURE_MASKS, derive_seed
+from util.seed import Stream, derive_seed
 
 
 def shown_steps(steps):
@@ -56,7 +56,7 @@ def save_figure(path, title, panels):
 
 
 class Reconstructions:
-    """The figures of the chosen images: run_test_time_training asks for an observer of each group of
+    """The figures of the chosen images: engine_run.adapt_images asks for an observer of each group of
     images, which a trainer calls after each classification (None for a group without a chosen image)."""
 
     def __init__(self, args, dataset, indices):
@@ -84,7 +84,7 @@ class _Observer:
             return
         indices = list(self.indices) + [self.indices[-1]] * (len(images) - len(self.indices))  # padded groups
         orders = torch.stack([torch.rand(trainer.num_patches, generator=torch.Generator().manual_seed(
-            derive_seed(args.seed, i, FIGURE_MASKS))).argsort() for i in indices]).to(trainer.device)
+            derive_seed(args.seed, i, Stream.FIGURE_MASKS))).argsort() for i in indices]).to(trainer.device)
         preds = trainer.reconstruct(images, orders[:, None])
         for k, index in self.wanted:
             masked, recon = compose(trainer.model, images[k, 0], preds[k], orders[k], args.mask_ratio)

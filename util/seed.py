@@ -1,17 +1,21 @@
 """Seeds derived from keys, so randomness depends on (seed, epoch, rank) or (seed, image), not on history."""
+import enum
 import random
 
 import numpy as np
 import torch
 
-# The random streams of a test-time run, each a key after the run's --seed: derive_seed(seed, image, MASKS)
-# gives an image's masks wherever and whenever it is adapted. FIGURE_MASKS and STREAM_ORDER share a value
-# but not a key length (the second takes no image).
-MASKS = 1  # (seed, image, MASKS): the masks of every step, micro-batch and view
-CROPS = 2  # (seed, image, CROPS): the random resized crops of its views
-FIGURE_MASKS = 3  # (seed, image, FIGURE_MASKS): the one mask of its reconstruction figure
-STREAM_ORDER = 3  # (seed, STREAM_ORDER): the order of an online stream ('shuffled')
-RESTORE = 4  # (seed, image, RESTORE, step): online stochastic restore
+
+@enum.unique  # two streams with one value would draw the same numbers: refused when this module loads
+class Stream(enum.IntEnum):
+    """The random streams of a test-time run, each a key after the run's --seed: derive_seed(seed, image,
+    Stream.MASKS) gives an image's masks wherever and whenever it is adapted. The values are recorded in
+    every result drawn from them: a stream keeps its value, a new one takes the next."""
+    MASKS = 1  # (seed, image, MASKS): the masks of every step, micro-batch and view
+    CROPS = 2  # (seed, image, CROPS): the random resized crops of its views
+    STREAM_ORDER = 3  # (seed, STREAM_ORDER): the order of an online stream ('shuffled')
+    RESTORE = 4  # (seed, image, RESTORE, step): online stochastic restore
+    FIGURE_MASKS = 5  # (seed, image, FIGURE_MASKS): the one mask of its reconstruction figure
 
 
 def derive_seed(*keys):

@@ -3,7 +3,7 @@
 A rule is asked after each classification, at step t = 0 (before the first step) to the last, what it
 knows: the predictions and top-1 probabilities of steps 0..t and the reconstruction losses of steps
 1..t. The first step at which it fires is where the image stops (the last step if it never fires), so
-the same function scores a rule on a finished run (scripts/step_rules.py) and applies it live
+the same function scores a rule on a finished run (scripts/score_stop_rules.py) and applies it live
 (main_test_time_training.py --stop_rule), with the same answer. The labels are never read.
 """
 import math

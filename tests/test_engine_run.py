@@ -1,16 +1,15 @@
-"""util/run_setup.py: the combined model, the test folder's labels, what a rerun has left to do."""
+"""engine_run.py's set-up: the combined model, the test folder's labels, what a rerun has left to do."""
 import json
 
 import pytest
 import torch
 
 from conftest import TINY, make_image_folder, tiny_model
-from models_mae import build_model
+from engine_run import build_test_model, images_left, set_precision
 from main_test_time_training import get_args_parser
+from util.datasets import load_test_set
 from util.errors import UserError
-from util.results import ResultStore
-from util.run_setup import (build_test_model, images_to_do, load_test_set, run_config, set_precision,
-                             without_neutral_flags)
+from util.records import ResultStore
 
 
 def args_for(checkpoints, data='unused', *extra):
@@ -20,22 +19,22 @@ def args_for(checkpoints, data='unused', *extra):
 
 
 def test_the_combined_model_is_the_mae_encoder_with_the_probe_head(checkpoints):
-    model, _ = build_test_model(args_for(checkpoints), 'cpu', build_model)
+    model, _ = build_test_model(args_for(checkpoints), 'cpu')
     expected = tiny_model(num_classes=2).state_dict()  # the fixture checkpoints hold its weights
     assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())
 
 
 def test_a_head_that_does_not_fit_names_the_keys(checkpoints):
     with pytest.raises(UserError, match=r'missing keys: classifier_blocks\.1\.'):
-        build_test_model(args_for(checkpoints, 'unused', '--classifier_depth', '2'), 'cpu', build_model)
+        build_test_model(args_for(checkpoints, 'unused', '--classifier_depth', '2'), 'cpu')
     with pytest.raises(UserError, match='no linear weights'):
-        build_test_model(args_for(checkpoints, 'unused', '--head_type', 'linear'), 'cpu', build_model)
+        build_test_model(args_for(checkpoints, 'unused', '--head_type', 'linear'), 'cpu')
 
 
 def test_test_folders_are_labelled_through_the_heads_classes(checkpoints, tmp_path):
     """A folder lacking a class keeps the labels of the others; one the head does not know is refused."""
     args = args_for(checkpoints, 'unused', '--dataset_name', 'folder')
-    _, classes = build_test_model(args, 'cpu', build_model)
+    _, classes = build_test_model(args, 'cpu')
     assert classes == ['class_a', 'class_b']
     args.data_path = make_image_folder(tmp_path / 'only_b', ['class_b'], 2)
     assert {label for _, label in load_test_set(args, classes).samples} == {1}  # not renumbered to 0
@@ -52,43 +51,24 @@ def test_classes_file_and_probes_without_a_record(checkpoints, tmp_path):
     bare = tmp_path / 'bare.pth'  # a probe written elsewhere: no class list
     torch.save({'model': torch.load(probe, weights_only=True)['model']}, bare)
     with pytest.raises(UserError, match='records no class names .* pass --classes FILE'):
-        build_test_model(args_for((mae, str(bare)), 'unused'), 'cpu', build_model)
+        build_test_model(args_for((mae, str(bare)), 'unused'), 'cpu')
     names = tmp_path / 'classes.txt'
     names.write_text('cat\ndog\n')
-    _, classes = build_test_model(args_for((mae, str(bare)), 'unused', '--classes', str(names)), 'cpu', build_model)
+    _, classes = build_test_model(args_for((mae, str(bare)), 'unused', '--classes', str(names)), 'cpu')
     assert classes == ['cat', 'dog']
     names.write_text('cat\ndog\nemu\n')
     with pytest.raises(UserError, match='lists 3 classes; the head has 2 outputs'):
-        build_test_model(args_for((mae, str(bare)), 'unused', '--classes', str(names)), 'cpu', build_model)
+        build_test_model(args_for((mae, str(bare)), 'unused', '--classes', str(names)), 'cpu')
 
 
-def test_images_to_do_after_a_partial_and_a_complete_run(tmp_path):
+def test_images_left_after_a_partial_and_a_complete_run(tmp_path):
     store = ResultStore(str(tmp_path))
     for i in (0, 3):
         store.add(index=i, label=0, pred=[0], ce_loss=[0.], mae_loss=[], seconds=0.)
     store.flush()
-    assert images_to_do(store, [0, 1, 2, 3]) == [1, 2]
+    assert images_left(store, [0, 1, 2, 3]) == [1, 2]
     (tmp_path / 'results.json').write_text(json.dumps({'complete': True}))
-    assert images_to_do(store, [0, 3]) is None
-
-
-def test_run_config_keeps_what_results_depend_on(checkpoints):
-    args = args_for(checkpoints, 'some/folder', '--num_workers', '3', '--print_freq', '7')
-    config = run_config(args, {'resume_model': 'aa', 'resume_finetune': 'bb'})
-    assert (config['resume_model_sha256'], config['resume_finetune_sha256']) == ('aa', 'bb')
-    assert 'subset_file_sha256' not in config
-    assert run_config(args, {'resume_model': 'aa', 'resume_finetune': 'bb'}, 'cc')['subset_file_sha256'] == 'cc'
-    assert vars(args) == vars(args_for(checkpoints, 'some/folder', '--num_workers', '3', '--print_freq', '7'))
-    assert config['steps_per_example'] == 20 and config['device_type'] == 'cpu'
-    assert config['data'].endswith('some/folder')
-    assert not {'num_workers', 'print_freq', 'output_dir', 'world_size', 'resume_model'} & set(config)
-    # older folders recorded the online flags, since online TTT-MAE has its own script: left out where they
-    # changed nothing, so that such a folder continues; recorded where they do
-    older = {**config, 'online': False, 'online_window': 1, 'clip_grad': 0., 'stream_order': None}
-    assert without_neutral_flags(older) == config
-    assert without_neutral_flags({**older, 'clip_grad': 1.})['clip_grad'] == 1.
-    online = run_config(args, {'resume_model': 'aa', 'resume_finetune': 'bb'}, online=True)
-    assert online['online'] and 'online_processes' in online
+    assert images_left(store, [0, 3]) is None
 
 
 def test_cuda_precision_is_tf32_as_released_unless_strict():

@@ -8,8 +8,8 @@ fraction of the run's steps), and the paired gain over no adaptation (step 0) an
 step, each ± its standard error over images (sample std / sqrt(n)). The oracle stops each image at its
 first correct step: it reads the labels, so it is only an upper bound, and marked so.
 
-  python scripts/step_rules.py demo_out/results_test/gaussian_noise demo_out/results_test/fog
-  python scripts/step_rules.py RUN ... --choose_on VAL_RUN ...   # each family's parameter chosen there
+  python scripts/score_stop_rules.py demo_out/results_test/gaussian_noise demo_out/results_test/fog
+  python scripts/score_stop_rules.py RUN ... --choose_on VAL_RUN ...   # each family's parameter chosen there
 
 With --choose_on, each family's parameter is the one with the best accuracy on those runs (the fewer
 steps on a tie), and the table reports it on the runs given first, so that the choice is not made on
@@ -27,7 +27,7 @@ sys.path.insert(0, REPO_ROOT)
 
 from util.cli import UserError, run_main  # noqa: E402
 from util.io import save_png, write_json, write_text  # noqa: E402
-from util.results import load_per_image  # noqa: E402
+from util.records import load_per_image  # noqa: E402
 from util.stop_rules import RULES, parse, stop_step  # noqa: E402
 
 GRID = {'stable': [1, 2, 3, 4, 5, 7, 10], 'plateau': [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2],

@@ -1,9 +1,9 @@
-"""util/results.py: per-image records across processes and kills, run settings, subsets, summaries."""
+"""util/records.py: per-image records across processes and kills, and the readers of finished runs."""
 import numpy as np
 import pytest
 
 from util.errors import UserError
-from util.results import ResultStore, check_run_config, is_finished, load_per_image, select_indices, summarize
+from util.records import ResultStore, is_finished, load_per_image
 
 
 def add(store, index, steps=1):
@@ -73,42 +73,8 @@ def test_every_flush_writes_one_chunk_of_what_was_added(tmp_path):
     assert seen == [1, 2, 3] and store.records_written == 3 and len(list((tmp_path / 'partial').glob('*.npz'))) == 3
 
 
-def test_a_failed_start_does_not_block_the_corrected_rerun(tmp_path):
-    store = ResultStore(str(tmp_path))
-    check_run_config(store, {'lr': 0.1}, True)  # the first run died before its first image
-    check_run_config(store, {'lr': 0.2}, True)  # no results yet: the new settings replace the old
-    add(store, 0)
-    store.flush()
-    check_run_config(store, {'lr': 0.2}, True)
-    with pytest.raises(UserError, match='lr: 0.2 -> 0.3'):
-        check_run_config(store, {'lr': 0.3}, True)
-
-
 def test_unreadable_result_file_is_a_user_error(tmp_path):
     (tmp_path / 'partial').mkdir()
     (tmp_path / 'partial' / 'rank0-1-2-000000.npz').write_bytes(b'not a zip')
     with pytest.raises(UserError, match='cannot read result file'):
         ResultStore(str(tmp_path)).load()
-
-
-def test_select_indices():
-    assert select_indices(10).tolist() == list(range(10))
-    assert select_indices(10, 4).tolist() == [0, 2, 5, 7]  # evenly spaced over a class-sorted folder
-    assert select_indices(10, 3, 'first').tolist() == [0, 1, 2]
-    chosen = select_indices(100, 5, 'random', 1)
-    assert len(set(chosen.tolist())) == 5 and chosen.tolist() == sorted(chosen.tolist())
-    again, other = select_indices(100, 5, 'random', 1), select_indices(100, 5, 'random', 2)
-    assert chosen.tolist() == again.tolist() != other.tolist()
-    assert select_indices(10, 50).tolist() == list(range(10))
-
-
-def test_summary_per_step():
-    records = {'index': np.arange(4), 'label': np.array([0, 1, 1, 0]),
-               'pred': np.array([[0, 0, 1], [0, 1, 1], [1, 1, 1], [1, 1, 0]]),
-               'ce_loss': np.array([[1., 2., 3.]] * 4), 'mae_loss': np.array([[0.5, 0.25]] * 4),
-               'tv_loss': np.array([[2., 1.]] * 4)}  # a second test-time loss, by its name
-    summary = summarize(records, 5)
-    assert summary['accuracy_per_step'] == [50.0, 75.0, 75.0]
-    assert summary['cross_entropy_per_step'] == [1., 2., 3.] and summary['mae_loss_per_step'] == [0.5, 0.25]
-    assert summary['tv_loss_per_step'] == [2., 1.] and 'ce_loss_per_step' not in summary
-    assert (summary['num_images'], summary['num_images_expected'], summary['complete']) == (4, 5, False)

@@ -1,7 +1,7 @@
 """Which of a sweep's extra flags each script takes: writes them NUL-separated (for `mapfile -d ''`)
 to one file per script.
 
-  scripts/route_flags.py BASELINE_FILE TTT_FILE -- FLAG [VALUE ...] ...
+  scripts/split_sweep_flags.py BASELINE_FILE TTT_FILE -- FLAG [VALUE ...] ...
 
 The flags are those after `--` of scripts/sweep_imagenet_c.sh, meant for the baseline
 (test_without_adaptation.py), test-time training (main_test_time_training.py) or both; each goes to the
@@ -45,7 +45,7 @@ def split_flags(argv, parsers):
 
 def main(argv):
     if len(argv) < 4 or argv[3] != '--':
-        raise UserError("usage: scripts/route_flags.py BASELINE_FILE TTT_FILE -- FLAGS")
+        raise UserError("usage: scripts/split_sweep_flags.py BASELINE_FILE TTT_FILE -- FLAGS")
     parsers = {s: importlib.import_module(s).get_args_parser() for s in SWEPT}
     groups = split_flags(argv[4:], parsers)
     for script, path in zip(SWEPT, argv[1:3]):

@@ -1,4 +1,4 @@
-"""util/stop_rules.py and scripts/step_rules.py: rules scored on finished runs, chosen on other runs, and the
+"""util/stop_rules.py and scripts/score_stop_rules.py: rules scored on finished runs, chosen on other runs, and the
 same rule applied live by main_test_time_training.py --stop_rule."""
 import json
 import os
@@ -14,7 +14,7 @@ from util.errors import UserError
 from util.stop_rules import fires, parse, stop_step
 
 sys.path.insert(0, os.path.join(REPO, 'scripts'))
-import step_rules  # noqa: E402
+import score_stop_rules as step_rules  # noqa: E402
 
 
 def test_each_rule_fires_where_it_says():
