@@ -13,9 +13,9 @@ import logging
 
 import torch
 
-from engine_test_time import (AMP_DTYPES, NamedOutputs, build_optimizer, classification, crop_generator, image_masks,
-                              mode_dependent_modules, objective, step_records, trainable_parameters)
-from util.datasets import training_views
+from engine_test_time import (AMP_DTYPES, ModelCall, build_optimizer, classification, crop_generator, image_masks,
+                              loss_weights, make_objective, mode_dependent_modules, reached_parameters, step_records,
+                              trainable_parameters, weighted_sum)
 from util.errors import UserError
 
 
@@ -30,10 +30,13 @@ class FastTrainer:
                              f"norm outside the head: {', '.join(mode_dependent_modules(model))}")
         self.model, self.args, self.device, self.k = model, args, torch.device(device), k
         self.class_subset = None if class_subset is None else torch.as_tensor(class_subset, device=self.device)
-        self.num_patches = model.patch_embed.num_patches
+        self.num_patches = model.parts().num_patches
         self.amp_dtype = AMP_DTYPES[args.amp]
         model.eval()
-        trainable = trainable_parameters(model, args.finetune_mode)
+        self.objective = make_objective(args, model, self.class_subset)
+        self.loss_weights = loss_weights(model, self.objective, args, self.device)
+        trainable = trainable_parameters(model, args.finetune_mode, args.seed,
+                                         lambda: reached_parameters(model, self.objective, self.device))
         self.names = list(trainable)
         self.shapes = {n: p.shape for n, p in trainable.items()}
         self.start = torch.cat([p.detach().reshape(-1) for p in trainable.values()]).expand(k, -1)
@@ -71,19 +74,19 @@ class FastTrainer:
             for m in model.modules():
                 if hasattr(m, 'fused_attn'):
                     m.fused_attn = False
-        methods, fixed = NamedOutputs(model), {f'model.{n}': t for n, t in fixed.items()}
+        methods, fixed = ModelCall(model), {f'model.{n}': t for n, t in fixed.items()}
 
-        def call(row, method, *inputs):
-            return torch.func.functional_call(methods, (self.weights(row, 'model.'), fixed), (method, *inputs))
+        def call(row, fn, *inputs):
+            return torch.func.functional_call(methods, (self.weights(row, 'model.'), fixed), (fn, *inputs))
 
         def losses(row, views, masks):
-            return call(row, 'test_time_losses', views, self.args.mask_ratio, masks)
+            return call(row, self.objective.losses, views, masks)
 
         def logits(row, image):
-            return call(row, 'logits', image)[0]
+            return call(row, lambda m, x: m.logits(x), image)[0]
 
         def predict(row, image, mask):
-            return call(row, 'reconstruct', image, self.args.mask_ratio, mask)[0]
+            return call(row, lambda m, x, order: m.reconstruct(x, self.args.mask_ratio, order), image, mask)[0]
 
         flat = self.flat
         if self.k == 1:
@@ -121,11 +124,11 @@ class FastTrainer:
         if observe:
             observe(0, self, images, classified[-1]['ce_loss'])
         for step in range(self.args.steps_per_example):
-            losses.append(self.step(training_views(images, raws, crops, self.args), masks[step]))
+            losses.append(self.step(self.objective.views(images, raws, crops), masks[step]))
             classified.append(self.classify(images, labels))
             if observe:
                 observe(step + 1, self, images, classified[-1]['ce_loss'])
-        records = step_records(classified, losses, self.args.steps_per_example)  # (steps, K) arrays: one host copy
+        records = step_records(classified, losses, self.loss_weights, self.args.steps_per_example)  # (steps, K): one copy
         return [{key: value[:, k] for key, value in records.items()} for k in range(n)]
 
     def step(self, views, masks):
@@ -136,7 +139,7 @@ class FastTrainer:
             with self._autocast():
                 losses = self._losses(micro_views, micro_masks)
             losses = {name: loss.float() / len(views) for name, loss in losses.items()}
-            objective(self.model, {name: loss.sum() for name, loss in losses.items()}).backward()
+            weighted_sum({name: loss.sum() for name, loss in losses.items()}, self.loss_weights).backward()
             for name, loss in losses.items():
                 recorded[name] = recorded.get(name, 0.) + loss.detach()
         self.optimizer.step()  # a flat tensor: a few fused passes, left eager

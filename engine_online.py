@@ -9,18 +9,20 @@ from collections import deque
 
 import torch
 
-from engine_test_time import NamedOutputs, TestTimeTrainer
+from engine_test_time import ModelCall, TestTimeTrainer
+from util.objectives import Objective
 from util.datasets import random_resized_crops
+from util.errors import UserError
 from util.seed import Stream, derive_seed
 from util.streams import StreamState, drift, process_share, stream_order, stream_position
 
 
-def lr_groups(names, encoder_lr_scale):
+def lr_groups(names, encoder_lr_scale, decoder_side):
     """[(names, lr scale)] of the adapted weights: one group, or with --encoder_lr_scale the encoder's
-    weights and then the decoder's and mask_token (the decoder side of the MAE)."""
+    weights and then the decoder side's (what only the reconstruction reads, the model's parts())."""
     if encoder_lr_scale == 1:
         return [(list(names), 1.)]
-    encoder = [n for n in names if not n.startswith('decoder') and n != 'mask_token']
+    encoder = [n for n in names if not n.startswith(decoder_side)]
     rest = [n for n in names if n not in encoder]
     return [(group, scale) for group, scale in ((encoder, encoder_lr_scale), (rest, 1.)) if group]
 
@@ -53,6 +55,9 @@ class OnlineTrainer(TestTimeTrainer):
 
     def __init__(self, model, args, device, class_subset=None, state_files=None):
         super().__init__(model, args, device, class_subset)
+        if args.online_window > 1 and type(self.objective).views is not Objective.views:
+            raise UserError(f"--objective {args.objective} draws its own views of the current image: pass "
+                            f"--online_window 1")
         self.images = 0  # images of the stream begun
         self.window = deque(maxlen=args.online_window)  # the latest (eval crop, decoded image) pairs
         self.state_files = state_files
@@ -61,7 +66,7 @@ class OnlineTrainer(TestTimeTrainer):
 
     def param_groups(self):
         return [{'params': [self.params[n] for n in names], 'lr': self.args.lr * scale}
-                for names, scale in lr_groups(self.params, self.args.encoder_lr_scale)]
+                for names, scale in lr_groups(self.params, self.args.encoder_lr_scale, self.model.parts().decoder_side)]
 
     def adapt_image(self, index, label, image, raw=None, observe=None):
         self.window.append((image, raw))
@@ -80,14 +85,16 @@ class OnlineTrainer(TestTimeTrainer):
         self.images += 1
 
     def views(self, image, raw, crops):
+        if len(self.window) == 1:
+            return super().views(image, raw, crops)
         return window_views(self.window, crops, self.args)
 
-    def objective(self, losses):
-        objective = super().objective(losses)
+    def total(self, losses):
+        total = super().total(losses)
         if self.args.online_anchor:  # anchor/2 ||w - w0||^2, spread over the step's micro-batches
             distance = sum((p - self.start[n]).square().sum() for n, p in self.params.items())
-            objective = objective + self.args.online_anchor / (2 * self.args.accum_iter) * distance
-        return objective
+            total = total + self.args.online_anchor / (2 * self.args.accum_iter) * distance
+        return total
 
     def update(self):
         if self.args.clip_grad:  # over all adapted weights, as torch.nn.utils.clip_grad_norm_
@@ -111,7 +118,7 @@ class OnlineTrainer(TestTimeTrainer):
         if self.average is None:
             return super().logits(image)
         weights = {f'model.{name}': w for name, w in self.average.items()}
-        return torch.func.functional_call(NamedOutputs(self.model), weights, ('logits', image))
+        return torch.func.functional_call(ModelCall(self.model), weights, (lambda model, x: model.logits(x), image))
 
     @torch.no_grad()
     def distance_from_start(self):

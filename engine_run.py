@@ -75,14 +75,13 @@ def build_test_model(args, device, adapting=False):
     model = build_model(args.model, img_size=args.input_size, norm_pix_loss=getattr(args, 'norm_pix_loss', False),
                         head_type=args.head_type, classifier_depth=args.classifier_depth,
                         num_classes=args.num_classes)
-    args.input_size = model.patch_embed.img_size[0]
+    args.input_size = model.parts().image_size
     if adapting and not getattr(model, 'takes_test_time_training', True):
         raise UserError(f"--model {args.model} has no decoder: it takes the baseline only (test_without_adaptation.py)")
     if getattr(model, 'takes_test_time_training', True):
         if not args.resume_model:
             raise UserError(f"--model {args.model} needs --resume_model, the MAE checkpoint with its decoder")
-        state, classes = load_test_checkpoints(args.resume_model, args.resume_finetune, args.head_type,
-                                               model.head_prefixes)
+        state, classes = load_test_checkpoints(model, args.resume_model, args.resume_finetune, args.head_type)
         load_state_dict_strict(model, state, f"{args.resume_model} + {args.resume_finetune}")
     else:  # a fine-tuned ViT: one checkpoint holds it whole
         if args.resume_model:

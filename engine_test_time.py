@@ -14,42 +14,77 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from util.datasets import training_views
+from util.objectives import OBJECTIVES
 from util import stop_rules
+from util.errors import UserError
+from util.finetune_modes import choose_parameters
 from util.seed import Stream, derive_seed
 
 AMP_DTYPES = {'none': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 
 
-class NamedOutputs(torch.nn.Module):
-    """The model's named outputs (test_time_losses, logits, reconstruct) as one forward(name, *inputs), for
-    torch.func.functional_call, which calls a module's forward only (engine_fast.py, engine_online.py)."""
+class ModelCall(torch.nn.Module):
+    """fn(model, *inputs) as this module's forward, for torch.func.functional_call, which calls a module's forward
+    only: the model's named outputs (logits, reconstruct) or an objective's losses with other weights
+    (engine_fast.py, engine_online.py)."""
 
     def __init__(self, model):
         super().__init__()
         self.model = model
 
-    def forward(self, name, *inputs):
-        return getattr(self.model, name)(*inputs)
+    def forward(self, fn, *inputs):
+        return fn(self.model, *inputs)
 
 
-def trainable_parameters(model, finetune_mode):
-    """{name: parameter} adapted at test time; every other parameter is frozen.
+def make_objective(args, model, class_subset=None):
+    """--objective's (objectives.py), refused in one line for a model without the head it reads."""
+    objective = OBJECTIVES[getattr(args, 'objective', 'mae')](args, class_subset)
+    if objective.needs_head and not any(n.startswith(model.parts().head) for n in model.state_dict()):
+        raise UserError(f"--objective {args.objective} reads the classification head, and --model {args.model} has "
+                        f"none")
+    return objective
 
-    The head gets no gradient from the reconstruction loss, so it is frozen outright (the same result,
-    less memory); the sin-cos tables are fixed.
-    """
-    chosen = {}
-    for name, p in model.named_parameters():
-        train = not name.endswith('pos_embed') and not name.startswith(model.head_prefixes)
-        if finetune_mode in ('encoder', 'encoder_no_cls_no_msk'):
-            train = train and not name.startswith('decoder')
-        if finetune_mode == 'encoder_no_cls_no_msk':
-            train = train and name not in ('cls_token', 'mask_token')
-        p.requires_grad_(train)
-        if train:
-            chosen[name] = p
-    return chosen
+
+@torch.no_grad()
+def loss_names(model, objective, device):
+    """The names of the losses the objective returns for the model (one pass on a blank image)."""
+    parts = model.parts()
+    images = torch.zeros(2, 3, parts.image_size, parts.image_size, device=device)
+    return list(objective.losses(model, images, torch.arange(parts.num_patches, device=device).expand(2, -1)))
+
+
+def reached_parameters(model, objective, device):
+    """The names of the parameters the objective's gradient reaches (one backward pass on a blank image):
+    e.g. the head, from the entropy of its prediction, and not from the reconstruction loss."""
+    parts, params = model.parts(), dict(model.named_parameters())
+    flags = {n: p.requires_grad for n, p in params.items()}
+    for p in params.values():
+        p.requires_grad_(True)
+    images = torch.zeros(2, 3, parts.image_size, parts.image_size, device=device)
+    losses = objective.losses(model, images, torch.arange(parts.num_patches, device=device).expand(2, -1))
+    grads = torch.autograd.grad(sum(losses.values()), list(params.values()), allow_unused=True)
+    for n, p in params.items():
+        p.requires_grad_(flags[n])
+    return {n for n, g in zip(params, grads) if g is not None}
+
+
+def trainable_parameters(model, finetune_mode, seed=0, reached=None):
+    """{name: parameter} adapted at test time (--finetune_mode, util/finetune_modes.py); every other parameter
+    is frozen. reached() -> the names the objective's gradient reaches, for the modes that keep those only."""
+    return choose_parameters(model, finetune_mode, seed, reached)
+
+
+def loss_weights(model, objective, args, device):
+    """Each loss's weight in the objective: the objective's (the model's declared ones for mae), then
+    --loss_weight's, each of a loss the objective returns."""
+    given = getattr(args, 'loss_weight', None) or {}
+    if given:
+        names = loss_names(model, objective, device)
+        unknown = [n for n in given if n not in names]
+        if unknown:
+            raise UserError(f"--loss_weight {unknown[0]}: --objective {getattr(args, 'objective', 'mae')} with --model "
+                            f"{args.model} has no loss of that name (its losses: {', '.join(names)})")
+    return {**objective.weights(model), **given}
 
 
 def build_optimizer(params, args, foreach=True):
@@ -96,7 +131,7 @@ def mode_dependent_modules(model):
     from timm.layers import DropPath
     found = []
     for name, m in model.named_modules():
-        if name.startswith(model.head_prefixes) or name in ('head', 'bn'):
+        if (name + '.').startswith(model.parts().head):
             continue
         if (isinstance(m, torch.nn.modules.batchnorm._BatchNorm) or (isinstance(m, torch.nn.Dropout) and m.p > 0)
                 or (isinstance(m, DropPath) and m.drop_prob > 0)):
@@ -104,10 +139,9 @@ def mode_dependent_modules(model):
     return found
 
 
-def objective(model, losses):
-    """What a step minimises: the sum of the model's named losses, each times its weight (1 where the model
-    gives none: models_mae.MaskedAutoencoderViT.test_time_loss_weights)."""
-    return sum(model.test_time_loss_weights.get(name, 1.) * loss for name, loss in losses.items())
+def weighted_sum(losses, weights):
+    """What a step minimises: the sum of the named losses, each times its weight (1 where none is given)."""
+    return sum(weights.get(name, 1.) * loss for name, loss in losses.items())
 
 
 def image_masks(args, index, num_patches, device):
@@ -124,16 +158,19 @@ def crop_generator(args, index):
     return torch.Generator().manual_seed(derive_seed(args.seed, index, Stream.CROPS))
 
 
-def step_records(classified, losses, steps, loss_names=()):
-    """Each classification's records (classification()) before and after each step, and each loss of each
-    step as '<name>_loss', as host arrays whose first axis is the step (and the second the image, K at
-    once). An image stopped early (--stop_rule) repeats its last values up to `steps`; the losses of one
-    stopped before its first step (loss_names) are NaN."""
+def step_records(classified, losses, weights, steps, names=()):
+    """Each classification's records (classification()) before and after each step, each loss of each step
+    as '<name>_loss' and their weighted sum as 'objective', as host arrays whose first axis is the step (and
+    the second the image, K at once). An image stopped early (--stop_rule) repeats its last values up to
+    `steps`; the losses of one stopped before its first step (names) are NaN."""
     classified = classified + classified[-1:] * (steps + 1 - len(classified))
     records = {key: torch.stack([c[key] for c in classified]) for key in classified[0]}
-    for name in (losses[0] if losses else loss_names):
-        records[f'{name}_loss'] = (torch.stack([step[name] for step in losses + losses[-1:] * (steps - len(losses))])
-                                   if losses else torch.full((steps,), float('nan')))
+    losses = losses + losses[-1:] * (steps - len(losses))
+    for name in (losses[0] if losses else names):
+        records[f'{name}_loss'] = torch.stack([step[name] for step in losses]) if losses else \
+            torch.full((steps,), float('nan'))
+    records['objective'] = torch.stack([weighted_sum(step, weights) for step in losses]) if losses else \
+        torch.full((steps,), float('nan'))
     return {key: value.cpu().numpy() for key, value in records.items()}
 
 
@@ -144,15 +181,15 @@ class TestTimeTrainer:
                          classify it (step 0: the baseline's prediction)
                          for each of --steps_per_example steps:
                              --batch_size views of it, each with its own mask from (seed, image)
-                             the model's named losses (test_time_losses), their weighted sum, backward,
-                             an optimiser step
+                             the objective's named losses (TTT-MAE's: the model's test_time_losses),
+                             their weighted sum, backward, an optimiser step
                              classify it
 
     The released loop puts the model in train mode for the steps and in eval mode to classify. Where no
     module outside the head depends on the mode (the MAE ViTs: no dropout, drop path or batch norm
     there), the model stays in eval mode: the same function, without two walks over the module tree.
-    begin_image, views, objective, update, after_step, logits and saved_with_results are where online
-    TTT-MAE changes the loop (engine_online.OnlineTrainer); the paper's are here.
+    begin_image, views, total, update, after_step, logits and saved_with_results are where online TTT-MAE
+    changes the loop (engine_online.OnlineTrainer); the paper's are here.
     """
     __test__ = False  # not a pytest test class
     k = 1  # images adapted at once
@@ -160,10 +197,13 @@ class TestTimeTrainer:
     def __init__(self, model, args, device, class_subset=None):
         self.model, self.args, self.device = model, args, torch.device(device)
         self.class_subset = None if class_subset is None else torch.as_tensor(class_subset, device=self.device)
-        self.num_patches = model.patch_embed.num_patches
+        self.num_patches = model.parts().num_patches
         self.switch_modes = bool(mode_dependent_modules(model))
         model.eval()
-        self.params = trainable_parameters(model, args.finetune_mode)
+        self.objective = make_objective(args, model, self.class_subset)
+        self.loss_weights = loss_weights(model, self.objective, args, self.device)
+        self.params = trainable_parameters(model, args.finetune_mode, args.seed,
+                                           lambda: reached_parameters(model, self.objective, self.device))
         self.start = {name: p.detach().clone() for name, p in self.params.items()}  # the loaded weights
         self.amp_dtype = AMP_DTYPES[args.amp]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
@@ -171,7 +211,7 @@ class TestTimeTrainer:
         self.optimizer = build_optimizer(self.param_groups(), args)
         self.stop_rule = args.stop_rule  # (name, parameter) or None: the paper's fixed steps
         # an image may then stop before its first step: the names of the losses it records (as NaN)
-        self.loss_names = self._loss_names() if self.stop_rule else ()
+        self.loss_names = loss_names(model, self.objective, self.device) if self.stop_rule else ()
 
     def param_groups(self):
         return [{'params': list(self.params.values())}]
@@ -202,27 +242,24 @@ class TestTimeTrainer:
             classified.append(self.classify(image, label))
             if observe:
                 observe(step + 1, self, image[None], classified[-1]['ce_loss'][None])
-        records = step_records(classified, losses, args.steps_per_example, self.loss_names)
+        records = step_records(classified, losses, self.loss_weights, args.steps_per_example, self.loss_names)
         return {**records, 'stop_step': len(losses)} if self.stop_rule else records
 
-    @torch.no_grad()
-    def _loss_names(self):
-        image = torch.zeros(1, 3, *self.model.patch_embed.img_size, device=self.device)
-        return list(self.model.test_time_losses(image, self.args.mask_ratio,
-                                                torch.arange(self.num_patches, device=self.device)[None]))
-
     def stops(self, classified, losses):
-        """Whether --stop_rule stops the image after the steps done so far (util/stop_rules.py)."""
+        """Whether --stop_rule stops the image after the steps done so far (util/stop_rules.py), from the
+        predictions, their top-1 probabilities and the objective of each step."""
         preds, probs = ([c[key].item() for c in classified] for key in ('pred', 'top1_prob'))
-        return stop_rules.fires(*self.stop_rule, len(losses), preds, probs, [step['mae'].item() for step in losses])
+        return stop_rules.fires(*self.stop_rule, len(losses), preds, probs,
+                                [weighted_sum(step, self.loss_weights).item() for step in losses])
 
     def begin_image(self):
         """The paper: every image starts from the loaded weights with a fresh optimiser state."""
         self.reset()
 
     def views(self, image, raw, crops):
-        """A step's views of the image, (accum_iter, batch_size, 3, H, W) (online: of the latest images)."""
-        return training_views(image[None], [raw], [crops], self.args)[:, 0]
+        """A step's views of the image, (accum_iter, batch_size, 3, H, W): the objective's (online: of the
+        latest images)."""
+        return self.objective.views(image[None], [raw], [crops])[:, 0]
 
     @torch.no_grad()
     def reset(self, weights=True, optimizer=True):
@@ -240,16 +277,16 @@ class TestTimeTrainer:
         recorded = {}
         for micro_views, micro_masks in zip(views, masks):
             with self._autocast():
-                losses = self.model.test_time_losses(micro_views, self.args.mask_ratio, micro_masks)
+                losses = self.objective.losses(self.model, micro_views, micro_masks)
             losses = {name: loss.float() / len(views) for name, loss in losses.items()}
-            self.scaler.scale(self.objective(losses)).backward()
+            self.scaler.scale(self.total(losses)).backward()
             for name, loss in losses.items():
                 recorded[name] = recorded.get(name, 0.) + loss.detach()
         self.update()
         return recorded
 
-    def objective(self, losses):
-        return objective(self.model, losses)
+    def total(self, losses):
+        return weighted_sum(losses, self.loss_weights)
 
     def update(self):
         """The optimiser step from the gradients, which it then clears."""

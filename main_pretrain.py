@@ -49,7 +49,7 @@ def main(args):
     head = dict(head_type='vit_head', classifier_depth=args.classifier_depth, num_classes=len(classes)) if classes \
         else dict(head_type=None)
     model = build_model(args.model, img_size=args.input_size, norm_pix_loss=args.norm_pix_loss, **head)
-    args.input_size = model.patch_embed.img_size[0]
+    args.input_size = model.parts().image_size
     # labelled as the head's classes (ImageFolder's default)
     dataset_train = ImageFolder(train_dir, transform=train_transform(args.input_size, args.min_crop_scale, args.hflip))
     print(f"{len(dataset_train)} training images in {len(dataset_train.classes)} classes")

@@ -52,7 +52,7 @@ def main(args):
     model = build_model(args.model, img_size=args.input_size,
                         head_type=args.head_type, classifier_depth=args.classifier_depth,
                         num_classes=args.num_classes, no_decoder=True, drop_path_rate=args.drop_path)
-    args.input_size = model.patch_embed.img_size[0]
+    args.input_size = model.parts().image_size
     # the head's classes, in label order, travel with it: val/ and every test folder are labelled through them
     classes = training_classes(os.path.join(args.data_path, 'train'))
     if len(classes) > args.num_classes:
@@ -78,7 +78,7 @@ def main(args):
         print("warning: no --finetune checkpoint: the encoder stays at its random initialisation")
     # only the head trains: the encoder is a frozen feature extractor (classifier_pos_embed stays fixed)
     for name, p in model.named_parameters():
-        if not name.startswith(model.head_prefixes):
+        if not name.startswith(model.parts().head):
             p.requires_grad = False
     model, model_without_ddp = distributed.wrap_model(model.to(device), args, device)
     set_lr_from_blr(args)

@@ -38,7 +38,7 @@ def get_args_parser():
     return parser
 
 
-def resolve_lr(args):
+def resolve_lr(args, given):
     """The released lr rule, as the flags are parsed: the lr of one image's views."""
     if args.lr is None:
         args.lr = args.blr * args.batch_size * args.accum_iter / 256

@@ -2,7 +2,9 @@
 
 Parameter names are those of the released checkpoints (docs/method.md lists them); do not rename.
 """
+from dataclasses import dataclass, field
 from functools import partial
+from typing import Optional
 
 import numpy as np
 import torch
@@ -17,13 +19,32 @@ from util.pos_embed import get_2d_sincos_pos_embed
 HEAD_TYPES = ('vit_head', 'linear', None)  # None: no head (pre-training writes the released MAE layout)
 
 
-# the heads' parameter names: never pre-trained (a pre-training checkpoint's head is dropped), never
-# adapted at test time
-HEAD_PREFIXES = ('classifier', 'head.', 'bn.')
+@dataclass
+class Parts:
+    """What the code around a model asks of it (docs/method.md, "Adding a loss or a backbone"): nothing
+    outside a model names its parameters. Names are prefixes (str.startswith) of parameter and state-dict
+    keys, so that they also sort the keys of a checkpoint; modules are the model's own."""
+    image_size: int  # the side of the images it takes
+    num_patches: int  # the length of a mask (a shuffle order of the patches)
+    head: tuple = ()  # the classification head: loaded from the probe, never pre-trained, never adapted
+    decoder: tuple = ()  # the reconstruction decoder: adapted by --finetune_mode all only
+    decoder_side: tuple = ()  # all that only the reconstruction reads: left out of a probe, online's full-lr group
+    tokens: tuple = ()  # learned tokens: frozen by --finetune_mode encoder_no_cls_no_msk
+    fixed: tuple = ()  # fixed tables (sin-cos position embeddings): never adapted
+    blocks: list = field(default_factory=list)  # the encoder's blocks, input to output (last:K)
+    final_norm: Optional[nn.Module] = None  # the encoder's output normalisation (last:K)
+    norms: list = field(default_factory=list)  # every normalisation layer (norm)
+    attention: list = field(default_factory=list)  # the encoder blocks' attention projections, nn.Linear (lora:R)
+    probe_keys: dict = field(default_factory=dict)  # head keys of another probe layout -> this model's
+
+
+# MAE's linear-probe layout (head = Sequential(BatchNorm1d, Linear)) -> this model's names
+LINEAR_PROBE_KEYS = {'head.0.running_mean': 'bn.running_mean', 'head.0.running_var': 'bn.running_var',
+                     'head.0.num_batches_tracked': 'bn.num_batches_tracked',
+                     'head.1.weight': 'head.weight', 'head.1.bias': 'head.bias'}
 
 
 class MaskedAutoencoderViT(nn.Module):
-    head_prefixes = HEAD_PREFIXES
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3,
                  embed_dim=1024, depth=24, num_heads=16,
@@ -104,6 +125,17 @@ class MaskedAutoencoderViT(nn.Module):
         elif isinstance(m, nn.LayerNorm):
             nn.init.constant_(m.bias, 0)
             nn.init.constant_(m.weight, 1.0)
+
+    def parts(self):
+        """The released checkpoints' names: classifier* / head.* / bn.* the heads, decoder* and mask_token the
+        reconstruction's, cls_token and mask_token the tokens, the three sin-cos tables fixed."""
+        return Parts(image_size=self.patch_embed.img_size[0], num_patches=self.patch_embed.num_patches,
+                     head=('classifier', 'head.', 'bn.'), decoder=('decoder',), decoder_side=('decoder', 'mask_token'),
+                     tokens=('cls_token', 'mask_token'), fixed=('pos_embed', 'decoder_pos_embed', 'classifier_pos_embed'),
+                     blocks=list(self.blocks), final_norm=self.norm,
+                     norms=[m for m in self.modules() if isinstance(m, (nn.LayerNorm, nn.BatchNorm1d))],
+                     attention=[linear for block in self.blocks for linear in (block.attn.qkv, block.attn.proj)],
+                     probe_keys=LINEAR_PROBE_KEYS)
 
     def patchify(self, imgs):
         """(N, 3, H, W) -> (N, L, p*p*3), patches row-major, channels last inside a patch."""

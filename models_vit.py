@@ -13,7 +13,7 @@ import torch.nn as nn
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 
-from models_mae import register_model
+from models_mae import Parts, register_model
 
 
 class VisionTransformer(nn.Module):
@@ -29,6 +29,13 @@ class VisionTransformer(nn.Module):
                                      for _ in range(depth)])
         self.fc_norm = norm_layer(embed_dim)
         self.head = nn.Linear(embed_dim, num_classes)
+
+    def parts(self):
+        """The released files' names: head.* the classifier (fc_norm before it, a part of the encoder's output)."""
+        return Parts(image_size=self.patch_embed.img_size[0], num_patches=self.patch_embed.num_patches, head=('head.',),
+                     blocks=list(self.blocks), final_norm=self.fc_norm,
+                     norms=[m for m in self.modules() if isinstance(m, nn.LayerNorm)],
+                     attention=[linear for block in self.blocks for linear in (block.attn.qkv, block.attn.proj)])
 
     def logits(self, imgs):
         """The class scores of unmasked images: the patch tokens averaged (global pool), normed, classified."""

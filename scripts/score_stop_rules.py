@@ -1,8 +1,8 @@
 """How many steps each image needs: stopping rules scored on finished TTT-MAE runs, without rerunning.
 
 Each rule (util/stop_rules.py, the same function main_test_time_training.py --stop_rule applies live)
-reads an image's label-free records step by step (its predictions, top-1 probabilities and reconstruction
-losses) and stops it at the first step where it fires; the image's answer is then its prediction at that
+reads an image's label-free records step by step (its predictions, top-1 probabilities and the objective
+of each step: TTT-MAE's reconstruction loss) and stops it at the first step where it fires; the image's answer is then its prediction at that
 step. For each rule and parameter: the accuracy, the mean number of steps used (the cost, also as a
 fraction of the run's steps), and the paired gain over no adaptation (step 0) and over the run's last
 step, each ± its standard error over images (sample std / sqrt(n)). The oracle stops each image at its
@@ -26,6 +26,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
 from util.cli import UserError, run_main  # noqa: E402
+from util.compat import recorded_objective  # noqa: E402
 from util.io import save_png, write_json, write_text  # noqa: E402
 from util.records import load_per_image  # noqa: E402
 from util.stop_rules import RULES, parse, stop_step  # noqa: E402
@@ -45,8 +46,8 @@ def get_args_parser():
 
 
 def load_runs(folders):
-    """The runs' per-step records, pooled over images: preds, top-1 probabilities, losses, labels (steps + 1
-    columns; losses steps)."""
+    """The runs' per-step records, pooled over images: preds, top-1 probabilities, objectives, labels (steps + 1
+    columns; objectives steps)."""
     parts = []
     for folder in folders:
         r = load_per_image(folder)
@@ -59,11 +60,9 @@ def load_runs(folders):
     counts = {p['pred'].shape[1] - 1 for p in parts}
     if len(counts) > 1:
         raise UserError(f"the runs have different numbers of steps ({sorted(counts)}): score them separately")
-    steps = counts.pop()
-    # a model without a reconstruction loss: the plateau rule has nothing to read (collect() leaves it out)
-    losses = [p['mae_loss'] if 'mae_loss' in p else np.full((len(p['pred']), steps), np.nan) for p in parts]
     return {'pred': np.concatenate([p['pred'] for p in parts]), 'label': np.concatenate([p['label'] for p in parts]),
-            'top1_prob': np.concatenate([p['top1_prob'] for p in parts]), 'mae_loss': np.concatenate(losses)}
+            'top1_prob': np.concatenate([p['top1_prob'] for p in parts]),
+            'objective': np.concatenate([recorded_objective(p, folder) for p, folder in zip(parts, folders)])}
 
 
 def mean_se(x):
@@ -90,7 +89,7 @@ def stops_of(runs, rule):
         return np.where(correct.any(1), correct.argmax(1), correct.shape[1] - 1)
     name, param = parse(rule)
     return np.array([stop_step(name, param, p, q, l)
-                     for p, q, l in zip(runs['pred'], runs['top1_prob'], runs['mae_loss'])])
+                     for p, q, l in zip(runs['pred'], runs['top1_prob'], runs['objective'])])
 
 
 def candidate_rules(steps):
@@ -118,8 +117,7 @@ def collect(folders, choose_on=None, rules=None):
     steps = runs['pred'].shape[1] - 1
     for rule in rules or []:
         parse(rule)
-    plateau_ok = not np.isnan(runs['mae_loss']).all()
-    grid = [r for r in (rules or candidate_rules(steps)) if plateau_ok or family(r) != 'plateau'] + ['oracle']
+    grid = (rules or candidate_rules(steps)) + ['oracle']
     rows = [score(runs, stops_of(runs, rule), rule) for rule in grid]
     summary = {'runs': [os.path.abspath(f) for f in folders], 'images': int(len(runs['label'])), 'steps': steps,
                'rows': rows, 'chosen': None}

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import TINY, tiny_model
-from models_mae import HEAD_PREFIXES, build_model
+from models_mae import build_model
 from util import checkpoint as ckpt
 from util.checkpoint import (load_test_checkpoints, latest_checkpoint, load_checkpoint, load_finetune_for_probe,
                              load_state_dict_strict, save_checkpoint)
@@ -52,7 +52,7 @@ def test_combined_vit_head_takes_the_classifier_from_the_probe(tmp_path):
     probe = {k: v for k, v in probe_state.items() if not k.startswith(('decoder', 'mask_token'))}
     torch.save({'model': mae}, tmp_path / 'mae.pth')
     torch.save({'model': probe, 'epoch': 19}, tmp_path / 'probe.pth')
-    state = load_test_checkpoints(str(tmp_path / 'mae.pth'), str(tmp_path / 'probe.pth'), 'vit_head', HEAD_PREFIXES)[0]
+    state = load_test_checkpoints(tiny_model(), str(tmp_path / 'mae.pth'), str(tmp_path / 'probe.pth'), 'vit_head')[0]
     assert set(state) == set(mae_state)
     for k, v in state.items():
         src = probe_state if k.startswith('classifier') else mae_state
@@ -65,7 +65,7 @@ def test_combined_vit_head_takes_the_classifier_from_the_probe(tmp_path):
 
 def test_combined_with_the_fixture_checkpoints_loads_strictly(checkpoints):
     mae, probe = checkpoints
-    load_state_dict_strict(tiny_model(seed=5), load_test_checkpoints(mae, probe, 'vit_head', HEAD_PREFIXES)[0], 'combined')
+    load_state_dict_strict(tiny_model(seed=5), load_test_checkpoints(tiny_model(), mae, probe, 'vit_head')[0], 'combined')
 
 
 def test_combined_linear_head_maps_mae_linprobe_names(tmp_path):
@@ -78,7 +78,8 @@ def test_combined_linear_head_maps_mae_linprobe_names(tmp_path):
                      'head.1.bias': torch.randn(2)})
     torch.save({'model': mae}, tmp_path / 'mae.pth')
     torch.save({'model': linprobe}, tmp_path / 'linprobe.pth')
-    state = load_test_checkpoints(str(tmp_path / 'mae.pth'), str(tmp_path / 'linprobe.pth'), 'linear', HEAD_PREFIXES)[0]
+    state = load_test_checkpoints(tiny_model(head_type='linear'), str(tmp_path / 'mae.pth'), str(tmp_path / 'linprobe.pth'),
+                                  'linear')[0]
     assert set(state) == set(mae_state)
     assert not any(k.startswith('head.0') or k.startswith('head.1') for k in state)
     model = tiny_model(head_type='linear', seed=3)
@@ -94,7 +95,7 @@ def test_combined_linear_head_maps_mae_linprobe_names(tmp_path):
 def test_combined_without_head_weights_is_an_error(checkpoints):
     mae, _ = checkpoints
     with pytest.raises(UserError, match='classifier'):
-        load_test_checkpoints(mae, mae, 'vit_head', HEAD_PREFIXES)[0]
+        load_test_checkpoints(tiny_model(), mae, mae, 'vit_head')[0]
 
 
 # ---- safe loading ----

@@ -39,7 +39,7 @@ def test_a_pretraining_checkpoint_with_the_old_frozen_head_resumes(image_folder,
     torch.manual_seed(0)
     model = build_model(TINY, head_type='vit_head', num_classes=2)
     for name, p in model.named_parameters():
-        if name.startswith(model.head_prefixes):
+        if name.startswith(model.parts().head):
             p.requires_grad_(False)
     optimizer = torch.optim.AdamW(param_groups_weight_decay(model, 0.05), lr=1e-3, betas=(0.9, 0.95))  # the frozen head left out
     out = tmp_path / 'out'
@@ -50,7 +50,7 @@ def test_a_pretraining_checkpoint_with_the_old_frozen_head_resumes(image_folder,
     result = run_inprocess([sys.executable, *pretrain_args(image_folder, out, 2)])
     assert 'Resumed from' in result.stdout and 'checkpoint-0.pth (next epoch 1)' in result.stdout
     saved = torch.load(out / 'checkpoint-final.pth', weights_only=False)['model']
-    assert not any(k.startswith(model.head_prefixes) for k in saved)  # what it saves now: the released layout
+    assert not any(k.startswith(model.parts().head) for k in saved)  # what it saves now: the released layout
 
 
 def test_an_online_state_saved_by_an_older_version_is_refused_in_one_line(tmp_path):

@@ -34,7 +34,7 @@ def test_one_flat_row_is_bitwise_the_default_trainer(test_folder, case):
     default = stacked(adapt_all(ttt.TestTimeTrainer(tiny_model(norm_pix_loss=True), args, 'cpu'), items))
     trainer = FastTrainer(tiny_model(norm_pix_loss=True), args, 'cpu', k=1)
     fast = stacked(adapt_all(trainer, items))
-    assert set(fast) == set(default) == {'pred', 'ce_loss', 'top1_prob', 'entropy', 'mae_loss'}
+    assert set(fast) == set(default) == {'pred', 'ce_loss', 'top1_prob', 'entropy', 'mae_loss', 'objective'}
     assert all(np.array_equal(fast[k], default[k]) for k in default)
 
 

@@ -314,8 +314,10 @@ def test_a_second_loss_is_minimised_and_recorded_by_name(test_folder, k):
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), plain.state_dict().values()))
     make = (lambda m: ttt.TestTimeTrainer(m, args, 'cpu')) if k == 1 else (lambda m: FastTrainer(m, args, 'cpu', k=k))
     both, mae_only = stacked(adapt_all(make(model), items)), stacked(adapt_all(make(plain), items))
-    assert set(both) == {'pred', 'ce_loss', 'top1_prob', 'entropy', 'mae_loss', 'tv_loss'} and both['tv_loss'].shape == (3, 3)
-    assert np.all(both['tv_loss'] > 0)
+    assert set(both) == {'pred', 'ce_loss', 'top1_prob', 'entropy', 'mae_loss', 'tv_loss', 'objective'}
+    assert both['tv_loss'].shape == (3, 3) and np.all(both['tv_loss'] > 0)
+    np.testing.assert_allclose(both['objective'], both['mae_loss'] + 0.5 * both['tv_loss'], rtol=1e-6)
+    assert np.array_equal(mae_only['objective'], mae_only['mae_loss'])  # one loss of weight 1: the loss itself
     # step 1's losses come from the loaded weights either way; after that the second loss moved the weights
     np.testing.assert_array_equal(both['mae_loss'][:, 0], mae_only['mae_loss'][:, 0])
     assert not np.allclose(both['mae_loss'][:, 1:], mae_only['mae_loss'][:, 1:], rtol=1e-4)
@@ -343,7 +345,7 @@ def test_a_live_stop_rule_stops_where_the_rule_on_a_full_run_says(test_folder, r
                                          ttt_args('--steps_per_example', '5', '--stop_rule', rule), 'cpu'), items)
     stops = []
     for f, l in zip(full, live):
-        stop = stop_rules.stop_step(*stop_rules.parse(rule), f['pred'], f['top1_prob'], f['mae_loss'])
+        stop = stop_rules.stop_step(*stop_rules.parse(rule), f['pred'], f['top1_prob'], f['objective'])
         assert l['stop_step'] == stop and l['pred'][-1] == f['pred'][stop]
         assert all(np.array_equal(l[k][:stop + 1], f[k][:stop + 1]) for k in ('pred', 'ce_loss', 'top1_prob', 'entropy'))
         assert np.array_equal(l['mae_loss'][:stop], f['mae_loss'][:stop])

@@ -104,18 +104,35 @@ def test_runs_without_the_signals_or_stopped_early_are_one_line(runs, tmp_path, 
         step_rules.load_runs([str(stopped)])
 
 
-def test_runs_without_a_reconstruction_loss_are_scored_without_the_plateau_rule(runs, tmp_path):
+def test_runs_read_the_objective_whatever_the_losses_are_named(runs, tmp_path):
+    """The rules read each step's objective, never a loss by its name: runs of a model whose losses have other
+    names are scored by every family, as the same runs with the MAE loss."""
     root, _ = runs
     folders = []
-    for name in ('full_a', 'full_b'):  # two runs of a model whose losses have other names
+    for name in ('full_a', 'full_b'):
         folder = tmp_path / name
         folder.mkdir()
         records = per_image(root / name)
-        np.savez(folder / 'per_image.npz', **{k: v for k, v in records.items() if k != 'mae_loss'})
+        np.savez(folder / 'per_image.npz', **{('recon_loss' if k == 'mae_loss' else k): v for k, v in records.items()})
         folders.append(str(folder))
     summary = step_rules.collect(folders)
-    families = {step_rules.family(r['rule']) for r in summary['rows']}
-    assert families == {'fixed', 'stable', 'confident', 'oracle'} and summary['images'] == 24
+    assert {step_rules.family(r['rule']) for r in summary['rows']} == {'fixed', 'stable', 'plateau', 'confident', 'oracle'}
+    assert summary['rows'] == step_rules.collect([str(root / 'full_a'), str(root / 'full_b')])['rows']
+
+
+def test_older_runs_without_a_recorded_objective(runs, tmp_path):
+    """Older versions recorded the losses only: the MAE loss alone was the objective; other losses' weights are
+    not known, and such a run is refused in one line."""
+    root, _ = runs
+    records = per_image(root / 'full_a')
+    older = {k: v for k, v in records.items() if k != 'objective'}
+    (tmp_path / 'mae').mkdir()
+    np.savez(tmp_path / 'mae' / 'per_image.npz', **older)
+    assert np.array_equal(step_rules.load_runs([str(tmp_path / 'mae')])['objective'], records['mae_loss'])
+    (tmp_path / 'two').mkdir()
+    np.savez(tmp_path / 'two' / 'per_image.npz', **older, tv_loss=records['mae_loss'])
+    with pytest.raises(UserError, match='records no objective per step .* mae_loss, tv_loss'):
+        step_rules.load_runs([str(tmp_path / 'two')])
 
 
 def test_the_fast_modes_refuse_a_stop_rule(checkpoints, tmp_path, user_error):

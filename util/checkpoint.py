@@ -77,28 +77,22 @@ def load_state_dict_strict(model, state_dict, source):
     model.load_state_dict(state_dict, strict=True)
 
 
-# MAE's linear-probe layout (head = Sequential(BatchNorm1d, Linear)) -> this model's names
-LINEAR_PROBE_KEYS = {'head.0.running_mean': 'bn.running_mean', 'head.0.running_var': 'bn.running_var',
-                     'head.0.num_batches_tracked': 'bn.num_batches_tracked',
-                     'head.1.weight': 'head.weight', 'head.1.bias': 'head.bias'}
-
-
-def load_test_checkpoints(resume_model, resume_finetune, head_type, head_prefixes):
+def load_test_checkpoints(model, resume_model, resume_finetune, head_type):
     """The test-time model's state (docs/method.md): the MAE checkpoint (encoder + decoder) plus the head
-    of the probe checkpoint, and the probe's class names in label order (None if it records none).
-    head_prefixes: the names of the model's heads (models_mae.HEAD_PREFIXES)."""
+    of the probe checkpoint, and the probe's class names in label order (None if it records none). Which
+    keys are the head, and the names of other probe layouts (MAE's linear probe), the model says
+    (its parts())."""
+    parts = model.parts()
     state = {k: v for k, v in model_state(load_checkpoint(resume_model, 'MAE checkpoint (--resume_model)')).items()
-             if not k.startswith(head_prefixes)}  # a head saved by pre-training is never the trained one
+             if not k.startswith(parts.head)}  # a head saved by pre-training is never the trained one
     probe_checkpoint = load_checkpoint(resume_finetune, 'probe checkpoint (--resume_finetune)')
-    probe = model_state(probe_checkpoint)
-    if head_type == 'vit_head':
-        head = {k: v for k, v in probe.items() if k.startswith('classifier')}
-    else:
-        head = {LINEAR_PROBE_KEYS.get(k, k): v for k, v in probe.items()
-                if k in LINEAR_PROBE_KEYS or k.startswith(('bn.', 'head.'))}
+    own = [k for k in model.state_dict() if k.startswith(parts.head)]
+    modules = {k.split('.')[0] for k in own}  # this head's modules (a probe may hold another head's too)
+    head = {parts.probe_keys.get(k, k): v for k, v in model_state(probe_checkpoint).items()}
+    head = {k: v for k, v in head.items() if k.startswith(parts.head) and k.split('.')[0] in modules}
     if not head:
-        raise UserError(f"probe checkpoint {resume_finetune} holds no {head_type} weights "
-                        f"(no {'classifier*' if head_type == 'vit_head' else 'head.*'} keys)")
+        raise UserError(f"probe checkpoint {resume_finetune} holds no {head_type} weights (none of "
+                        f"{_key_summary(own, 3)})")
     state.update(head)
     classes = probe_checkpoint.get('classes') if isinstance(probe_checkpoint, dict) else None
     return state, classes
@@ -108,7 +102,8 @@ def load_finetune_for_probe(model, path):
     """Encoder weights for probing: drop the decoder (and any head: the probe trains a fresh one),
     resize pos_embed, load non-strictly."""
     state = dict(model_state(load_checkpoint(path, 'pre-trained checkpoint (--finetune)')))
-    for k in [k for k in state if k.startswith(('decoder', 'mask_token') + model.head_prefixes)]:
+    parts = model.parts()
+    for k in [k for k in state if k.startswith(parts.decoder_side + parts.head)]:
         del state[k]
     interpolate_pos_embed(model, state)
     own = model.state_dict()
@@ -118,7 +113,7 @@ def load_finetune_for_probe(model, path):
     msg = model.load_state_dict(state, strict=False)
     if msg.unexpected_keys:
         raise UserError(f"{path} does not fit the model: unexpected keys: {_key_summary(msg.unexpected_keys)}")
-    encoder_missing = [k for k in msg.missing_keys if not k.startswith(model.head_prefixes)]
+    encoder_missing = [k for k in msg.missing_keys if not k.startswith(parts.head)]
     if encoder_missing:
         raise UserError(f"{path} lacks encoder weights: missing keys: {_key_summary(encoder_missing)}")
     print(f"Loaded {path}; left at initialisation: {_key_summary(msg.missing_keys, 6)}")

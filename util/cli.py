@@ -8,7 +8,6 @@ import sys
 
 from util.errors import UserError  # the scripts import it from here, with the CLI's other helpers
 
-FINETUNE_MODES = ('encoder', 'all', 'encoder_no_cls_no_msk')  # engine_test_time.trainable_parameters
 OPTIMIZERS = ('sgd', 'adam', 'adam_w')  # engine_test_time.build_optimizer
 TEST_SET_NAMES = ('imagenet_c', 'imagenet', 'imagenet_r', 'imagenet_a', 'imagenet_v2', 'imagenet_sketch', 'folder')
 
@@ -34,28 +33,62 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose errors (unknown flag, bad number, unknown choice, flags that contradict each other) are
-    one 'error:' line, exit 2. resolvers run in turn once the flags are parsed: each fills in defaults that
-    depend on other flags, or raises UserError for a combination that cannot run."""
+    """argparse whose errors (unknown flag, bad number, unknown choice, flags that contradict each other, a
+    plugin that cannot be imported) are one 'error:' line, exit 2. Every script takes --plugin, imported
+    before the other flags are read, so that the names it registers are valid values. resolvers run in
+    turn once the flags are parsed, resolve(args, given) with `given` the flags the command line set: each
+    fills in defaults that depend on other flags, or raises UserError for a combination that cannot run."""
 
     def __init__(self, description=None, resolve=None, **kwargs):
         super().__init__(description=description, formatter_class=HelpFormatter, **kwargs)
         self.resolvers = [resolve] if resolve else []
+        self.beyond = self.add_argument_group('beyond the paper', 'code of your own and other methods on the same '
+                                                                  'model (docs/method.md, "Extending")')
+        self.beyond.add_argument('--plugin', action='append', default=None, metavar='PATH_OR_MODULE',
+                                 help="a .py file or module of your own, imported before anything is built: the "
+                                      "models, objectives and --finetune_mode rules it registers take their names "
+                                      "(repeatable; recorded with its SHA-256)")
+
+    def format_help(self):
+        self._action_groups.remove(self.beyond)  # shown last, after the paper's flags
+        self._action_groups.append(self.beyond)
+        return super().format_help()
 
     def error(self, message):
         sys.stderr.write(f"error: {message} (see {self.prog} --help)\n")
         sys.exit(2)
 
     def parse_args(self, args=None, namespace=None):
-        args = super().parse_args(args, namespace)
+        from util.plugins import load_plugin
+        argv = sys.argv[1:] if args is None else [str(a) for a in args]
+        early = argparse.ArgumentParser(add_help=False)
+        early.add_argument('--plugin', action='append', default=[])
+        try:
+            plugins = [load_plugin(spec) for spec in early.parse_known_args(argv)[0].plugin]
+        except UserError as e:
+            self.error(str(e))
+        args = super().parse_args(argv, namespace)
+        args.plugin_files = plugins or None
         if getattr(args, 'log_dir', '') is None:
             args.log_dir = args.output_dir
+        given = self.given(argv)
         try:
             for resolve in self.resolvers:
-                resolve(args)
+                resolve(args, given)
         except UserError as e:
             self.error(str(e))
         return args
+
+    def given(self, argv):
+        """The destinations the command line sets (a second parse, with no defaults)."""
+        defaults = [(action, action.default) for action in self._actions]
+        try:
+            for action, _ in defaults:
+                action.default = argparse.SUPPRESS
+            return set(vars(super().parse_known_args(argv)[0]))
+        finally:
+            for action, default in defaults:
+                action.default = default
 
 
 def number(kind, low=None, high=None, low_open=False, high_open=False):
@@ -83,6 +116,55 @@ def number(kind, low=None, high=None, low_open=False, high_open=False):
         return value
     parse.__name__ = kind.__name__
     return parse
+
+
+def finetune_rule(text):
+    """An argparse type: a rule for which parameters adapt, NAME or NAME:PARAM (util/finetune_modes.py)."""
+    from util.finetune_modes import parse_finetune_mode
+    try:
+        parse_finetune_mode(text)
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def objective_name(text):
+    """An argparse type: a registered objective (util/objectives.py)."""
+    from util.objectives import OBJECTIVES
+    if text not in OBJECTIVES:
+        raise argparse.ArgumentTypeError(f"unknown objective {text!r}; choices: {', '.join(OBJECTIVES)}")
+    return text
+
+
+class LossWeight(argparse.Action):
+    """--loss_weight NAME=W, repeatable: {name: weight} of the objective's losses."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        name, equals, value = values.partition('=')
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = None
+        if not (name and equals and weight is not None and math.isfinite(weight) and weight >= 0):
+            parser.error(f"--loss_weight takes NAME=W with W a number >= 0, got {values!r}")
+        setattr(namespace, self.dest, {**(getattr(namespace, self.dest) or {}), name: weight})
+
+
+def flag_text(dest, value):
+    """A flag and its value as a command line gives them."""
+    if isinstance(value, bool):
+        return f"--{dest}" if value else f"--no_{dest}"
+    return f"--{dest} {value:g}" if isinstance(value, float) else f"--{dest} {value}"
+
+
+def apply_objective_recipe(args, given):
+    """--objective's own defaults (util/objectives.py), for the flags the command line does not set; an lr set
+    by --blr counts as set."""
+    from util.objectives import OBJECTIVES
+    recipe = {k: v for k, v in OBJECTIVES[args.objective].recipe.items()
+              if hasattr(args, k) and k not in given and not (k == 'lr' and 'blr' in given)}
+    for k, v in recipe.items():
+        setattr(args, k, v)
 
 
 def stop_rule(text):
@@ -155,9 +237,9 @@ def add_model_args(parser, head=True, norm_pix_loss=True, norm_pix_help=None):
                            help=norm_pix_help or 'reconstruct per-patch normalised pixels (keep the same in '
                                 'pre-training and test-time training)')
     if head:
-        group.add_argument('--head_type', default='vit_head', choices=['vit_head', 'linear'],
-                           help='classification head: a ViT on all tokens (the paper) or BatchNorm + Linear '
-                                'on the cls token')
+        group.add_argument('--head_type', default='vit_head', metavar='{vit_head,linear}',
+                           help="classification head: a ViT on all tokens (the paper) or BatchNorm + Linear on the "
+                                "cls token (a plugin's model may take others)")
         group.add_argument('--classifier_depth', default=None, type=POSITIVE_INT,
                            help="blocks in the ViT head (None: the model's, 12 for base/large/huge)")
         group.add_argument('--num_classes', '--nb_classes', dest='num_classes', default=1000, type=POSITIVE_INT,
@@ -274,9 +356,10 @@ def add_adaptation_args(parser, steps, finetune_mode, optimizer_type, weight_dec
     group.add_argument('--single_crop', '--no_single_crop', action=Switch,
                        help='every view is the eval crop (the paper), or (--no_single_crop, the released flag) '
                             'random resized crops + flips')
-    group.add_argument('--finetune_mode', default=finetune_mode, choices=FINETUNE_MODES,
+    group.add_argument('--finetune_mode', default=finetune_mode, type=finetune_rule, metavar='RULE',
                        help='what adapts: encoder = everything but the decoder (the paper); all = the decoder '
-                            'too; encoder_no_cls_no_msk = the encoder without cls_token and mask_token')
+                            'too; encoder_no_cls_no_msk = the encoder without cls_token and mask_token; norm, bias, '
+                            "last:K, lora:R[:ALPHA] (docs/method.md) or a plugin's rule")
     group.add_argument('--optimizer_type', default=optimizer_type, choices=OPTIMIZERS,
                        help='sgd (momentum --optimizer_momentum, no weight decay), adam or adam_w (betas 0.9, 0.95)')
     group.add_argument('--optimizer_momentum', default=0.9, type=number(float, 0, 1, high_open=True),
@@ -293,6 +376,18 @@ def add_adaptation_args(parser, steps, finetune_mode, optimizer_type, weight_dec
                             "confident:P; util/stop_rules.py); the per-step records keep their width. None: "
                             "--steps_per_example steps for every image (the paper)")
     group.add_argument('--flush_every', default=10, type=POSITIVE_INT, help='save results every N images')
+    from util.objectives import OBJECTIVES
+    recipes = '; '.join(f"{name}: {' '.join(flag_text(k, v) for k, v in cls.recipe.items())}"
+                        for name, cls in OBJECTIVES.items() if cls.recipe)
+    parser.beyond.add_argument('--objective', default='mae', type=objective_name, metavar='NAME',
+                               help="what each step minimises (util/objectives.py): mae = the model's test-time losses "
+                                    "(TTT-MAE), entropy = the entropy of each view's prediction (TENT's loss), memo = the "
+                                    "entropy of the prediction averaged over augmented views (MEMO), or a plugin's. "
+                                    f"Each sets its own recipe where the command line does not: {recipes}")
+    parser.beyond.add_argument('--loss_weight', action=LossWeight, default=None, metavar='NAME=W',
+                               help="the weight of the objective's loss NAME in the sum a step minimises (repeatable; "
+                                    "default: the model's declared weights, 1 where none)")
+    parser.resolvers.insert(0, apply_objective_recipe)
     group.add_argument('--verbose', action='store_true',
                        help="print every step's losses of each image once it is done (the released lines)")
     group.add_argument('--save_reconstructions', default=0, type=NON_NEGATIVE_INT,

@@ -22,7 +22,7 @@ def pretraining_weights(state, model):
     model with a classification head, frozen and never trained, and saved it: its keys are left out, so such a
     checkpoint resumes (the optimiser never held the frozen head)."""
     own = model.state_dict()
-    return {k: v for k, v in state.items() if k in own or not k.startswith(model.head_prefixes)}
+    return {k: v for k, v in state.items() if k in own or not k.startswith(model.parts().head)}
 
 
 def check_stream_state(saved, path):
@@ -32,3 +32,16 @@ def check_stream_state(saved, path):
         raise UserError(f"{path} is an online stream state of an older version of this code, which this one "
                         f"cannot continue exactly; rerun into another --output_dir")
     return saved['state']
+
+
+def recorded_objective(records, folder):
+    """Each image's objective per step in a finished run's records (per_image.npz's 'objective'). Older versions
+    recorded the losses only: where the MAE loss was the only one, it was the objective; with others, whose
+    weights were not recorded, such a run is refused in one line."""
+    if 'objective' in records:
+        return records['objective']
+    losses = sorted(k for k in records if k.endswith('_loss') and k != 'ce_loss')
+    if losses == ['mae_loss']:
+        return records['mae_loss']
+    raise UserError(f"{folder} records no objective per step (a run of an older version, with the losses "
+                    f"{', '.join(losses) or 'none'}): rerun it into a new folder to score stopping rules on it")

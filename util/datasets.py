@@ -164,6 +164,14 @@ def eval_transform(input_size):
         transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
+_TO_NORMALISED = transforms.Compose([transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def normalize(picture):
+    """A PIL image -> a normalised float (3, H, W) tensor, as the transforms above end."""
+    return _TO_NORMALISED(picture)
+
+
 def train_transform(input_size, min_scale=0.2, hflip=True):
     """RandomResizedCrop(bicubic, area min_scale..1) + horizontal flip (unless hflip=False) + normalise."""
     if not 0 < min_scale <= 1:

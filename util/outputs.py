@@ -33,7 +33,8 @@ def summarize(records, num_expected):
         'accuracy_per_step': (100 * correct.mean(axis=0)).tolist(),
         'cross_entropy_per_step': records['ce_loss'].mean(axis=0).tolist(),
         # NaN: the losses of images that --stop_rule stopped before their first step
-        **{f'{key}_per_step': nan_mean(records[key]).tolist() for key in loss_keys(records)},
+        **{f'{key}_per_step': nan_mean(records[key]).tolist() for key in loss_keys(records) + ['objective']
+           if key in records},
         **({'mean_steps_used': float(records['stop_step'].mean())} if 'stop_step' in records else {}),
     }
 

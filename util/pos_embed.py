@@ -27,11 +27,11 @@ def get_2d_sincos_pos_embed(embed_dim, grid_size, cls_token=False):
 
 def interpolate_pos_embed(model, checkpoint_model, key='pos_embed'):
     """Bicubically resize checkpoint_model[key] in place to the model's patch grid."""
-    if key not in checkpoint_model:
+    if key not in checkpoint_model or not hasattr(model, key):
         return
     pos_embed_checkpoint = checkpoint_model[key]
     embed_dim = pos_embed_checkpoint.shape[-1]
-    num_patches = model.patch_embed.num_patches
+    num_patches = model.parts().num_patches
     num_extra_tokens = getattr(model, key).shape[-2] - num_patches
     orig_size = int((pos_embed_checkpoint.shape[-2] - num_extra_tokens) ** 0.5)
     new_size = int(num_patches ** 0.5)

@@ -16,6 +16,7 @@ class Stream(enum.IntEnum):
     STREAM_ORDER = 3  # (seed, STREAM_ORDER): the order of an online stream ('shuffled')
     RESTORE = 4  # (seed, image, RESTORE, step): online stochastic restore
     FIGURE_MASKS = 5  # (seed, image, FIGURE_MASKS): the one mask of its reconstruction figure
+    LORA = 6  # (seed, LORA): the low-rank adapters' A of --finetune_mode lora, the same for every image
 
 
 def derive_seed(*keys):

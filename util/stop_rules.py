@@ -1,8 +1,8 @@
 """Stopping rules: after how many steps an image's adaptation stops, decided from label-free signals only.
 
 A rule is asked after each classification, at step t = 0 (before the first step) to the last, what it
-knows: the predictions and top-1 probabilities of steps 0..t and the reconstruction losses of steps
-1..t. The first step at which it fires is where the image stops (the last step if it never fires), so
+knows: the predictions and top-1 probabilities of steps 0..t and the objective of steps 1..t (the weighted
+sum of the losses a step minimised: TTT-MAE's reconstruction loss). The first step at which it fires is where the image stops (the last step if it never fires), so
 the same function scores a rule on a finished run (scripts/score_stop_rules.py) and applies it live
 (main_test_time_training.py --stop_rule), with the same answer. The labels are never read.
 """
@@ -14,7 +14,7 @@ from util.errors import UserError
 RULES = {
     'fixed': (int, 'stop after K steps', (0, math.inf, False, True)),
     'stable': (int, 'stop once the prediction has not changed for M steps', (1, math.inf, False, True)),
-    'plateau': (float, 'stop once the reconstruction loss fell by less than a fraction X over the last step',
+    'plateau': (float, 'stop once the objective fell by less than a fraction X over the last step',
                 (0, 1, False, True)),
     'confident': (float, 'stop once the top-1 probability exceeds P', (0, 1, True, True)),
 }
