@@ -14,6 +14,8 @@ trainer(args, run, load_items) and summary(records) (what results.json adds).
 import json
 import os
 import platform
+import resource
+import sys
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -54,12 +56,29 @@ class Run:
     left: Optional[list]  # the selected images not done yet (every process's), None when the run is complete
 
     def device_record(self):
-        """What results.json records of the device: its name, the torch version and (on a GPU) this process's
-        peak memory held by tensors."""
-        cuda = self.device.type == 'cuda'
-        return {'device': torch.cuda.get_device_name(self.device) if cuda else platform.processor() or 'cpu',
-                'torch': torch.__version__,
-                'peak_memory_gib': torch.cuda.max_memory_allocated(self.device) / 2 ** 30 if cuda else None}
+        """What results.json records of the device: its name (a CPU's model name), the torch version, and this
+        process's peak memory: held by tensors on a GPU, resident on a CPU."""
+        if self.device.type == 'cuda':
+            return {'device': torch.cuda.get_device_name(self.device), 'torch': torch.__version__,
+                    'peak_memory_gib': torch.cuda.max_memory_allocated(self.device) / 2 ** 30,
+                    'peak_memory': 'GPU memory held by tensors, the main process'}
+        return {'device': cpu_name(), 'torch': torch.__version__,
+                # ru_maxrss: KiB on Linux, bytes on macOS
+                'peak_memory_gib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** (30 if sys.platform == 'darwin'
+                                                                                              else 20),
+                'peak_memory': 'resident memory, the main process'}
+
+
+def cpu_name():
+    """The CPU's model name (Linux's /proc/cpuinfo; elsewhere what platform says)."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith('model name'):
+                    return line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or 'cpu'
 
 
 def set_precision(device, strict_fp32):

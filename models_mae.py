@@ -21,7 +21,7 @@ HEAD_TYPES = ('vit_head', 'linear', None)  # None: no head (pre-training writes 
 
 @dataclass
 class Parts:
-    """What the code around a model asks of it (docs/method.md, "Adding a loss or a backbone"): nothing
+    """What the code around a model asks of it (docs/method.md, "Extending"): nothing
     outside a model names its parameters. Names are prefixes (str.startswith) of parameter and state-dict
     keys, so that they also sort the keys of a checkpoint; modules are the model's own."""
     image_size: int  # the side of the images it takes
@@ -250,7 +250,7 @@ class MaskedAutoencoderViT(nn.Module):
 
     # Named outputs of forward (the released signature above stays as it is), for call sites that want one.
 
-    # The test-time objective (docs/method.md, "Adding a loss or a backbone"): the trainers minimise the sum of
+    # The test-time objective (docs/method.md, "Extending"): the trainers minimise the sum of
     # every loss test_time_losses returns, each times its weight here (1 where absent), and record each by name.
     test_time_loss_weights = {}
 
@@ -282,7 +282,7 @@ def _builder(name, **sizes):
     def build(**kwargs):
         return MaskedAutoencoderViT(**{**sizes, **kwargs})
     build.__name__ = name
-    build.sizes = sizes  # for a subclass of the same size (docs/method.md, "Adding a loss or a backbone")
+    build.sizes = sizes  # for a subclass of the same size (docs/method.md, "Extending")
     return register_model(build)
 
 

@@ -21,7 +21,7 @@ from bench.common import print_table  # noqa: E402
 from util.cli import UserError, run_main  # noqa: E402
 from util.io import write_json  # noqa: E402
 from util.records import load_per_image  # noqa: E402
-from util.sweeps import sweep_corruptions  # noqa: E402
+from util.sweeps import find_columns  # noqa: E402
 
 
 def correctness(root, corruption):
@@ -33,7 +33,7 @@ def correctness(root, corruption):
 
 def compare(reference, run):
     """Per-step mean difference (points), its SE, the reference's accuracy, and how many image-steps differ."""
-    columns = sweep_corruptions(reference)
+    columns = [c.name for c in find_columns(reference)]
     diffs, ref_correct, differing, total, first = [], [], 0, 0, None
     for c in columns:
         ref, other = correctness(reference, c), correctness(run, c)

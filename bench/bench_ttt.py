@@ -82,7 +82,7 @@ def ttt_args(bench, mode, size):
     args = ttt_parser().parse_args([
         '--data_path', '-', '--resume_model', '-', '--resume_finetune', '-', '--model', bench.model,
         '--batch_size', str(bench.batch_size), '--steps_per_example', str(bench.steps), '--norm_pix_loss',
-        '--device', bench.device, *mode_flags(mode)])
+        '--device', bench.device, '--finetune_mode', bench.finetune_mode, *mode_flags(mode)])
     check_args(args)
     args.input_size = size
     return args
@@ -175,6 +175,7 @@ def get_args_parser():
     parser.add_argument('--modes', nargs='+', default=['default'], help="e.g. default compile+K4 bf16 released")
     parser.add_argument('--repeats', default=3, type=int, help='timings per mode (the median is reported)')
     parser.add_argument('--strict_fp32', action='store_true', help='on CUDA, no TF32')
+    parser.add_argument('--finetune_mode', default='encoder', help='the rule for which parameters adapt, in every mode')
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--json', default=None, help='also write the table here as JSON, after every mode')
     return parser
@@ -200,6 +201,7 @@ def main(bench):
               'driver': driver_version() if device.type == 'cuda' else None, 'timm': timm.__version__,
               'torchvision': torchvision.__version__, 'threads': torch.get_num_threads(), 'model': bench.model,
               'batch_size': bench.batch_size, 'steps': bench.steps, 'image_size': bench.image_size,
+              'finetune_mode': bench.finetune_mode,
               'images': bench.images, 'repeats': bench.repeats,
               'peak_memory': PEAK_MEMORY[device.type], 'command': ' '.join(sys.argv),
               'modes': bench.modes, 'rows': []}

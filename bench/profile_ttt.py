@@ -98,6 +98,7 @@ def main():
     parser.add_argument('--steps', default=20, type=int)
     parser.add_argument('--modes', nargs='+', default=['default'])
     parser.add_argument('--strict_fp32', action='store_true')
+    parser.add_argument('--finetune_mode', default='encoder', help='the rule for which parameters adapt')
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--json', default=None)
     parser.add_argument('--open_compiled', action='store_true',

@@ -9,7 +9,7 @@ import copy
 
 import torch
 
-from engine_test_time import build_optimizer, predictions, trainable_parameters
+from engine_test_time import build_optimizer, make_objective, predictions, reached_parameters, trainable_parameters
 from util.datasets import eval_transform, load_rgb
 from util.seed import Stream, derive_seed
 
@@ -21,7 +21,9 @@ def reference_adapt(base_model_cpu, path, label, index, args, device, amp_dtype=
     engine records it."""
     model = copy.deepcopy(base_model_cpu).to(device)
     autocast = lambda: torch.autocast(torch.device(device).type, dtype=amp_dtype, enabled=amp_dtype is not None)
-    optimizer = build_optimizer(list(trainable_parameters(model, args.finetune_mode).values()), args, foreach=None)
+    reached = lambda: reached_parameters(model, make_objective(args, model), device)  # noqa: E731
+    optimizer = build_optimizer(list(trainable_parameters(model, args.finetune_mode, args.seed, reached).values()), args,
+                                foreach=None)
     transform = eval_transform(args.input_size)
     num_patches = model.patch_embed.num_patches
     gen = torch.Generator(device=device).manual_seed(derive_seed(args.seed, index, Stream.MASKS))

@@ -27,12 +27,15 @@ sys.path.insert(0, REPO_ROOT)
 from util.cli import UserError, run_main  # noqa: E402
 from util.corruptions import CORRUPTIONS, EXTRA_CORRUPTIONS  # noqa: E402
 from util.io import save_png, write_json, write_text  # noqa: E402
-from util.sweeps import sweep_corruptions  # noqa: E402
+from util.paired import mean_over_sets, paired_differences  # noqa: E402
+from util.records import is_finished, load_per_image  # noqa: E402
+from util.sweeps import FIXED, find_columns  # noqa: E402
 
 
 # runs without adaptation, ROOT/<corruption>/<folder>/: the probe's (the paper's ViT Probe row), MAE's fine-tuned
 # ViT (Fine-Tune) and a jointly trained model (Joint Train), each a test_without_adaptation.py run
 FIXED_MODELS = {'baseline': 'no adaptation', 'finetuned': 'fine-tune (MAE)', 'joint': 'joint train'}
+assert tuple(FIXED_MODELS) == FIXED
 REFERENCES = os.path.join(REPO_ROOT, 'docs', 'results', 'references')
 
 
@@ -51,13 +54,16 @@ def get_args_parser():
     parser.add_argument('--title', default=None, help="the figure's title (default: 'ImageNet-C: <ROOT folder name>')")
     parser.add_argument('--allow_partial', action='store_true',
                         help='average partial runs too (the mean is then flagged)')
+    parser.add_argument('--columns', nargs='+', default=None, metavar='NAME',
+                        help="only these columns (run folders under ROOT, e.g. fog or fog/5), in this order")
     parser.add_argument('--metric', default='accuracy', choices=['accuracy', 'error'],
                         help='top-1 accuracy, or error = 100 - accuracy as test-time-adaptation benchmarks report')
     return parser
 
 
 def read_run(folder, method):
-    """A run's {'curve': {step: accuracy}, 'complete', 'num_images', 'num_images_expected', 'source'}, or None."""
+    """A run's {'curve': {step: accuracy}, 'complete', 'num_images', 'num_images_expected', 'source', 'args', ...},
+    or None."""
     json_path, txt_path = os.path.join(folder, 'results.json'), os.path.join(folder, 'accuracy.txt')
     if os.path.exists(json_path):
         try:
@@ -71,7 +77,8 @@ def read_run(folder, method):
             return {'curve': curve, 'complete': bool(r['complete']), 'num_images': r.get('num_images'),
                     'num_images_expected': r.get('num_images_expected'), 'source': 'results.json',
                     'selection': r.get('selection'), 'device_seconds': r.get('device_seconds'),
-                    'device': r.get('device')}
+                    'device': r.get('device'), 'args': r.get('args') or {}, 'online': bool(r.get('online')),
+                    'folder': folder}
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise UserError(f"cannot read {json_path}: {type(e).__name__}: {e}") from None
     if os.path.exists(txt_path):
@@ -96,7 +103,7 @@ def read_run(folder, method):
             raise UserError(f"cannot read {txt_path}: {e}") from None
         return {'curve': curve, 'complete': counts[0] is None, 'num_images': counts[0],
                 'num_images_expected': counts[1], 'source': 'accuracy.txt', 'selection': None,
-                'device_seconds': None, 'device': None}
+                'device_seconds': None, 'device': None, 'args': {}, 'online': False, 'folder': folder}
     return None
 
 
@@ -132,63 +139,110 @@ def selection_text(selection):
     return f"all {selection['images']} images of the folder"
 
 
-def collect(root, step=None, allow_partial=False, metric='accuracy'):
-    """Everything the outputs show, as one JSON-ready dict."""
-    columns = sweep_corruptions(root)
+OBJECTIVE_NAMES = {'mae': 'TTT-MAE', 'memo': 'MEMO', 'entropy': 'entropy'}
+DEFAULT_RULES = {'mae': 'encoder', 'memo': 'all', 'entropy': 'norm'}  # each objective's own, left out of its name
 
-    ttt = {c: read_run(os.path.join(root, c), 'ttt') for c in columns}
-    fixed = {sub: {c: read_run(os.path.join(root, c, sub), 'baseline') for c in columns} for sub in FIXED_MODELS}
+
+def method_label(run):
+    """The row an adapting run goes to, from its recorded arguments: its objective, its --finetune_mode where
+    not the objective's own, online or not. TTT-MAE as the paper runs it (and a released run) is 'TTT-MAE'."""
+    args = run['args']
+    objective = args.get('objective') or 'mae'
+    online = run['online'] or 'online_window' in args
+    own_rule = 'all' if online and objective == 'mae' else DEFAULT_RULES.get(objective)  # main_online_ttt.py's
+    rule = args.get('finetune_mode') or own_rule
+    return ('online ' if online else '') + OBJECTIVE_NAMES.get(objective, objective) + \
+        ('' if rule == own_rule else f' ({rule})')
+
+
+def adapting_rows(columns):
+    """{row: (label, {column: run})} of the adapting runs. Row 'ttt' is the sweep's own, the runs in the column
+    folders themselves (the released layout's TTT-MAE runs); the runs in folders below them (fog/memo/,
+    fog/online/) make a row per method (method_label), and where one column holds two runs of a method,
+    the second and later ones a row by their folder too."""
+    rows = {}
+    for c in columns:
+        for key, folder in c.adapting.items():
+            run = read_run(folder, 'ttt')
+            label = method_label(run)
+            row = 'ttt' if key == '' else label
+            if row != 'ttt' and c.name in rows.get(row, (None, {}))[1]:
+                row = label = f'{label} [{key}]'
+            rows.setdefault(row, (label, {}))[1][c.name] = run
+    return dict(sorted(rows.items(), key=lambda item: (item[0] != 'ttt', item[0])))
+
+
+def mean_curve(runs, mean_over):
+    """The mean accuracy per step over the complete runs of mean_over that share the most common step list."""
+    groups = {}
+    for c in mean_over:
+        if runs.get(c) and runs[c]['complete']:
+            groups.setdefault(tuple(sorted(runs[c]['curve'])), []).append(c)
+    if not groups:
+        return None
+    steps, members = max(groups.items(), key=lambda g: (len(g[1]), len(g[0])))
+    return {'steps': list(steps), 'corruptions': members,
+            'value': [sum(runs[c]['curve'][k] for c in members) / len(members) for k in steps]}
+
+
+def collect(root, step=None, allow_partial=False, metric='accuracy', only=None):
+    """Everything the outputs show, as one JSON-ready dict."""
+    found = find_columns(root, only)
+    columns = [c.name for c in found]
+    fixed = {sub: {c.name: read_run(c.fixed[sub], 'baseline') if sub in c.fixed else None for c in found}
+             for sub in FIXED_MODELS}
+    adapting = adapting_rows(found)
+    ttt = adapting.get('ttt', (None, {}))[1]
     baseline = fixed['baseline']
-    for c, run in ttt.items():  # a released accuracy.txt has no step 0: it is the baseline's accuracy
-        if run and 0 not in run['curve'] and baseline[c] and baseline[c]['complete']:
-            run['curve'][0] = baseline[c]['curve'][0]
+    for _, runs in adapting.values():  # a released accuracy.txt has no step 0: it is the baseline's accuracy
+        for c, run in runs.items():
+            if 0 not in run['curve'] and baseline[c] and baseline[c]['complete']:
+                run['curve'][0] = baseline[c]['curve'][0]
     if metric == 'error':
-        for run in [*ttt.values(), *(r for runs in fixed.values() for r in runs.values())]:
-            if run:
-                run['curve'] = {k: 100 - v for k, v in run['curve'].items()}
-    last_steps = [max(r['curve']) for r in ttt.values() if r]
-    if step is None:
-        step = max(last_steps, default=0)
-    elif not any(r and step in r['curve'] for r in ttt.values()):
-        raise UserError(f"no TTT run has step {step} (last steps found: {sorted(set(last_steps))})")
+        for runs in [*(runs for _, runs in adapting.values()), *fixed.values()]:
+            for run in runs.values():
+                if run:
+                    run['curve'] = {k: 100 - v for k, v in run['curve'].items()}
+    last_steps = sorted({max(r['curve']) for _, runs in adapting.values() for r in runs.values()})
+    if step is not None and not any(step in r['curve'] for _, runs in adapting.values() for r in runs.values()):
+        raise UserError(f"no TTT run has step {step} (last steps found: {last_steps})")
 
     # the ImageNet-C mean is over its 15 standard corruptions; folders of one's own are averaged only alone
-    mean_over = [c for c in columns if c in CORRUPTIONS] or columns
+    corruption = {c.name: c.corruption for c in found}
+    standard = [c for c in columns if corruption[c] in CORRUPTIONS]
+    mean_over = standard or columns
     rows = []
     present = [(sub, FIXED_MODELS[sub], runs, 0) for sub, runs in fixed.items()
                if sub == 'baseline' or any(runs.values())]
-    for method, label, runs, s in present + [('ttt', f'TTT-MAE (step {step})', ttt, step)]:
-        cells = {c: cell(runs[c], s) for c in columns}
+    for row, (label, runs) in adapting.items():
+        s = step if step is not None else max(max(r['curve']) for r in runs.values())
+        present.append((row, f'{label} (step {s})', runs, s))
+    for method, label, runs, s in present:
+        cells = {c: cell(runs.get(c), s) for c in columns}
         rows.append({'method': method, 'label': label, 'step': s, 'cells': cells,
                      'mean': mean_cell([cells[c] for c in mean_over], allow_partial)})
-
     curves = {c: {'steps': sorted(r['curve']), 'value': [r['curve'][k] for k in sorted(r['curve'])],
-                  'complete': r['complete']} for c, r in ttt.items() if r}
-    # The mean curve: complete standard runs sharing the most common step list.
-    groups = {}
-    for c in mean_over:
-        if c in curves and curves[c]['complete']:
-            groups.setdefault(tuple(curves[c]['steps']), []).append(c)
-    mean_curve = None
-    if groups:
-        steps, members = max(groups.items(), key=lambda g: (len(g[1]), len(g[0])))
-        mean_curve = {'steps': list(steps), 'corruptions': members,
-                      'value': [sum(ttt[c]['curve'][k] for c in members) / len(members) for k in steps]}
+                  'complete': r['complete']} for c, r in ttt.items()}
     selections = {}  # which images the numbers come from: corruption folders that share one
     for c in columns:
-        for method, run in [('ttt', ttt[c])] + [(sub, runs[c]) for sub, runs in fixed.items()]:
+        for method, run in [(row, runs.get(c)) for row, (_, runs) in adapting.items()] + \
+                [(sub, runs[c]) for sub, runs in fixed.items()]:
             if run:
-                selections.setdefault(selection_text(run['selection']), []).append(f'{c} ({method})')
-    return {'root': root, 'step': step, 'metric': metric, 'columns': columns, 'mean_over': mean_over,
-            'selections': selections, 'cost': cost({'ttt': ttt, **fixed}),
-            'not_run': [c for c in CORRUPTIONS if c not in columns] if set(mean_over) <= set(CORRUPTIONS) else [],
+                selections.setdefault(selection_text(run['selection']), []).append(f"{c} ({method})")
+    ttt_row = next((r for r in rows if r['method'] == 'ttt'), None)
+    runs_by_row = {**fixed, **{row: runs for row, (_, runs) in adapting.items()}}
+    return {'root': root, 'step': ttt_row['step'] if ttt_row else step, 'metric': metric, 'columns': columns,
+            'corruptions': corruption, 'mean_over': mean_over, 'selections': selections,
+            'cost': cost(runs_by_row),
+            'methods': compare_methods(rows, runs_by_row, found, mean_over, metric),
+            'not_run': [k for k in CORRUPTIONS if k not in {corruption[c] for c in standard}] if standard else [],
             'allow_partial': allow_partial,
-            'rows': rows, 'curves': curves, 'mean_curve': mean_curve}
+            'rows': rows, 'curves': curves, 'mean_curve': mean_curve(ttt, mean_over)}
 
 
 def cost(runs):
     """The device-hours of the runs read (from results.json's device_seconds: every process, resumed parts
-    included), per method, the devices they ran on, and how many runs recorded none."""
+    included), per row, the devices they ran on, and how many runs recorded none."""
     recorded = [(method, r) for method, by_column in runs.items() for r in by_column.values() if r]
     hours = {method: sum(r['device_seconds'] for m, r in recorded if m == method and r['device_seconds'] is not None)
              / 3600 for method in runs}
@@ -196,6 +250,35 @@ def cost(runs):
             'methods_run': sorted({method for method, _ in recorded}),
             'devices': sorted({r['device'] for _, r in recorded if r['device']}),
             'runs_without_record': sum(r['device_seconds'] is None for _, r in recorded)}
+
+
+def compare_methods(rows, runs_by_row, columns, mean_over, metric):
+    """Every row as a method at its cost: its mean over mean_over, its paired gain over no adaptation with its
+    standard error (from per_image.npz, over the columns where both runs are finished; points of accuracy
+    whatever the metric), and its device-seconds per image (device_seconds / images over its runs). A row
+    whose runs have several steps (TTT-MAE) also gets its mean per step, each step's cost estimated as that
+    share of the run's (the steps dominate it)."""
+    folders = {c.name: c for c in columns}
+    methods = []
+    for row in rows:
+        runs = {c: r for c, r in runs_by_row[row['method']].items() if r and c in mean_over}
+        timed = [r for r in runs.values() if r['device_seconds'] is not None and r['num_images']]
+        seconds = sum(r['device_seconds'] for r in timed) / sum(r['num_images'] for r in timed) if timed else None
+        diffs = []
+        for c, run in runs.items():
+            base = folders[c].fixed.get('baseline')
+            if row['method'] != 'baseline' and row['step'] in run['curve'] and base and is_finished(run['folder']) \
+                    and is_finished(base):
+                diffs.append(paired_differences(load_per_image(run['folder']), load_per_image(base), row['step'],
+                                                run['folder']))
+        gain = dict(zip(('gain', 'gain_se', 'gain_images', 'gain_paired'), mean_over_sets(diffs))) if diffs else {}
+        curve = mean_curve(runs, mean_over) if row['step'] else None
+        if curve and seconds is not None:
+            curve['device_seconds_per_image'] = [seconds * k / curve['steps'][-1] for k in curve['steps']]
+        methods.append({'method': row['method'], 'label': row['label'], 'step': row['step'], 'mean': row['mean'],
+                        'device_seconds_per_image': seconds, 'runs': len(runs), **gain,
+                        'gain_columns': len(diffs), 'curve': curve if curve and len(curve['steps']) > 2 else None})
+    return methods
 
 
 def fmt(c):
@@ -208,10 +291,11 @@ def fmt(c):
 def markdown(summary):
     cols = summary['columns']
     n_mean = len(summary['mean_over'])
-    if not set(summary['mean_over']) <= set(CORRUPTIONS):
+    covered = {summary['corruptions'][c] for c in summary['mean_over']}
+    if not covered <= set(CORRUPTIONS):
         mean_label = f'mean of {n_mean}'
     else:
-        mean_label = 'mean' if n_mean == len(CORRUPTIONS) else f'mean ({n_mean}/{len(CORRUPTIONS)})'
+        mean_label = 'mean' if len(covered) == len(CORRUPTIONS) else f'mean ({len(covered)}/{len(CORRUPTIONS)})'
     lines = ['| method | ' + ' | '.join(cols) + f' | {mean_label} |',
              '|---|' + '---:|' * (len(cols) + 1)]
     notes = [f"top-1 {summary['metric']} (%)" + (' = 100 - accuracy' if summary['metric'] == 'error' else '')]
@@ -235,14 +319,35 @@ def markdown(summary):
     c = summary['cost']
     labels = {'ttt': 'TTT-MAE', **FIXED_MODELS}
     notes.append(f"device time: {c['total_device_hours']:.3g} device-hours ("
-                 + ', '.join(f"{labels[m]} {h:.3g}" for m, h in c['device_hours'].items() if m in c['methods_run']) + ')'
+                 + ', '.join(f"{labels.get(m, m)} {h:.3g}" for m, h in c['device_hours'].items() if m in c['methods_run'])
+                 + ')'
                  + (f" on {', '.join(c['devices'])}" if c['devices'] else '')
                  + (f"; {c['runs_without_record']} runs record none (accuracy.txt, or an older results.json)"
                     if c['runs_without_record'] else ''))
     if summary['columns'] != summary['mean_over']:
         notes.append('the mean is over the standard corruptions only, not (' + ', '.join(
             c for c in cols if c not in summary['mean_over']) + ')')
-    return '\n'.join(lines + [''] + notes) + '\n'
+    return '\n'.join(lines + [''] + notes + [''] + methods_markdown(summary)) + '\n'
+
+
+def methods_markdown(summary):
+    """The methods at their cost: a line each."""
+    lines = [f"| method at its cost | {mean_name(summary)} | paired gain over no adaptation ± SE | device-s per image |",
+             '|---|---:|---:|---:|']
+    for m in summary['methods']:
+        gain = '' if m.get('gain') is None else f"{m['gain']:+.1f} ± {m['gain_se']:.1f}"
+        seconds = '' if m['device_seconds_per_image'] is None else f"{m['device_seconds_per_image']:.3g}"
+        lines.append(f"| {m['label']} | {fmt(m['mean'])} | {gain} | {seconds} |")
+    return lines + ['', 'Gain: per image, correct with the method - correct without adaptation, in points of accuracy '
+                        'over the finished runs with per_image.npz (images averaged over the test sets where they hold '
+                        'the same images, pooled otherwise); SE = sample std / sqrt(n). Device-seconds: results.json\'s '
+                        'device_seconds over its images (every process, resumed parts included).']
+
+
+def mean_name(summary):
+    """The metric's name, and of how many test sets its mean is (the ImageNet-C mean: of the standard corruptions)."""
+    covered = {summary['corruptions'][c] for c in summary['mean_over']}
+    return f"mean {summary['metric']}" + ('' if covered <= set(CORRUPTIONS) else f" of {len(summary['mean_over'])}")
 
 
 def to_csv(summary):
@@ -268,9 +373,10 @@ def plot(summary, path, title):
     tab20 = plt.get_cmap('tab20').colors
     colors = tab20[0::2] + tab20[1::2]  # the 10 strong colours first; a corruption keeps its colour across sweeps
     baseline = summary['rows'][0]['cells']
+    known = CORRUPTIONS + EXTRA_CORRUPTIONS
     for c in summary['columns']:
-        known = CORRUPTIONS + EXTRA_CORRUPTIONS
-        color = colors[known.index(c) if c in known else summary['columns'].index(c) % len(colors)]
+        corruption = summary['corruptions'][c]
+        color = colors[known.index(corruption) if corruption else summary['columns'].index(c) % len(colors)]
         if c in summary['curves']:
             curve = summary['curves'][c]
             ax.plot(curve['steps'], curve['value'], color=color, lw=1,
@@ -289,6 +395,30 @@ def plot(summary, path, title):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc='center left', bbox_to_anchor=(1.01, 0.5))
     save_png(fig, path, 120, metadata={'Title': title})
+
+
+def plot_cost(summary, path, title):
+    """Accuracy (or error) against device-seconds per image: a point per method, a method's steps as a curve."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for m in summary['methods']:
+        if m['device_seconds_per_image'] is None or m['mean']['value'] is None:
+            continue
+        if m['curve'] and m['curve'].get('device_seconds_per_image'):
+            x, y = m['curve']['device_seconds_per_image'][1:], m['curve']['value'][1:]
+            line, = ax.plot(x, y, marker='o', ms=3, lw=1, label=f"{m['label'].rsplit(' (step', 1)[0]} (steps 1..)")
+            ax.plot([m['device_seconds_per_image']], [m['mean']['value']], marker='o', ms=7, color=line.get_color())
+        else:
+            ax.plot([m['device_seconds_per_image']], [m['mean']['value']], marker='s', ms=7, ls='none', label=m['label'])
+    ax.set_xscale('log')
+    ax.set_xlabel('device-seconds per image (a curve\'s steps: their share of the run\'s time)')
+    ax.set_ylabel(f"{mean_name(summary)} (%)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3, which='both')
+    ax.legend(fontsize=7)
+    save_png(fig, path, 120)
 
 
 def known_references():
@@ -327,6 +457,7 @@ def compare_with(summary, reference):
     compared = []
     for label, ref in reference['rows'].items():
         values = {c: (100 - v if summary['metric'] == 'error' else v) for c, v in ref['values'].items()}
+        values = {c: values[k] for c, k in summary['corruptions'].items() if k in values}  # by column (fog, fog/5)
         row, cells = ours.get(ref['method']), {}
         for c in summary['columns']:
             if c not in values or row is None or row['cells'][c]['value'] is None:
@@ -365,16 +496,22 @@ def reference_markdown(summary):
 
 
 def compare_roots(roots, labels, step_metric):
-    """The mean accuracy per TTT step of several sweeps (their complete standard runs), side by side."""
-    curves = []
+    """Several sweeps side by side (ablations, or a root per method): the mean accuracy per step of each root's
+    adapting runs (its only method, or TTT-MAE among several), and every root's methods at their cost."""
+    curves, methods = [], []
     for root, label in zip(roots, labels):
         summary = collect(root, None, False, step_metric)
-        if not summary['mean_curve']:
-            raise UserError(f"{root} has no complete TTT run to average")
-        m = summary['mean_curve']
-        curves.append({'label': label, 'root': os.path.abspath(root), 'steps': m['steps'], 'value': m['value'],
-                       'corruptions': m['corruptions']})
-    return {'metric': step_metric, 'curves': curves}
+        adapting = [m for m in summary['methods'] if m['method'] not in FIXED_MODELS]
+        main = next((m for m in adapting if m['method'] == 'ttt'), adapting[0] if len(adapting) == 1 else None)
+        runs = summary['mean_curve'] if main and main['method'] == 'ttt' else (main or {}).get('curve')
+        if not runs:
+            raise UserError(f"{root} has no complete run of one method to average (its rows: "
+                            f"{', '.join(m['label'] for m in adapting) or 'none'})")
+        curves.append({'label': label, 'root': os.path.abspath(root), 'steps': runs['steps'], 'value': runs['value'],
+                       'corruptions': runs['corruptions']})
+        methods += [{**m, 'label': f"{label}: {m['label']}"} for m in summary['methods']]
+    return {'metric': step_metric, 'curves': curves, 'methods': methods,
+            'mean_over': summary['mean_over'], 'corruptions': summary['corruptions']}
 
 
 def comparison_markdown(comparison):
@@ -413,16 +550,17 @@ def main(args):
             raise UserError("--reference and --step take one root; several roots are compared step by step")
         comparison = compare_roots(args.roots, labels, args.metric)
         prefix = args.out or os.path.join(os.path.dirname(os.path.abspath(args.roots[0])), 'comparison')
-        table = comparison_markdown(comparison)
+        table = comparison_markdown(comparison) + '\n' + '\n'.join(methods_markdown(comparison)) + '\n'
         print(table, end='')
         write_text(prefix + '.md', table)
         write_json(prefix + '.json', comparison)
         plot_comparison(comparison, prefix + '.png', args.title or 'TTT-MAE: ' + ' vs '.join(labels))
-        print(f"\nwrote {prefix}.md, {prefix}.json, {prefix}.png")
+        plot_cost(comparison, prefix + '_cost.png', 'accuracy against cost: ' + ', '.join(labels))
+        print(f"\nwrote {prefix}.md, {prefix}.json, {prefix}.png, {prefix}_cost.png")
         return
     args.root = args.roots[0]
     reference = load_reference(args.reference) if args.reference else None  # a bad one stops before any output
-    summary = collect(args.root, args.step, args.allow_partial, args.metric)
+    summary = collect(args.root, args.step, args.allow_partial, args.metric, args.columns)
     prefix = args.out or os.path.join(args.root, 'summary')
     table = markdown(summary)
     if reference:
@@ -433,7 +571,8 @@ def main(args):
     write_json(prefix + '.json', summary)
     title = args.title or f"ImageNet-C: {os.path.basename(os.path.abspath(args.root))}"
     plot(summary, prefix + '.png', title)
-    print(f"\nwrote {prefix}.csv, {prefix}.json, {prefix}.png")
+    plot_cost(summary, prefix + '_cost.png', f"{title}: accuracy against cost")
+    print(f"\nwrote {prefix}.csv, {prefix}.json, {prefix}.png, {prefix}_cost.png")
 
 
 if __name__ == '__main__':

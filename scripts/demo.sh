@@ -293,10 +293,10 @@ if [[ $ONLINE == 1 ]]; then
 fi
 
 stage collect never "" "" \
-    "$PY" scripts/collect_results.py "$RESULTS" --step "$REPORT_STEP" --out "$RESULTS/summary" \
+    "$PY" scripts/collect_results.py "$RESULTS" --columns $CORRUPTIONS --step "$REPORT_STEP" --out "$RESULTS/summary" \
     --title "Digits-C ($SPLIT split, severity $SEVERITY), TTT-MAE vs no adaptation"
 stage "paired gains" never "" "" \
-    "$PY" scripts/paired_gain.py "$RESULTS" --step "$REPORT_STEP" --out "$RESULTS/paired_gain"
+    "$PY" scripts/paired_gain.py "$RESULTS" --columns $CORRUPTIONS --step "$REPORT_STEP" --out "$RESULTS/paired_gain"
 # how many steps each image needs: stopping rules scored on the TTT runs, without rerunning; each family's
 # parameter chosen on the validation split's runs where they exist (a DEMO_SPLIT=val run before)
 runs=() choose=()

@@ -16,7 +16,6 @@ with --columns NAME..., their method named with --method, and --no_mean leaves o
 Prints a Markdown table and writes PREFIX.md and PREFIX.json.
 """
 import argparse
-import math
 import os
 import sys
 
@@ -27,8 +26,9 @@ import numpy as np  # noqa: E402
 
 from util.cli import UserError, run_main  # noqa: E402
 from util.io import write_json, write_text  # noqa: E402
+from util.paired import mean_over_sets, mean_se, paired_differences  # noqa: E402
 from util.records import is_finished, load_per_image  # noqa: E402
-from util.sweeps import sweep_corruptions  # noqa: E402
+from util.sweeps import find_columns  # noqa: E402
 
 
 def get_args_parser():
@@ -45,12 +45,6 @@ def get_args_parser():
     return parser
 
 
-def mean_se(d):
-    d = np.asarray(d, dtype=np.float64)
-    se = d.std(ddof=1) / math.sqrt(len(d)) if len(d) > 1 else float('nan')
-    return 100 * d.mean(), 100 * se
-
-
 def top_class_share(pred):
     return 100 * np.bincount(pred).max() / len(pred)
 
@@ -58,36 +52,28 @@ def top_class_share(pred):
 def compare(folder, base_folder, step):
     """Per-corruption numbers and the per-image differences keyed by file name."""
     ttt, base = load_per_image(folder), load_per_image(base_folder)
-    if not np.array_equal(ttt['index'], base['index']):
-        raise UserError(f"{folder}: the TTT run and the baseline hold different images "
-                        f"({len(ttt['index'])} vs {len(base['index'])})")
-    for key in ('label', 'filename'):
-        if key in ttt and key in base and not np.array_equal(ttt[key], base[key]):
-            raise UserError(f"{folder}: {key}s of the TTT run and the baseline differ")
-    last = ttt['pred'].shape[1] - 1
-    s = last if step is None else step
-    if not 0 <= s <= last:
-        raise UserError(f"{folder}: no step {s} (the run has steps 0..{last})")
+    s = ttt['pred'].shape[1] - 1 if step is None else step
+    d, names = paired_differences(ttt, base, s, folder)
     correct = (ttt['pred'] == ttt['label'][:, None]).astype(np.int64)  # (images, steps + 1)
     before = (base['pred'][:, 0] == base['label']).astype(np.int64)
     after, step0 = correct[:, s], correct[:, 0]
-    d = after - before
     gain, se = mean_se(d)
     row = {'num_images': int(len(d)), 'step': int(s), 'baseline': 100 * before.mean(),
            'ttt': 100 * after.mean(), 'ttt_step0': 100 * step0.mean(), 'gain': gain, 'gain_se': se,
            'fixed': int((d > 0).sum()), 'broken': int((d < 0).sum()),
            'gain_per_step': (100 * (correct.mean(axis=0) - before.mean())).tolist(),
            'top_class_share': [top_class_share(base['pred'][:, 0]), top_class_share(ttt['pred'][:, s])]}
-    names = ttt['filename'].tolist() if 'filename' in ttt else None
     return row, d, names
 
 
-def method_summary(root, columns, sub, step):
-    """Rows per corruption and the mean row of the TTT runs in ROOT/<corruption>/<sub>."""
-    rows, diffs = {}, {}
+def method_summary(columns, sub, step):
+    """Rows per column and the mean row of the runs in each column's folder <sub> ('': the column's own)."""
+    rows, diffs = {}, []
     for c in columns:
-        rows[c], d, names = compare(os.path.join(root, c, sub), os.path.join(root, c, 'baseline'), step)
-        diffs[c] = dict(zip(names, d)) if names is not None else None
+        if 'baseline' not in c.fixed:
+            raise UserError(f"{c.folder} has no baseline/ run to pair with")
+        rows[c.name], d, names = compare(c.adapting.get(sub, os.path.join(c.folder, sub)), c.fixed['baseline'], step)
+        diffs.append((d, names))
     steps = {r['step'] for r in rows.values()}
     if len(steps) != 1:
         raise UserError(f"the runs end at different steps {sorted(steps)}: pass --step")
@@ -96,26 +82,22 @@ def method_summary(root, columns, sub, step):
             'num_corruptions': len(columns)}
     if len({len(r['gain_per_step']) for r in rows.values()}) == 1:
         mean['gain_per_step'] = np.mean([r['gain_per_step'] for r in rows.values()], axis=0).tolist()
-    same_images = all(diffs[c] is not None for c in columns) and len(
-        {frozenset(diffs[c]) for c in columns}) == 1
-    if same_images:
-        names = sorted(diffs[columns[0]])
-        per_image = np.mean([[diffs[c][n] for n in names] for c in columns], axis=0)
-        mean['gain'], mean['gain_se'] = mean_se(per_image)
-        mean['num_images'] = len(names)
+    gain, se, images, paired = mean_over_sets(diffs)
+    if paired:  # the same images in every column: each image's gain averaged over them
+        mean.update(gain=gain, gain_se=se, num_images=images)
     else:
         mean['gain'] = mean['ttt'] - mean['baseline']
-        mean['gain_se'] = None  # images differ between corruptions: no pairing across them
+        mean['gain_se'] = None  # images differ between columns: no pairing across them
     return rows, mean
 
 
 def collect(root, step=None, online_step=None, columns=None, method='TTT-MAE'):
-    summary = {'root': root, 'method': method, 'column': 'run' if columns else 'corruption'}
-    columns = columns or sweep_corruptions(root)
-    rows, mean = method_summary(root, columns, '', step)
-    summary.update(columns=columns, rows=rows, mean=mean)
-    if all(is_finished(os.path.join(root, c, 'online')) for c in columns):
-        summary['online_rows'], summary['online_mean'] = method_summary(root, columns, 'online', online_step)
+    found = find_columns(root, columns)
+    summary = {'root': root, 'method': method, 'column': 'corruption' if all(c.corruption for c in found) else 'run'}
+    rows, mean = method_summary(found, '', step)
+    summary.update(columns=[c.name for c in found], rows=rows, mean=mean)
+    if all('online' in c.adapting and is_finished(c.adapting['online']) for c in found):
+        summary['online_rows'], summary['online_mean'] = method_summary(found, 'online', online_step)
     return summary
 
 

@@ -137,9 +137,21 @@ def test_profile_bmm_is_a_matmul_only_for_k_weight_sets():
 def test_profile_breakdown_accounts_for_the_wall_time():
     torch.manual_seed(0)
     model = build_model(TINY, norm_pix_loss=True)
-    bench = argparse.Namespace(model=TINY, batch_size=2, steps=2, device='cpu')
+    bench = argparse.Namespace(model=TINY, batch_size=2, steps=2, device='cpu', finetune_mode='encoder')
     args = bench_ttt.ttt_args(bench, 'default', model.patch_embed.img_size[0])
     parts, wall = breakdown(TestTimeTrainer(model, args, 'cpu'), torch.device('cpu'), 1)
     assert list(parts) == list(CATEGORIES) and min(parts.values()) >= 0
     assert parts['matmul'] > 0 and parts['classification'] > 0 and parts['optimiser update'] > 0
     assert sum(parts.values()) == pytest.approx(wall, rel=0.05)  # idle is the rest of the wall time
+
+
+def test_the_rules_benchmark_times_each_rule_in_its_own_process(tmp_path):
+    out = tmp_path / 'rules.json'
+    result = run_script([sys.executable, 'bench/bench_rules.py', '--rules', 'last:1', 'lora:2', '--model', TINY,
+                         '--image_size', '16', '--batch_size', '2', '--steps', '1', '--images', '1', '--repeats', '1',
+                         '--device', 'cpu', '--json', str(out)])
+    data = json.loads(out.read_text())
+    assert [r['rule'] for r in data['rows']] == ['encoder', 'last:1', 'lora:2']  # encoder first: the reference
+    assert data['rows'][0]['time_vs_encoder'] == data['rows'][0]['memory_vs_encoder'] == 1.
+    assert all(r['s_per_image'] > 0 and r['peak_memory_gib'] > 0 for r in data['rows'])
+    assert 'lora:2' in result.stdout and 'vs encoder' in result.stdout

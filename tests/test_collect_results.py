@@ -58,8 +58,17 @@ def complete_root(tmp_path):
     return root
 
 
-def markdown_rows(stdout):
-    return [[c.strip() for c in line.strip('|').split('|')] for line in stdout.splitlines() if line.startswith('|')]
+def markdown_rows(stdout, table=0):
+    """The rows of the table-th Markdown table printed (0: the results; 1: the methods at their cost; then any
+    reference)."""
+    tables, last = [], False
+    for line in stdout.splitlines():
+        if line.startswith('|'):
+            if not last:
+                tables.append([])
+            tables[-1].append([c.strip() for c in line.strip('|').split('|')])
+        last = line.startswith('|')
+    return tables[table] if table < 2 else [row for t in tables[2:] for row in t]
 
 
 def test_table_means_and_outputs(complete_root):
@@ -164,8 +173,11 @@ def test_the_sweeps_device_hours_are_summed_under_the_table(complete_root, tmp_p
         record = json.loads(path.read_text())
         path.write_text(json.dumps({**record, 'device_seconds': seconds, 'device': 'NVIDIA H100 80GB HBM3'}))
     r = collect(complete_root, '--out', tmp_path / 's')
-    assert ('device time: 2.1 device-hours (TTT-MAE 2, no adaptation 0.1) on NVIDIA H100 80GB HBM3; 3 runs record '
+    assert ('device time: 2.1 device-hours (no adaptation 0.1, TTT-MAE 2) on NVIDIA H100 80GB HBM3; 3 runs record '
             'none') in r.stdout
+    # per image: the timed runs' device-seconds over their images (shot_noise's baseline records none)
+    cost = {row[0]: row[-1] for row in markdown_rows(r.stdout, 1)[2:]}
+    assert cost == {'no adaptation': '3.6', 'TTT-MAE (step 2)': '36'}
     assert json.load(open(tmp_path / 's.json'))['cost']['total_device_hours'] == pytest.approx(7560 / 3600)
 
 
@@ -257,8 +269,8 @@ def test_the_paper_beside_the_users_numbers(complete_root, tmp_path):
     assert r.returncode == 0, r.stderr
     rows = markdown_rows(r.stdout)
     labels = [row[0] for row in rows]
-    assert labels[:5] == ['method', '---', 'no adaptation', 'fine-tune (MAE)', 'TTT-MAE (step 2)']
-    paper = {row[0]: row for row in rows[5:]}
+    assert labels == ['method', '---', 'no adaptation', 'fine-tune (MAE)', 'TTT-MAE (step 2)']
+    paper = {row[0]: row for row in markdown_rows(r.stdout, 2)}
     assert paper['ViT Probe'][1:] == ['17.4', '18.2', '38.6']  # gaussian_noise, shot_noise, fog
     # ours - paper: TTT at step 2 on gaussian_noise is 30.25 vs 30.5; SE of 30.25% over 100 images is 4.6
     assert paper['TTT-MAE (step 2) - TTT-MAE'][1] == '-0.2 ok'

@@ -64,6 +64,9 @@ def test_outputs_and_step0_equals_the_baseline(one_run):
 
     results = json.load(open(root / 'ttt' / 'results.json'))
     assert results['complete'] and results['num_images'] == 10 and results['method'] == 'ttt'
+    # on a CPU: its model name where the system says it, and the process's peak resident memory
+    assert results['device'] not in ('', 'x86_64', 'cpu') or not os.path.exists('/proc/cpuinfo')
+    assert 0.1 < results['peak_memory_gib'] < 64 and results['peak_memory'].startswith('resident')
     assert results['accuracy_per_step'][0] == json.load(open(root / 'b' / 'results.json'))['accuracy']
     assert results['accuracy_per_step'] == (100 * (ttt['pred'] == ttt['label'][:, None]).mean(0)).tolist()
     lines = open(root / 'ttt' / 'accuracy.txt').read().splitlines()
@@ -126,7 +129,8 @@ def kill_after_flushes(command, output_dir, flushes):
     assert not results.exists() or not json.loads(results.read_text())['complete'], 'the run finished first'
 
 
-TIMINGS = ('wall_time_s', 'images_per_s', 'seconds_per_image', 'device_seconds')  # of results.json; per_image.npz: 'seconds'
+TIMINGS = ('wall_time_s', 'images_per_s', 'seconds_per_image', 'device_seconds',  # measured, in results.json
+           'peak_memory_gib')  # (per_image.npz: 'seconds')
 
 
 @pytest.mark.slow

@@ -147,7 +147,7 @@ class LossWeight(argparse.Action):
             weight = None
         if not (name and equals and weight is not None and math.isfinite(weight) and weight >= 0):
             parser.error(f"--loss_weight takes NAME=W with W a number >= 0, got {values!r}")
-        setattr(namespace, self.dest, {**(getattr(namespace, self.dest) or {}), name: weight})
+        setattr(namespace, self.dest, {**(getattr(namespace, self.dest, None) or {}), name: weight})
 
 
 def flag_text(dest, value):

@@ -9,7 +9,7 @@ from util.errors import UserError
 # comparison on both sides, so such a folder still continues, and a value that changes results still counts.
 NEUTRAL_FLAGS = {'encoder_lr_scale': 1., 'clip_grad': 0., 'online_ema': 0., 'online': False, 'online_window': 1,
                  'online_keep_optimizer': False, 'online_reset_every': 0, 'online_anchor': 0., 'online_restore': 0.,
-                 'stream_order': None}
+                 'stream_order': None, 'objective': 'mae'}
 
 
 def settings_as_now(config):

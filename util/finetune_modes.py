@@ -94,15 +94,15 @@ def encoder_no_tokens(model, parts, param, seed):
     return [n for n in encoder(model, parts, param, seed) if not n.startswith(parts.tokens)]
 
 
-@register_finetune_mode('norm', "the normalisation layers' weights and biases the objective's gradient reaches (TENT)",
-                        reached_only=True)
+@register_finetune_mode('norm', "the normalisation layers' weights and biases the objective's gradient reaches (TENT: "
+                                "the head's too, under an objective that reads it)", reached_only=True)
 def norm(model, parts, param, seed):
     return module_parameters(model, parts.norms)
 
 
 @register_finetune_mode('bias', "every bias the objective's gradient reaches", reached_only=True)
 def bias(model, parts, param, seed):
-    return [n for n in adaptable(model, parts) if n.split('.')[-1] == 'bias']
+    return [n for n, _ in model.named_parameters() if n.split('.')[-1] == 'bias' and not n.startswith(parts.fixed)]
 
 
 def block_count(text):
