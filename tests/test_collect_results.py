@@ -309,3 +309,88 @@ def test_ablations_side_by_side_each_to_its_last_step(tmp_path):
     assert (tmp_path / 'cmp.png').read_bytes()[:4] == b'\x89PNG'
     r = collect(sgd, adam, '--labels', 'SGD')
     assert r.returncode == 2 and '--labels gives 1 names for 2 roots' in r.stderr
+
+
+def finished_run(folder, correct, method='ttt', seconds=1., **args):
+    """A finished run of ours: per_image.npz from correct (images, steps + 1) and its results.json."""
+    import numpy as np
+    folder.mkdir(parents=True, exist_ok=True)
+    correct = np.asarray(correct, dtype=bool)
+    labels = np.zeros(len(correct), dtype=np.int64)
+    np.savez(folder / 'per_image.npz', index=np.arange(len(correct)), label=labels, pred=np.where(correct, 0, 1),
+             filename=np.array([f'img_{i}.png' for i in range(len(correct))]))
+    (folder / 'results.json').write_text(json.dumps({
+        'method': method, 'accuracy_per_step': (100 * correct.mean(0)).tolist(), 'num_images': len(correct),
+        'num_images_expected': len(correct), 'complete': True, 'device_seconds': seconds * len(correct),
+        'online': 'online_window' in args, 'args': args}))
+
+
+def test_every_method_at_its_cost_from_sibling_folders(tmp_path):
+    """Methods beside TTT-MAE on the same images, in folders under each corruption's: a row per objective and
+    rule, and each at its cost: paired gain over no adaptation with its SE, device-seconds per image."""
+    import numpy as np
+    rng = np.random.default_rng(0)
+    root = tmp_path / 'sweep'
+    before = {c: rng.random(40) < 0.3 for c in ('gaussian_noise', 'fog')}
+    for c, b in before.items():
+        finished_run(root / c / 'baseline', b[:, None], 'baseline', seconds=0.01)
+        finished_run(root / c, np.stack([b, b | (rng.random(40) < 0.2), b | (rng.random(40) < 0.3)], 1), seconds=2.,
+                     objective='mae', finetune_mode='encoder')
+        finished_run(root / c / 'memo', np.stack([b, b ^ (rng.random(40) < 0.1)], 1), seconds=0.5,
+                     objective='memo', finetune_mode='all')
+        finished_run(root / c / 'tent', np.stack([b, b], 1), seconds=0.02, objective='entropy', finetune_mode='norm')
+        finished_run(root / c / 'cheap', np.stack([b, b, b | (rng.random(40) < 0.1)], 1), seconds=1.,
+                     objective='mae', finetune_mode='last:2')
+        finished_run(root / c / 'online', np.stack([b, b | (rng.random(40) < 0.1)], 1), seconds=0.1,
+                     objective='mae', finetune_mode='all', online_window=16)
+    r = collect(root, '--out', tmp_path / 's')
+    assert r.returncode == 0, r.stderr
+    assert [row[0] for row in markdown_rows(r.stdout)[2:]] == [
+        'no adaptation', 'TTT-MAE (step 2)', 'MEMO (step 1)', 'TTT-MAE (last:2) (step 2)', 'entropy (step 1)',
+        'online TTT-MAE (step 1)']
+    summary = json.load(open(tmp_path / 's.json'))
+    methods = {m['label']: m for m in summary['methods']}
+    memo = methods['MEMO (step 1)']
+    d = np.concatenate([(np.load(root / c / 'memo' / 'per_image.npz')['pred'][:, 1] == 0).astype(int) - before[c]
+                        for c in ('gaussian_noise', 'fog')])
+    paired = d.reshape(2, 40).mean(0)  # the same 40 file names in both corruptions: averaged per image
+    assert memo['gain'] == pytest.approx(100 * paired.mean()) and memo['gain_paired']
+    assert memo['gain_se'] == pytest.approx(100 * paired.std(ddof=1) / np.sqrt(40))
+    assert memo['device_seconds_per_image'] == pytest.approx(0.5) and methods['entropy (step 1)']['gain'] == 0
+    ttt = methods['TTT-MAE (step 2)']
+    assert ttt['curve']['steps'] == [0, 1, 2] and ttt['curve']['device_seconds_per_image'] == pytest.approx([0, 1, 2])
+    cost = {row[0]: row[1:] for row in markdown_rows(r.stdout, 1)[2:]}
+    assert cost['no adaptation'] == [summary['rows'][0]['mean']['value'].__format__('.1f'), '', '0.01']
+    assert cost['MEMO (step 1)'][1] == f"{memo['gain']:+.1f} ± {memo['gain_se']:.1f}"
+    assert (tmp_path / 's_cost.png').read_bytes()[:4] == b'\x89PNG'
+
+
+def test_runs_at_any_depth_are_columns_named_by_their_path(tmp_path):
+    """make_imagenet_c.py's <corruption>/<severity>/ and one's own shifts, each run folder named by its path."""
+    root = tmp_path / 'runs' / 'val'
+    for name, acc in (('fog/5', 30.0), ('fog/3', 40.0), ('night', 10.0)):
+        ttt_json(root / name, [acc, acc + 2.0])
+        baseline_json(root / name / 'baseline', acc)
+    r = collect(root, '--out', tmp_path / 's')
+    assert r.returncode == 0, r.stderr
+    header, _, baseline, ttt = markdown_rows(r.stdout)
+    assert header[1:] == ['fog/3', 'fog/5', 'night', 'mean (1/15)'] and ttt[1:] == ['42.0', '32.0', '12.0', '37.0']
+    assert 'the mean is over the standard corruptions only, not (night)' in r.stdout
+    only = collect(root, '--columns', 'night', 'fog/5', '--out', tmp_path / 'o')
+    assert markdown_rows(only.stdout)[0][1:] == ['night', 'fog/5', 'mean (1/15)']
+    assert 'holds no run folder fog/1' in collect(root, '--columns', 'fog/1').stderr
+
+
+def test_a_root_per_method_with_labels(tmp_path):
+    import numpy as np
+    rng = np.random.default_rng(1)
+    for c in ('gaussian_noise', 'fog'):
+        b = rng.random(20) < 0.4
+        for method, root in (('mae', tmp_path / 'mae'), ('memo', tmp_path / 'memo')):
+            finished_run(root / c / 'baseline', b[:, None], 'baseline', seconds=0.01)
+            finished_run(root / c, np.stack([b, b | (rng.random(20) < 0.2)], 1), objective=method)
+    r = collect(tmp_path / 'mae', tmp_path / 'memo', '--labels', 'TTT-MAE', 'MEMO', '--out', tmp_path / 'cmp')
+    assert r.returncode == 0, r.stderr
+    assert [row[0] for row in markdown_rows(r.stdout, 1)[2:]] == [
+        'TTT-MAE: no adaptation', 'TTT-MAE: TTT-MAE (step 1)', 'MEMO: no adaptation', 'MEMO: MEMO (step 1)']
+    assert (tmp_path / 'cmp_cost.png').exists()
