@@ -49,7 +49,8 @@ def get_args_parser():
     parser.add_argument('--reference', default=None,
                         help=f"rows to compare with, under the table: a name ({', '.join(known_references())}; "
                              f"docs/results/references/) or a JSON file of that format")
-    parser.add_argument('--step', default=None, type=int, help='TTT step to tabulate (default: the last one)')
+    parser.add_argument('--step', default=None, type=int,
+                        help="TTT step to tabulate (default: the last one; a method whose runs end before it: their last)")
     parser.add_argument('--out', default=None, help='output prefix (default: ROOT/summary)')
     parser.add_argument('--title', default=None, help="the figure's title (default: 'ImageNet-C: <ROOT folder name>')")
     parser.add_argument('--allow_partial', action='store_true',
@@ -214,8 +215,9 @@ def collect(root, step=None, allow_partial=False, metric='accuracy', only=None):
     rows = []
     present = [(sub, FIXED_MODELS[sub], runs, 0) for sub, runs in fixed.items()
                if sub == 'baseline' or any(runs.values())]
-    for row, (label, runs) in adapting.items():
-        s = step if step is not None else max(max(r['curve']) for r in runs.values())
+    for row, (label, runs) in adapting.items():  # --step, or each row's last where its runs end before it
+        last = max(max(r['curve']) for r in runs.values())
+        s = last if step is None or last < step else step
         present.append((row, f'{label} (step {s})', runs, s))
     for method, label, runs, s in present:
         cells = {c: cell(runs.get(c), s) for c in columns}
@@ -257,7 +259,8 @@ def compare_methods(rows, runs_by_row, columns, mean_over, metric):
     standard error (from per_image.npz, over the columns where both runs are finished; points of accuracy
     whatever the metric), and its device-seconds per image (device_seconds / images over its runs). A row
     whose runs have several steps (TTT-MAE) also gets its mean per step, each step's cost estimated as that
-    share of the run's (the steps dominate it)."""
+    share of the run's (the steps dominate it); so does a row tabulated before its runs' last step
+    (cost_estimated)."""
     folders = {c.name: c for c in columns}
     methods = []
     for row in rows:
@@ -275,8 +278,12 @@ def compare_methods(rows, runs_by_row, columns, mean_over, metric):
         curve = mean_curve(runs, mean_over) if row['step'] else None
         if curve and seconds is not None:
             curve['device_seconds_per_image'] = [seconds * k / curve['steps'][-1] for k in curve['steps']]
+        last = max((max(r['curve']) for r in runs.values()), default=0)
         methods.append({'method': row['method'], 'label': row['label'], 'step': row['step'], 'mean': row['mean'],
-                        'device_seconds_per_image': seconds, 'runs': len(runs), **gain,
+                        'device_seconds_per_image': None if seconds is None else seconds * (row['step'] / last if last
+                                                                                             else 1),
+                        'cost_estimated': 0 < row['step'] < last, 'run_device_seconds_per_image': seconds,
+                        'runs': len(runs), **gain,
                         'gain_columns': len(diffs), 'curve': curve if curve and len(curve['steps']) > 2 else None})
     return methods
 
@@ -336,12 +343,14 @@ def methods_markdown(summary):
              '|---|---:|---:|---:|']
     for m in summary['methods']:
         gain = '' if m.get('gain') is None else f"{m['gain']:+.1f} ± {m['gain_se']:.1f}"
-        seconds = '' if m['device_seconds_per_image'] is None else f"{m['device_seconds_per_image']:.3g}"
+        seconds = '' if m['device_seconds_per_image'] is None else \
+            ('~' if m['cost_estimated'] else '') + f"{m['device_seconds_per_image']:.3g}"
         lines.append(f"| {m['label']} | {fmt(m['mean'])} | {gain} | {seconds} |")
     return lines + ['', 'Gain: per image, correct with the method - correct without adaptation, in points of accuracy '
                         'over the finished runs with per_image.npz (images averaged over the test sets where they hold '
                         'the same images, pooled otherwise); SE = sample std / sqrt(n). Device-seconds: results.json\'s '
-                        'device_seconds over its images (every process, resumed parts included).']
+                        'device_seconds over its images (every process, resumed parts included); ~: of the step '
+                        'tabulated, estimated as its share of the run\'s steps.']
 
 
 def mean_name(summary):
@@ -430,12 +439,16 @@ def load_reference(name):
     path = name if name.endswith('.json') or os.sep in name else os.path.join(REFERENCES, name + '.json')
     if not os.path.exists(path):
         raise UserError(f"unknown reference {name!r}: neither a file nor one of {', '.join(known_references())}")
+    form = ("a JSON object {'source': TEXT, 'rows': {LABEL: {'method': ttt|" + '|'.join(FIXED_MODELS) +
+            ", 'values': {CORRUPTION: NUMBER}}}} (docs/results/references/paper.json)")
     try:
         with open(path) as f:
             reference = json.load(f)
-        rows = reference['rows']
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError) as e:
         raise UserError(f"cannot read reference {path}: {type(e).__name__}: {e}") from None
+    rows = reference.get('rows') if isinstance(reference, dict) else None
+    if not isinstance(rows, dict):
+        raise UserError(f"reference {path} holds no rows: it must be {form}")
     for label, row in rows.items():
         values = row.get('values') if isinstance(row, dict) else None
         if not isinstance(values, dict) or row.get('method') not in ('ttt', *FIXED_MODELS):

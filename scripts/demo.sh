@@ -48,6 +48,9 @@
 #   DEMO_STREAM_IMAGES     images of each of the three streams (default: 300)
 #   DEMO_RECONSTRUCTIONS   reconstruction pictures saved for the first N images of each episodic run (default 3)
 #   DEMO_REPORT_STEP       the TTT step tabulated (default: 4; the figure shows every step)
+#   DEMO_METHODS           1: also MEMO, entropy minimisation (norms) and TTT-MAE on its last two blocks, each lr chosen
+#                          on the validation split's corruptions (made here), then on the test split beside TTT-MAE
+#                          (default 0; `DEMO_METHODS=1 make demo` after `make demo` runs only these stages)
 #   DEMO_CHOOSE_ON         results of a DEMO_SPLIT=val run, on whose TTT runs the stopping rules' parameters
 #                          are chosen (default: $DEMO_OUT/results_val, where it exists)
 set -euo pipefail
@@ -107,6 +110,9 @@ zero_or_one DEMO_TTT_COMPILE "$TTT_COMPILE"
 TTT_AMP=${DEMO_TTT_AMP:-none}
 ONLINE=${DEMO_ONLINE:-1}
 zero_or_one DEMO_ONLINE "$ONLINE"
+METHODS=${DEMO_METHODS:-0}
+zero_or_one DEMO_METHODS "$METHODS"
+[[ $METHODS == 0 || $SPLIT == test ]] || { echo "error: DEMO_METHODS=1 chooses each method's lr on the validation split itself: run it with DEMO_SPLIT=test" >&2; exit 2; }
 # round 6's choice on validation: main_online_ttt.py's own defaults, the follow-up work's recipe (docs/online.md)
 read -r -a ONLINE_CHOSEN <<< "${DEMO_ONLINE_FLAGS:-}"
 STREAM_IMAGES=${DEMO_STREAM_IMAGES:-300}
@@ -208,13 +214,13 @@ UPSTREAM=$(< "$PROBE/demo_command.txt")  # the probe's record holds the pre-trai
 
 expected=0
 for c in $CORRUPTIONS; do expected=$((expected + 10 * EVAL_PER_CLASS)); done
-corrupted_done() {
+corrupted_done() {  # corrupted_done DIR: every corruption's set complete in DIR
     local c
     for c in $CORRUPTIONS; do
-        [[ $(n_images "$CORRUPTED/$c/$SEVERITY") -eq $((10 * EVAL_PER_CLASS)) ]] || return 1
+        [[ $(n_images "$1/$c/$SEVERITY") -eq $((10 * EVAL_PER_CLASS)) ]] || return 1
     done
 }
-stage "corrupt $SPLIT ($expected images)" corrupted_done "" "" \
+stage "corrupt $SPLIT ($expected images)" corrupted_done "$CORRUPTED" "" \
     "$PY" scripts/make_imagenet_c.py --data_path "$DIGITS/$SPLIT" --output_dir "$CORRUPTED" \
     --corruptions $CORRUPTIONS --severities $SEVERITY --keep_size --max_per_class "$EVAL_PER_CLASS" --workers 2
 
@@ -290,6 +296,55 @@ if [[ $ONLINE == 1 ]]; then
     stage "stream gains" never "" "" \
         "$PY" scripts/paired_gain.py "$RESULTS/streams" --columns clean in_turn shuffled --method 'TTT-MAE online' \
         --no_mean --out "$RESULTS/streams/paired_gain"
+fi
+
+if [[ $METHODS == 1 ]]; then
+    # other methods on the same model and images (docs/example.md): MEMO, entropy minimisation on the norms
+    # (single-image TENT) and TTT-MAE adapting its last two blocks, each at the lr of a grid that did best on the
+    # validation split's corruptions (each method's own recipe otherwise), then on this split beside TTT-MAE, in
+    # folders under each corruption's (the collector's layout for several methods)
+    VAL=$OUT/digits-c/val CHOICE=$OUT/methods_val
+    stage "corrupt val for the methods" corrupted_done "$VAL" "" \
+        "$PY" scripts/make_imagenet_c.py --data_path "$DIGITS/val" --output_dir "$VAL" \
+        --corruptions $CORRUPTIONS --severities $SEVERITY --keep_size --max_per_class "$EVAL_PER_CLASS" --workers 2
+    declare -A METHOD_FLAGS=(
+        [memo]="--objective memo"
+        [tent]="--objective entropy --finetune_mode norm"
+        [last2]="${TTT_FLAGS[*]} --finetune_mode last:2 --norm_pix_loss"
+    )
+    declare -A METHOD_LRS=([memo]="1e-5 1e-4 1e-3" [tent]="1e-4 1e-3 1e-2 1e-1 1" [last2]="3e-4 1e-3 3e-3")
+    declare -A METHOD_STEP=([memo]=1 [tent]=1 [last2]=$REPORT_STEP)
+    for c in $CORRUPTIONS; do
+        stage "$c val baseline" complete "$CHOICE/$c/baseline" "$CHOICE/$c/baseline" \
+            "$PY" test_without_adaptation.py --data_path "$VAL/$c/$SEVERITY" --output_dir "$CHOICE/$c/baseline" \
+            "${RUN_FLAGS[@]}"
+        for m in memo tent last2; do
+            for lr in ${METHOD_LRS[$m]}; do
+                read -r -a flags <<< "${METHOD_FLAGS[$m]}"
+                stage "$c $m lr $lr (val)" complete "$CHOICE/$c/$m-$lr" "$CHOICE/$c/$m-$lr" \
+                    "$PY" main_test_time_training.py --data_path "$VAL/$c/$SEVERITY" --output_dir "$CHOICE/$c/$m-$lr" \
+                    "${RUN_FLAGS[@]}" "${SEED_FLAGS[@]}" "${flags[@]}" --lr "$lr" --print_freq 100
+            done
+        done
+    done
+    : > "$RESULTS/methods_chosen.tsv"
+    for m in memo tent last2; do  # the lr with the best mean accuracy at the method's step over the corruptions
+        read -r -a flags <<< "${METHOD_FLAGS[$m]}"
+        lr=$("$PY" -c 'import json, sys
+step, folder, corruptions, lrs, m = int(sys.argv[1]), sys.argv[2], sys.argv[3].split(), sys.argv[4].split(), sys.argv[5]
+mean = {lr: sum(json.load(open(f"{folder}/{c}/{m}-{lr}/results.json"))["accuracy_per_step"][step]
+                for c in corruptions) / len(corruptions) for lr in lrs}
+json.dump({"step": step, "mean_accuracy_by_lr": mean, "chosen": max(lrs, key=mean.get)},
+          open(f"{folder}/{m}_choice.json", "w"), indent=2)
+print(max(lrs, key=mean.get))' "${METHOD_STEP[$m]}" "$CHOICE" "$CORRUPTIONS" "${METHOD_LRS[$m]}" "$m")
+        echo "== $m: lr $lr, chosen on the validation split"
+        printf '%s\t%s\n' "$m" "$lr" >> "$RESULTS/methods_chosen.tsv"
+        for c in $CORRUPTIONS; do
+            stage "$c $m" complete "$RESULTS/$c/$m" "$RESULTS/$c/$m" \
+                "$PY" main_test_time_training.py --data_path "$CORRUPTED/$c/$SEVERITY" --output_dir "$RESULTS/$c/$m" \
+                "${RUN_FLAGS[@]}" "${SEED_FLAGS[@]}" "${flags[@]}" --lr "$lr" --print_freq 100
+        done
+    done
 fi
 
 stage collect never "" "" \

@@ -285,9 +285,11 @@ def test_the_paper_beside_the_users_numbers(complete_root, tmp_path):
     ('table9', "unknown reference 'table9': neither a file nor one of paper"),
     ({'rows': {'Mine': {'method': 'ttt', 'values': {'gaussian_nois': 3}}}}, "row 'Mine' has corruptions that are not"),
     ({'rows': {'Mine': {'method': 'ttt', 'values': {'fog': 'high'}}}}, "row 'Mine' has values that are not numbers: fog"),
-    ({'rows': {'Mine': {'values': {'fog': 3}}}}, "row 'Mine' needs 'method'")])
+    ({'rows': {'Mine': {'values': {'fog': 3}}}}, "row 'Mine' needs 'method'"),
+    ({'Mine': {'method': 'ttt', 'values': {'fog': 3}}}, "holds no rows: it must be a JSON object {'source': TEXT, 'rows'"),
+    ([1, 2], 'holds no rows: it must be')])
 def test_bad_references_are_one_line(complete_root, tmp_path, reference, fragment):
-    if isinstance(reference, dict):
+    if not isinstance(reference, str):
         (tmp_path / 'ref.json').write_text(json.dumps(reference))
         reference = str(tmp_path / 'ref.json')
     r = collect(complete_root, '--reference', reference)
