@@ -1,5 +1,6 @@
 # make demo: the built-in example (scripts/demo.sh) in .venv, created from requirements.txt if missing
-# make test: the test suite in .venv, in two processes (a test file's tests share one)
+# make test: the test suite in .venv, in two processes (a test file's tests share one); ARGS='...' goes to pytest,
+#            e.g. make test ARGS='-m "not slow"'  or  make test ARGS='-m cuda'  or  make test ARGS='-k plugin'
 # PYTHON=/path/to/python make demo   uses an existing environment instead of .venv
 VENV := .venv
 PYTHON ?= $(VENV)/bin/python
@@ -10,7 +11,7 @@ demo: venv
 	PYTHON=$(PYTHON) bash scripts/demo.sh
 
 test: venv
-	$(PYTHON) -m pytest -q -n 2 --dist loadfile tests
+	$(PYTHON) -m pytest -q -n 2 --dist loadfile tests $(ARGS)
 
 # .venv is (re)installed when missing or older than requirements.txt; another PYTHON is used as it is
 venv: $(if $(filter $(VENV)/bin/python,$(PYTHON)),$(VENV)/.installed)

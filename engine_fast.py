@@ -15,8 +15,9 @@ import torch
 
 from engine_test_time import (AMP_DTYPES, ModelCall, build_optimizer, classification, crop_generator, image_masks,
                               loss_weights, make_objective, mode_dependent_modules, reached_parameters, step_records,
-                              trainable_parameters, weighted_sum)
+                              weighted_sum)
 from util.errors import UserError
+from util.finetune_modes import choose_parameters
 
 
 class FastTrainer:
@@ -35,8 +36,8 @@ class FastTrainer:
         model.eval()
         self.objective = make_objective(args, model, self.class_subset)
         self.loss_weights = loss_weights(model, self.objective, args, self.device)
-        trainable = trainable_parameters(model, args.finetune_mode, args.seed,
-                                         lambda: reached_parameters(model, self.objective, self.device))
+        trainable = choose_parameters(model, args.finetune_mode, args.seed,
+                                      lambda: reached_parameters(model, self.objective, self.device))
         self.names = list(trainable)
         self.shapes = {n: p.shape for n, p in trainable.items()}
         self.start = torch.cat([p.detach().reshape(-1) for p in trainable.values()]).expand(k, -1)

@@ -14,10 +14,10 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from util.objectives import OBJECTIVES
 from util import stop_rules
 from util.errors import UserError
 from util.finetune_modes import choose_parameters
+from util.objectives import OBJECTIVES
 from util.seed import Stream, derive_seed
 
 AMP_DTYPES = {'none': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
@@ -45,33 +45,32 @@ def make_objective(args, model, class_subset=None):
     return objective
 
 
-@torch.no_grad()
-def loss_names(model, objective, device):
-    """The names of the losses the objective returns for the model (one pass on a blank image)."""
+def blank_losses(model, objective, device):
+    """The objective's losses of two blank views, each masked by the patches' own order: what it returns, and
+    what its gradient reaches, seen once before any image."""
     parts = model.parts()
     images = torch.zeros(2, 3, parts.image_size, parts.image_size, device=device)
-    return list(objective.losses(model, images, torch.arange(parts.num_patches, device=device).expand(2, -1)))
+    return objective.losses(model, images, torch.arange(parts.num_patches, device=device).expand(2, -1))
+
+
+@torch.no_grad()
+def loss_names(model, objective, device):
+    """The names of the losses the objective returns for the model."""
+    return list(blank_losses(model, objective, device))
 
 
 def reached_parameters(model, objective, device):
-    """The names of the parameters the objective's gradient reaches (one backward pass on a blank image):
-    e.g. the head, from the entropy of its prediction, and not from the reconstruction loss."""
-    parts, params = model.parts(), dict(model.named_parameters())
+    """The names of the parameters the objective's gradient reaches: e.g. the head, from the entropy of its
+    prediction, and not from the reconstruction loss."""
+    params = dict(model.named_parameters())
     flags = {n: p.requires_grad for n, p in params.items()}
     for p in params.values():
         p.requires_grad_(True)
-    images = torch.zeros(2, 3, parts.image_size, parts.image_size, device=device)
-    losses = objective.losses(model, images, torch.arange(parts.num_patches, device=device).expand(2, -1))
+    losses = blank_losses(model, objective, device)
     grads = torch.autograd.grad(sum(losses.values()), list(params.values()), allow_unused=True)
     for n, p in params.items():
         p.requires_grad_(flags[n])
     return {n for n, g in zip(params, grads) if g is not None}
-
-
-def trainable_parameters(model, finetune_mode, seed=0, reached=None):
-    """{name: parameter} adapted at test time (--finetune_mode, util/finetune_modes.py); every other parameter
-    is frozen. reached() -> the names the objective's gradient reaches, for the modes that keep those only."""
-    return choose_parameters(model, finetune_mode, seed, reached)
 
 
 def loss_weights(model, objective, args, device):
@@ -129,9 +128,9 @@ def classification(logits, labels, class_subset=None):
 def mode_dependent_modules(model):
     """Modules outside the head that compute differently in train and eval mode."""
     from timm.layers import DropPath
-    found = []
+    found, head = [], model.parts().head
     for name, m in model.named_modules():
-        if (name + '.').startswith(model.parts().head):
+        if (name + '.').startswith(head):
             continue
         if (isinstance(m, torch.nn.modules.batchnorm._BatchNorm) or (isinstance(m, torch.nn.Dropout) and m.p > 0)
                 or (isinstance(m, DropPath) and m.drop_prob > 0)):
@@ -202,8 +201,9 @@ class TestTimeTrainer:
         model.eval()
         self.objective = make_objective(args, model, self.class_subset)
         self.loss_weights = loss_weights(model, self.objective, args, self.device)
-        self.params = trainable_parameters(model, args.finetune_mode, args.seed,
-                                           lambda: reached_parameters(model, self.objective, self.device))
+        # --finetune_mode (util/finetune_modes.py); every other parameter frozen
+        self.params = choose_parameters(model, args.finetune_mode, args.seed,
+                                        lambda: reached_parameters(model, self.objective, self.device))
         self.start = {name: p.detach().clone() for name, p in self.params.items()}  # the loaded weights
         self.amp_dtype = AMP_DTYPES[args.amp]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)

@@ -8,10 +8,11 @@ import torch
 from engine_pretrain import train_one_epoch
 from models_mae import build_model
 from util import distributed
-from util.checkpoint import checkpoint_path, resume_training, save_checkpoint
+from util.checkpoint import checkpoint_path, prune_checkpoints, resume_training, save_checkpoint
 from util.compat import pretraining_weights
-from util.cli import (NON_NEGATIVE_FLOAT, OPEN_FRACTION, POSITIVE_INT, ArgumentParser, UserError, add_data_args,
-                      add_model_args, add_run_args, add_training_args, run_main)
+from util.cli import (DIST_ON_ITP, NEVER_USED, NON_NEGATIVE_FLOAT, NON_NEGATIVE_INT, OPEN_FRACTION, POSITIVE_INT,
+                      ArgumentParser, ReleasedFlag, UserError, add_data_args, add_model_args, add_released_flags,
+                      add_run_args, add_training_args, run_main)
 from util.datasets import ImageFolder, make_loader, train_transform, training_classes
 from util.logger import append_json_line, keep_log_before, tensorboard_writer
 from util.lr_sched import set_lr_from_blr
@@ -30,17 +31,24 @@ def get_args_parser():
                              "ViT head on the unmasked images to the MAE loss (0: MAE alone; the released history "
                              "used 0.01)")
     parser.add_argument('--classifier_depth', default=None, type=POSITIVE_INT,
-                        help="blocks of the jointly trained ViT head (None: the model's); with --joint_weight only")
+                        help="blocks of the jointly trained ViT head (None: the model's); without --joint_weight "
+                             "pre-training builds no head and it has no effect")
+    parser.add_argument('--keep_last', default=0, type=NON_NEGATIVE_INT,
+                        help="keep the newest N numbered checkpoints besides checkpoint-final.pth (0: every one, as "
+                             "released; an 800-epoch run saving every 100 keeps eight)")
     add_model_args(parser, head=False)
     add_data_args(parser, 'dataset root: <data_path>/train/<class>/<image>',
                   min_crop_scale=0.2)  # MAE's pre-training recipe
     add_run_args(parser)
+    add_released_flags(parser, DIST_ON_ITP, ReleasedFlag('--break_after_epoch', type=int, default=None,
+                                                         no_effect=NEVER_USED))
     return parser
 
 
 def main(args):
-    if args.classifier_depth is not None and not args.joint_weight:
-        raise UserError("--classifier_depth sets the jointly trained head: it applies with --joint_weight only")
+    if args.classifier_depth is not None and not args.joint_weight:  # the released command may pass it
+        print("note: --classifier_depth has no effect without --joint_weight: pre-training builds no head")
+        args.classifier_depth = None
     device = start_training(args)
     train_dir = os.path.join(args.data_path, 'train')
     # MAE alone: no head, the checkpoint holds what the released MAE checkpoint holds; jointly: a ViT head too,
@@ -88,6 +96,8 @@ def main(args):
             if (epoch + 1) % args.save_ckpt_freq == 0 or epoch + 1 == args.epochs:
                 save_checkpoint(checkpoint_path(args.output_dir, epoch), model_without_ddp, optimizer,
                                 epoch, loss_scaler, args, classes=classes)
+                if args.keep_last:  # after the new one is written: a kill leaves at least what was there
+                    prune_checkpoints(args.output_dir, args.keep_last)
         if log_writer is not None:
             log_writer.flush()
         distributed.barrier()

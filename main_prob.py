@@ -11,8 +11,8 @@ from engine_prob import evaluate, train_one_epoch
 from models_mae import build_model
 from util import distributed
 from util.checkpoint import checkpoint_path, load_finetune_for_probe, prune_checkpoints, resume_training, save_checkpoint
-from util.cli import (NON_NEGATIVE_INT, ArgumentParser, UserError, add_data_args, add_model_args, add_run_args,
-                      add_training_args, number, run_main)
+from util.cli import (DIST_ON_ITP, NON_NEGATIVE_INT, ArgumentParser, ReleasedFlag, UserError, add_data_args,
+                      add_model_args, add_released_flags, add_run_args, add_training_args, number, run_main)
 from util.datasets import ImageFolder, eval_transform, make_loader, train_transform, training_classes
 from util.io import write_text
 from util.logger import append_json_line, keep_log_before, tensorboard_writer
@@ -44,6 +44,14 @@ def get_args_parser():
     add_data_args(parser, 'dataset root: <data_path>/train/<class>/<image> and <data_path>/val/<class>/<image>',
                   min_crop_scale=0.08)  # MAE's linear-probe recipe
     add_run_args(parser)
+    never_applied = 'the released probe parsed it and never applied mixup, cutmix or random erasing'
+    add_released_flags(parser, DIST_ON_ITP, *(
+        ReleasedFlag(flag, no_effect=never_applied, **kwargs) for flag, kwargs in (
+            ('--mixup', dict(type=float, default=0.8)), ('--cutmix', dict(type=float, default=1.0)),
+            ('--cutmix_minmax', dict(type=float, nargs='+', default=None)), ('--mixup_prob', dict(type=float, default=1.0)),
+            ('--mixup_switch_prob', dict(type=float, default=0.5)), ('--mixup_mode', dict(default='batch')),
+            ('--reprob', dict(type=float, default=0.25)), ('--remode', dict(default='pixel')),
+            ('--recount', dict(type=int, default=1)), ('--resplit', dict(action='store_true')))))
     return parser
 
 

@@ -8,8 +8,9 @@ multiplied by the world size, which on one GPU is 1). Online TTT-MAE has its own
 import argparse
 
 import engine_run
-from util.cli import (POSITIVE_INT, ArgumentParser, UserError, add_adaptation_args, add_data_args, add_model_args,
-                      add_run_args, add_test_time_args, check_stop_rule, run_main)
+from util.cli import (DIST_ON_ITP, POSITIVE_INT, ArgumentParser, ReleasedFlag, UserError, add_adaptation_args,
+                      add_data_args, add_model_args, add_released_flags, add_run_args, add_test_time_args,
+                      check_stop_rule, run_main)
 
 
 class OnlineHasItsOwnScript(argparse.Action):
@@ -35,6 +36,13 @@ def get_args_parser():
     add_test_time_args(parser)
     add_data_args(parser, 'folder of one test set, <data_path>/<class>/<image>, e.g. imagenet-c/fog/5')
     add_run_args(parser)
+    add_released_flags(
+        parser, DIST_ON_ITP,
+        ReleasedFlag('--load_loss_scalar', action='store_true',
+                     no_effect="it loaded the MAE checkpoint's AMP loss scale; the released loop ran in fp32, where "
+                               "scaling the loss and unscaling the gradients changes nothing but rounding"),
+        ReleasedFlag('--stored_latents', default='', refused="with it the released loop skipped the per-image reset of "
+                     "the weights and built no optimiser (a leftover of another experiment, not TTT-MAE); not reproduced"))
     return parser
 
 

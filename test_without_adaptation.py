@@ -1,7 +1,7 @@
 """Accuracy of the combined model without test-time training: the baseline (docs/method.md)."""
 import engine_run
-from util.cli import POSITIVE_INT, ArgumentParser, add_data_args, add_model_args, add_run_args, add_test_time_args, \
-    run_main
+from util.cli import (NEVER_USED, POSITIVE_INT, ArgumentParser, ReleasedFlag, add_data_args, add_model_args,
+                      add_released_flags, add_run_args, add_test_time_args, run_main)
 
 
 def get_args_parser():
@@ -13,6 +13,12 @@ def get_args_parser():
     add_test_time_args(parser)
     add_data_args(parser, 'folder of one test set, <data_path>/<class>/<image>, e.g. imagenet-c/fog/5')
     add_run_args(parser, seed=False, tensorboard=False)
+    add_released_flags(
+        parser, ReleasedFlag('--seed', type=int, default=0, no_effect='the baseline draws nothing at random'),
+        ReleasedFlag('--norm_pix_loss', action='store_true', no_effect="the target of the reconstruction loss, which "
+                                                                       "the baseline does not compute"),
+        *(ReleasedFlag(flag, action='store_true', no_effect=NEVER_USED)
+          for flag in ('--load_optimizer', '--load_loss_scalar', '--predict_rotations')))
     return parser
 
 

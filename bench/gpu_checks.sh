@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# What needs a CUDA GPU (CI has none), in calls that fit a lent GPU's lease (15 minutes of device time,
-# at most 10 per call, machine start included): each call stops after $GPU_CHECKS_BUDGET_S (420 s).
+# What needs a CUDA GPU (CI has none), in calls of a time budget each: a call stops after
+# $GPU_CHECKS_BUDGET_S seconds (420 unless set), keeping what finished.
 #
 #   bash bench/gpu_checks.sh OUT_DIR                                # what matters most, ~6 min:
 #       the cuda-marked tests, then the paper's setting (ViT-L/16, 224 px, batch 128, 20 steps, random
 #       weights), 2 images after warm-up in each mode: the default loop, the released-style loop, random-crop
-#       views, --compile, --compile --amp bf16, the released-style loop in bf16 -> OUT_DIR/h200.json
+#       views, --compile, --compile --amp bf16, the released-style loop in bf16 -> OUT_DIR/<gpu>.json, named
+#       after the GPU (e.g. nvidia-h100-80gb-hbm3.json; cpu.json with --smoke)
 #   bash bench/gpu_checks.sh OUT_DIR profile accuracy pretrain      # the optional parts, a second call
 #   bash bench/gpu_checks.sh OUT_DIR [PARTS] --plan                 # print the plan and stop
 #   bash bench/gpu_checks.sh OUT_DIR [PARTS] --smoke                # on the CPU, a tiny model, seconds: the
@@ -23,7 +24,7 @@ shift
 declare -A ESTIMATE=([tests]=120 [bench]=240 [profile]=120 [accuracy]=240 [pretrain]=30)  # seconds on an H200
 declare -A LIMIT=([tests]=180 [bench]=300 [profile]=180 [accuracy]=300 [pretrain]=60)
 declare -A WHAT=([tests]='the cuda-marked tests'
-                 [bench]='paper setting -> h200.json: set-up 15 s, default 15, released 20, crops 20, compile 75, '\
+                 [bench]='paper setting -> <gpu>.json: set-up 15 s, default 15, released 20, crops 20, compile 75, '\
 'compile+bf16 75, released+bf16 20'
                  [profile]='where the time goes, default and compile+bf16 -> profile.json'
                  [accuracy]="three modes' accuracy on the example -> accuracy.json"
@@ -89,6 +90,8 @@ part() {  # part NAME COMMAND...: run COMMAND, output appended to OUT/NAME.txt, 
 
 # the versions of torch and the rest are in each part's JSON
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$OUT/machine.txt" 2>&1
+if (( SMOKE )); then GPU=cpu; else GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1); fi
+GPU=$(tr '[:upper:]' '[:lower:]' <<< "${GPU:-unknown-gpu}" | tr -cs 'a-z0-9' '-' | sed 's/^-*//; s/-*$//')
 if wants tests; then
     if (( SMOKE )); then
         echo "== tests: not in --smoke (they need a GPU)" | tee "$OUT/tests.txt"
@@ -97,7 +100,7 @@ if wants tests; then
     fi
 fi
 wants bench && part bench "$PYTHON" bench/bench_ttt.py "${MODEL[@]}" --images "$IMAGES" --repeats 1 \
-    --modes "${MODES[@]}" --device "$DEVICE" --json "$OUT/h200.json"
+    --modes "${MODES[@]}" --device "$DEVICE" --json "$OUT/$GPU.json"
 wants profile && part profile "$PYTHON" bench/profile_ttt.py "${MODEL[@]}" --modes "${PROFILE_MODES[@]}" \
     --device "$DEVICE" --json "$OUT/profile.json"
 if wants accuracy; then

@@ -9,7 +9,8 @@ import copy
 
 import torch
 
-from engine_test_time import build_optimizer, make_objective, predictions, reached_parameters, trainable_parameters
+from engine_test_time import build_optimizer, make_objective, predictions, reached_parameters
+from util.finetune_modes import choose_parameters
 from util.datasets import eval_transform, load_rgb
 from util.seed import Stream, derive_seed
 
@@ -22,7 +23,7 @@ def reference_adapt(base_model_cpu, path, label, index, args, device, amp_dtype=
     model = copy.deepcopy(base_model_cpu).to(device)
     autocast = lambda: torch.autocast(torch.device(device).type, dtype=amp_dtype, enabled=amp_dtype is not None)
     reached = lambda: reached_parameters(model, make_objective(args, model), device)  # noqa: E731
-    optimizer = build_optimizer(list(trainable_parameters(model, args.finetune_mode, args.seed, reached).values()), args,
+    optimizer = build_optimizer(list(choose_parameters(model, args.finetune_mode, args.seed, reached).values()), args,
                                 foreach=None)
     transform = eval_transform(args.input_size)
     num_patches = model.patch_embed.num_patches

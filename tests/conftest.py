@@ -24,6 +24,19 @@ from util.cli import run_main  # noqa: E402
 TINY = 'mae_vit_micro_patch4'  # 16x16 images, patch 4, 2 blocks of 32-d
 
 
+def cxx_compiler():
+    """The C++ compiler torch.compile builds CPU kernels with ($CXX, g++, c++ or clang++), or None."""
+    import shutil
+    return next((shutil.which(c) for c in (os.environ.get('CXX'), 'g++', 'c++', 'clang++') if c and shutil.which(c)),
+                None)
+
+
+# --compile on the CPU builds its kernels with a C++ compiler: a machine without one skips these, saying so
+# (.ci/run requires one, so that CI always runs them)
+needs_compiler = pytest.mark.skipif(cxx_compiler() is None, reason='--compile on the CPU needs a C++ compiler (g++, '
+                                                                    'clang++ or $CXX); none found')
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked cuda are skipped, saying why, on machines without a CUDA GPU (CI has none)."""
     if torch.cuda.is_available():

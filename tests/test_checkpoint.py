@@ -98,6 +98,54 @@ def test_combined_without_head_weights_is_an_error(checkpoints):
         load_test_checkpoints(tiny_model(), mae, mae, 'vit_head')[0]
 
 
+def released_save(path, model, params, epoch, args):
+    """As the released util/misc.save_model writes a checkpoint: the model's whole state, an AdamW state after a
+    step, the epoch, the AMP loss scaler's state and the run's argparse.Namespace."""
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    sum(p.sum() for p in params).backward()
+    optimizer.step()
+    scaler = {'scale': 65536.0, 'growth_factor': 2.0, 'backoff_factor': 0.5, 'growth_interval': 2000, '_growth_tracker': 7}
+    torch.save({'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'epoch': epoch, 'scaler': scaler,
+                'args': args}, path)
+
+
+def test_checkpoints_saved_as_the_released_code_saves_them(image_folder, tmp_path):
+    """The released scripts' files, at a small size: pre-training's (encoder, decoder, mask_token, no classifier)
+    and the probe's (its whole model: encoder and ViT head, built without a decoder), each with its optimiser,
+    epoch, loss scaler and Namespace. The baseline and TTT-MAE load them; the baseline's cross-entropies are
+    the combined model's own."""
+    import sys
+    from conftest import run_inprocess
+    from test_main_test_time_training import per_image
+    from util.datasets import ImageFolder, TestTimeDataset
+    torch.manual_seed(3)
+    mae = build_model(TINY, head_type=None, norm_pix_loss=True)
+    probe = build_model(TINY, head_type='vit_head', num_classes=2, no_decoder=True)
+    probe.load_state_dict(mae.state_dict(), strict=False)  # the probe trained a head on the MAE's encoder
+    released_save(tmp_path / 'checkpoint-799.pth', mae, list(mae.parameters()), 799, argparse.Namespace(
+        model=TINY, mask_ratio=np.float64(0.75), epochs=800, blr=1e-3, norm_pix_loss=True))
+    released_save(tmp_path / 'checkpoint-19.pth', probe, [p for n, p in probe.named_parameters()
+                                                          if n.startswith('classifier')], 19,
+                  argparse.Namespace(model=TINY, head_type='vit_head', classifier_depth=1, weight_decay=0.2))
+    (tmp_path / 'classes.txt').write_text('class_a\nclass_b\n')  # the released probe records no class names
+    common = ['--data_path', f'{image_folder}/val', '--model', TINY, '--resume_model', str(tmp_path / 'checkpoint-799.pth'),
+              '--resume_finetune', str(tmp_path / 'checkpoint-19.pth'), '--num_classes', '2', '--dataset_name', 'folder',
+              '--classes', str(tmp_path / 'classes.txt'), '--num_workers', '0', '--device', 'cpu']
+    run_inprocess([sys.executable, 'test_without_adaptation.py', *common, '--output_dir', str(tmp_path / 'b')])
+    run_inprocess([sys.executable, 'main_test_time_training.py', *common, '--output_dir', str(tmp_path / 't'),
+                   '--steps_per_example', '1', '--batch_size', '2', '--single_crop', '--norm_pix_loss'])
+    baseline, ttt = per_image(tmp_path / 'b'), per_image(tmp_path / 't')
+    combined = build_model(TINY, head_type='vit_head', num_classes=2, norm_pix_loss=True).eval()
+    combined.load_state_dict({**probe.state_dict(), **mae.state_dict()})  # the encoder of the MAE checkpoint
+    dataset = TestTimeDataset(ImageFolder(f'{image_folder}/val').samples, range(16), 16)
+    with torch.no_grad():
+        for i, ce in zip(baseline['index'], baseline['ce_loss'][:, 0]):
+            item = dataset[int(i)]
+            own = F.cross_entropy(combined.logits(item['image'][None]), torch.tensor([item['label']]))
+            assert ce == pytest.approx(own.item(), rel=1e-5)
+    assert np.array_equal(ttt['pred'][:, 0], baseline['pred'][:, 0])
+
+
 # ---- safe loading ----
 
 def _touch(path):

@@ -56,7 +56,6 @@ def parse_error(capsys, script, *argv):
     ('main_online_ttt', ['--parallel_images', '2'], 'unrecognized arguments: --parallel_images'),
     ('main_online_ttt', ['--blr', '0.5'], 'unrecognized arguments: --blr'),
     ('test_without_adaptation', ['--batch_size', '0'], '--batch_size: must be >= 1, got 0'),
-    ('test_without_adaptation', ['--norm_pix_loss'], 'unrecognized arguments: --norm_pix_loss'),
     ('main_pretrain', ['--batch_size', '0'], '--batch_size: must be >= 1, got 0'),
     ('main_pretrain', ['--epochs', '0'], '--epochs: must be >= 1, got 0'),
     ('main_pretrain', ['--head_type', 'linear'], 'unrecognized arguments: --head_type'),
@@ -74,8 +73,9 @@ def test_the_papers_script_shows_the_released_defaults_literally():
     """--help shows each default as it is (the lr: its released rule), and no default depends on another flag."""
     from main_test_time_training import get_args_parser
     parser = get_args_parser()
-    beyond = set(parser.beyond._group_actions)  # plugins and other methods: their own group, outside the budget
-    shown = [a for a in parser._actions if a.option_strings and a.help != argparse.SUPPRESS and a not in beyond]
+    # the released scripts' other flags, plugins and other methods: groups of their own, outside the budget
+    outside = {a for g in parser._action_groups if g.title in ('released flags', 'beyond the paper') for a in g._group_actions}
+    shown = [a for a in parser._actions if a.option_strings and a.help != argparse.SUPPRESS and a not in outside]
     assert len(shown) - 1 <= 45  # flags besides -h
     defaults = {a.dest: a.default for a in shown}
     assert {k: defaults[k] for k in ('steps_per_example', 'finetune_mode', 'optimizer_type', 'weight_decay', 'blr',
@@ -284,3 +284,62 @@ def test_crop_scale_out_of_range(capsys):
                                                                           '--min_crop_scale', '0')
     assert '--min_crop_scale: must be > 0 and <= 1, got 1.5' in parse_error(capsys, 'main_prob',
                                                                             '--min_crop_scale', '1.5')
+
+
+# every flag of the released scripts, with a value (issue: their commands and users' sweeps pass them)
+RELEASED_FLAGS = {
+    'test_without_adaptation': ['--seed', '3', '--norm_pix_loss', '--load_optimizer', '--load_loss_scalar',
+                                '--predict_rotations'],
+    'main_test_time_training': ['--dist_on_itp', '--load_loss_scalar'],
+    'main_prob': ['--mixup', '0.8', '--cutmix', '1.0', '--cutmix_minmax', '0.2', '0.8', '--mixup_prob', '1.0',
+                  '--mixup_switch_prob', '0.5', '--mixup_mode', 'batch', '--reprob', '0.25', '--remode', 'pixel',
+                  '--recount', '1', '--resplit', '--dist_on_itp'],
+    'main_pretrain': ['--break_after_epoch', '5', '--dist_on_itp', '--classifier_depth', '12'],
+}
+
+
+@pytest.mark.parametrize('script', RELEASED_FLAGS)
+def test_every_flag_of_the_released_scripts_is_accepted(capsys, script):
+    """Each in the help's 'released flags' group (outside the paper's flags), with its effect or a line saying it
+    has none; those without an effect are left out of the run's settings."""
+    module = importlib.import_module(script)
+    parser = module.get_args_parser()
+    group = next(g for g in parser._action_groups if g.title == 'released flags')
+    released = {o for a in group._group_actions for o in a.option_strings}
+    assert {f for f in RELEASED_FLAGS[script] if f.startswith('--')} - {'--classifier_depth'} <= released
+    capsys.readouterr()
+    args = parser.parse_args(REQUIRED[script] + RELEASED_FLAGS[script])
+    notes = capsys.readouterr().out.splitlines()
+    no_effect = [f for f in RELEASED_FLAGS[script] if f.startswith('--') and f != '--dist_on_itp'
+                 and f != '--classifier_depth']
+    assert [n.split()[1] for n in notes] == no_effect and all('has no effect here: ' in n for n in notes)
+    for flag in no_effect:
+        assert not hasattr(args, flag[2:])  # nothing it changes: not recorded
+    if '--dist_on_itp' in RELEASED_FLAGS[script]:
+        assert args.dist_on_itp
+
+
+def test_the_released_stored_latents_is_refused_saying_why(capsys):
+    line = parse_error(capsys, 'main_test_time_training', '--stored_latents', 'latents.npy')
+    assert 'skipped the per-image reset of the weights' in line and 'not reproduced' in line
+
+
+def test_dist_on_itp_takes_the_ranks_openmpi_sets(user_error, checkpoints, image_folder, tmp_path, monkeypatch):
+    mae, probe = checkpoints
+    command = [sys.executable, 'test_without_adaptation.py', '--data_path', f'{image_folder}/val', '--model', TINY,
+               '--resume_model', mae, '--resume_finetune', probe, '--num_classes', '2', '--dataset_name', 'folder',
+               '--num_workers', '0', '--device', 'cpu', '--output_dir', str(tmp_path / 'o')]
+    for k in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK'):
+        monkeypatch.delenv(k, raising=False)
+    user_error(command[:1] + ['main_test_time_training.py'] + command[2:] + ['--dist_on_itp'],
+               '--dist_on_itp takes the ranks OpenMPI sets, and OMPI_COMM_WORLD_RANK')
+    monkeypatch.setenv('OMPI_COMM_WORLD_RANK', '0')
+    monkeypatch.setenv('OMPI_COMM_WORLD_SIZE', '1')
+    monkeypatch.setenv('OMPI_COMM_WORLD_LOCAL_RANK', '0')
+    module = importlib.import_module('main_test_time_training')
+    args = module.get_args_parser().parse_args(command[2:] + ['--dist_on_itp', '--steps_per_example', '0'])
+    from util.distributed import init_distributed_mode
+    init_distributed_mode(args)
+    assert (args.rank, args.world_size, args.distributed) == (0, 1, False)
+    for k in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK'):
+        monkeypatch.delenv(k, raising=False)  # set from OpenMPI's for the launch: gone with the test

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import engine_test_time as ttt
-from conftest import make_image_folder, tiny_model
+from conftest import make_image_folder, needs_compiler, tiny_model
 from engine_fast import FastTrainer
 from engine_run import make_trainer
 from test_engine_test_time import adapt_all, adapted, assert_matches_recorded, golden_run, items_of, one_thread, stacked, \
@@ -79,6 +79,7 @@ def compiled_cpu_results():
 
 
 @pytest.mark.slow
+@needs_compiler
 def test_compiled_step_equals_the_default_trainer(compiled_cpu_results):
     """The same function: inductor fuses and reorders float32 sums (and the CPU runs attention as
     explicit products), so values differ by rounding only. Each loss is a mean over 4 views x 12 masked

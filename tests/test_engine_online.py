@@ -11,6 +11,7 @@ from conftest import tiny_model
 from engine_online import OnlineTrainer
 from main_online_ttt import get_args_parser
 from test_engine_test_time import adapt_all, adapted, items_of, test_folder, ttt_args  # noqa: F401 (fixtures)
+from util.finetune_modes import choose_parameters
 
 
 def online_args(*extra):
@@ -74,7 +75,7 @@ def test_encoder_lr_scale_and_clipping_are_torch_param_groups_and_clip_grad_norm
     adapt_all(trainer, [(index, label, image, None)])
 
     masks = ttt.image_masks(args, index, 16, 'cpu')
-    params = dict(ttt.trainable_parameters(reference, 'all'))
+    params = dict(choose_parameters(reference, 'all'))
     decoder_side = [n for n in params if n.startswith('decoder') or n == 'mask_token']
     assert decoder_side and len(decoder_side) < len(params)
     groups = [{'params': [p for n, p in params.items() if n not in decoder_side], 'lr': 1e-4},

@@ -11,6 +11,7 @@ from conftest import REPO, TINY, make_image_folder, tiny_model
 from main_test_time_training import get_args_parser
 from models_mae import MaskedAutoencoderViT
 from util.datasets import ImageFolder, TestTimeDataset, training_views
+from util.finetune_modes import choose_parameters
 
 
 def ttt_args(*extra):
@@ -139,7 +140,7 @@ def test_two_steps_equal_hand_computed_sgd_with_momentum(test_folder, anchor):
                 buffers[n] = g if step == 0 else 0.9 * buffers[n] + g  # SGD momentum, no dampening
                 params[n] -= args.lr * buffers[n]
     weights = adapted(trainer)
-    assert set(weights) == set(n for n, p in ttt.trainable_parameters(tiny_model(), 'encoder').items())
+    assert set(weights) == set(n for n, p in choose_parameters(tiny_model(), 'encoder').items())
     for n in names:
         torch.testing.assert_close(weights[n], params[n], rtol=0, atol=1e-6)
     if anchor:
@@ -196,12 +197,12 @@ def test_masks_and_crops_depend_only_on_seed_and_index():
 
 def test_trainable_sets_do_not_depend_on_earlier_calls():
     model = tiny_model()
-    encoder = set(ttt.trainable_parameters(model, 'encoder'))
-    everything = set(ttt.trainable_parameters(model, 'all'))
+    encoder = set(choose_parameters(model, 'encoder'))
+    everything = set(choose_parameters(model, 'all'))
     names = {n for n, _ in model.named_parameters()}
     assert everything - encoder == {n for n in names if n.startswith('decoder') and not n.endswith('pos_embed')}
     assert not any(n.endswith('pos_embed') or n.startswith('classifier') for n in everything)
-    no_tokens = set(ttt.trainable_parameters(model, 'encoder_no_cls_no_msk'))
+    no_tokens = set(choose_parameters(model, 'encoder_no_cls_no_msk'))
     assert encoder - no_tokens == {'cls_token', 'mask_token'}
     assert all(p.requires_grad == (n in no_tokens) for n, p in model.named_parameters())
 

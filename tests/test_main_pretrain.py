@@ -261,7 +261,14 @@ def test_a_jointly_trained_checkpoint_loads_for_the_baseline_and_for_ttt(image_f
     assert base['complete'] and ttt['complete'] and ttt['accuracy_per_step'][0] == base['accuracy']
 
 
-def test_joint_only_flags_without_joint_training_are_refused(image_folder, tmp_path):
-    result = run_inprocess([sys.executable, *pretrain_args(image_folder, tmp_path / 'o', 1, '--classifier_depth', '2')],
-                           check=False)
-    assert result.returncode == 2 and '--classifier_depth sets the jointly trained head' in result.stderr
+def test_the_released_classifier_depth_without_joint_training_says_it_does_nothing(image_folder, tmp_path):
+    """The released pre-training command may pass --classifier_depth: without --joint_weight no head is built."""
+    result = run_inprocess([sys.executable, *pretrain_args(image_folder, tmp_path / 'o', 1, '--classifier_depth', '2')])
+    assert 'note: --classifier_depth has no effect without --joint_weight' in result.stdout
+    assert not any(k.startswith('classifier') for k in final_model(tmp_path / 'o'))
+
+
+def test_keep_last_prunes_the_older_numbered_checkpoints(image_folder, tmp_path):
+    run_inprocess([sys.executable, *pretrain_args(image_folder, tmp_path / 'o', 4, '--keep_last', '2')])
+    assert sorted(p.name for p in (tmp_path / 'o').glob('checkpoint-*.pth')) == [
+        'checkpoint-2.pth', 'checkpoint-3.pth', 'checkpoint-final.pth']

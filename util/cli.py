@@ -12,6 +12,42 @@ OPTIMIZERS = ('sgd', 'adam', 'adam_w')  # engine_test_time.build_optimizer
 TEST_SET_NAMES = ('imagenet_c', 'imagenet', 'imagenet_r', 'imagenet_a', 'imagenet_v2', 'imagenet_sketch', 'folder')
 
 
+class ReleasedFlag:
+    """A flag of the released script, taken so that its commands and shell scripts run: with its released effect
+    (what it does here, `does`), or with none here (`no_effect`: printed as one line when given, and the flag
+    left out of the run's settings), or refused (`refused`: why, one line, exit 2)."""
+
+    def __init__(self, flag, does=None, no_effect=None, refused=None, **kwargs):
+        self.flag, self.does, self.no_effect, self.refused, self.kwargs = flag, does, no_effect, refused, kwargs
+
+
+def add_released_flags(parser, *flags):
+    """A --help group of the released script's other flags (util/cli.ReleasedFlag each)."""
+    group = parser.add_argument_group('released flags', "the released script's other flags, accepted so that its "
+                                                         "commands run; each says what it does here")
+    dests = {}
+    for f in flags:
+        text = f.does or (f"no effect here: {f.no_effect}" if f.no_effect else f"refused: {f.refused}")
+        dests[group.add_argument(f.flag, help=text, **f.kwargs).dest] = f
+
+    def resolve(args, given):
+        for dest, f in dests.items():
+            if dest in given and f.refused:
+                raise UserError(f"{f.flag}: {f.refused}")
+            if dest in given and f.no_effect:
+                print(f"note: {f.flag} has no effect here: {f.no_effect}")
+            if f.no_effect or f.refused:
+                delattr(args, dest)  # nothing it changes: not among the run's settings
+    parser.resolvers.append(resolve)
+    return group
+
+
+NEVER_USED = 'the released script parsed it and never used it'
+DIST_ON_ITP = ReleasedFlag('--dist_on_itp', action='store_true',
+                           does="as released: the processes' ranks from OpenMPI (OMPI_COMM_WORLD_RANK, _SIZE and "
+                                "_LOCAL_RANK, with MASTER_ADDR and MASTER_PORT), for mpirun launches")
+
+
 def run_main(main, args):
     from util.distributed import report_failure
     try:

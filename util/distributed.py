@@ -20,6 +20,14 @@ def init_distributed_mode(args):
     over a stale file:// store.
     """
     env, requested, launched = os.environ, args.world_size, True
+    if getattr(args, 'dist_on_itp', False):  # the released --dist_on_itp: mpirun's ranks
+        missing = [k for k in ('OMPI_COMM_WORLD_RANK', 'OMPI_COMM_WORLD_SIZE', 'OMPI_COMM_WORLD_LOCAL_RANK')
+                   if k not in env]
+        if missing:
+            raise UserError(f"--dist_on_itp takes the ranks OpenMPI sets, and {', '.join(missing)} is not set: "
+                            f"launch with mpirun, or leave the flag out")
+        env['RANK'], env['WORLD_SIZE'] = env['OMPI_COMM_WORLD_RANK'], env['OMPI_COMM_WORLD_SIZE']
+        env['LOCAL_RANK'] = env['OMPI_COMM_WORLD_LOCAL_RANK']
     if 'RANK' in env and 'WORLD_SIZE' in env:
         args.rank, args.world_size = int(env['RANK']), int(env['WORLD_SIZE'])
         local_rank = int(env.get('LOCAL_RANK', args.local_rank if args.local_rank >= 0 else 0))

@@ -12,7 +12,7 @@ from util.io import write_json
 # flags that do not change per-image results: a rerun may change them and still continue
 RUN_ONLY_ARGS = {'output_dir', 'log_dir', 'device', 'num_workers', 'pin_mem', 'world_size', 'local_rank',
                  'rank', 'gpu', 'distributed', 'dist_url', 'flush_every', 'print_freq',
-                 'data_path', 'resume_model', 'resume_finetune', 'save_reconstructions', 'verbose'}
+                 'data_path', 'resume_model', 'resume_finetune', 'save_reconstructions', 'verbose', 'dist_on_itp'}
 # recorded but not compared: checkpoints may move (their SHA-256 is compared)
 MOVABLE = {'resume_model_file', 'resume_finetune_file'}
 
