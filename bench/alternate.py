@@ -78,7 +78,7 @@ def main(args):
     result.update(device=first['device'], torch=first['torch'], threads=first['threads'])
     if args.json:
         write_json(args.json, result)
-    print(f"{result['device']}, torch {result['torch']}, {result['threads']} threads")
+    print(f"{result['device']}, torch {result['torch']}")
     print_table(['mode', 'before median (min-max)', 'after median (min-max)', 'repeats each', 'after / before'],
                 [[mode, f"{s['before']['median']:.3f} ({s['before']['min']:.3f}-{s['before']['max']:.3f})",
                   f"{s['after']['median']:.3f} ({s['after']['min']:.3f}-{s['after']['max']:.3f})",
