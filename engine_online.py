@@ -5,6 +5,8 @@ folder sees it (Online, the protocol main_online_ttt.py gives engine_run.test_ti
 each process's share, where a rerun continues, what results.json adds. The stream's files and order are
 util/streams.py's."""
 import contextlib
+import os
+import shutil
 from collections import deque
 
 import torch
@@ -60,7 +62,7 @@ class OnlineTrainer(TestTimeTrainer):
                             f"--online_window 1")
         self.images = 0  # images of the stream begun
         self.window = deque(maxlen=args.online_window)  # the latest (eval crop, decoded image) pairs
-        self.state_files = state_files
+        self.state_files, self.saved_at = state_files, None  # the images its last saved state had begun
         # --online_ema: the weights that classify, an average of the adapted ones
         self.average = {name: w.clone() for name, w in self.start.items()} if args.online_ema else None
 
@@ -157,7 +159,9 @@ class OnlineTrainer(TestTimeTrainer):
     def saved_with_results(self):
         """The state after the images begun, written before the results it goes with are flushed; older
         states removed after, so a kill at any moment leaves the state at which the results end."""
-        self.state_files.save(self.images, self.state())
+        if self.images != self.saved_at:
+            self.state_files.save(self.images, self.state())
+            self.saved_at = self.images
         yield
         self.state_files.prune(self.images)
 
@@ -189,3 +193,7 @@ class Online:
 
     def summary(self, records):
         return {'online': True, 'drift': drift(records)}
+
+    def finish(self, args):
+        """A complete stream is never continued: its saved states (GiBs per process for a ViT) go."""
+        shutil.rmtree(os.path.join(args.output_dir, 'online'), ignore_errors=True)

@@ -9,7 +9,8 @@
 
 A protocol says what a run over a folder does that depends on the method: settings(args) (what the
 results depend on beyond the flags), todo(args, run, left) (this process's images, in order),
-trainer(args, run, load_items) and summary(records) (what results.json adds).
+trainer(args, run, load_items), summary(records) (what results.json adds) and finish(args) (once the
+run is complete).
 """
 import json
 import os
@@ -177,6 +178,9 @@ class Episodic:
     def summary(self, records):
         return {}
 
+    def finish(self, args):
+        """Once every image is done: nothing is kept to continue from."""
+
 
 def test_time_training(args, protocol=None):
     """Set up a run, adapt to every image left to do (protocol: Episodic, the paper's, unless given), write
@@ -201,6 +205,8 @@ def test_time_training(args, protocol=None):
     distributed.barrier()
     if distributed.is_main_process():
         result = write_outputs(args, run, 'ttt', time.time() - start, done * args.world_size, more=protocol.summary)
+        if result['complete']:
+            protocol.finish(args)
         if log_writer is not None:
             for key in [k for k in result if k.endswith('_per_step')]:  # accuracy, cross-entropy, each loss
                 for step, value in enumerate(result[key]):
@@ -254,7 +260,7 @@ def adapt_images(trainer, loader, store, outputs, args, figures=None, log_writer
     args.flush_every images and on a stop signal, so that nothing finished is lost; `outputs`
     (util/outputs.ReadableOutputs) rewrites the readable files after a flush. figures:
     util/reconstructions.Reconstructions, or None. Returns the number of images done."""
-    device, done, correct_last = trainer.device, 0, 0
+    device, done, correct_last, between_images = trainer.device, 0, 0, True
     progress = ProgressLine(len(loader), args.print_freq)
 
     def flush():
@@ -266,6 +272,7 @@ def adapt_images(trainer, loader, store, outputs, args, figures=None, log_writer
     with StopRequested() as stop:
         try:
             for group in groups_of(loader, trainer.k):
+                between_images = False
                 start = time.time()
                 indices = [item['index'] for item in group]
                 labels = torch.tensor([item['label'] for item in group], device=device)
@@ -292,12 +299,13 @@ def adapt_images(trainer, loader, store, outputs, args, figures=None, log_writer
                     if progress.update(done, f"accuracy after {args.steps_per_example} steps {accuracy:.2f}%") \
                             and log_writer is not None:
                         log_writer.add_scalar('ttt/running_accuracy_last_step', accuracy, done)
+                between_images = True
                 if stop.signal is not None:
                     break
         except BaseException as e:
             # after a stop signal the loader's workers (sent the same signal by Ctrl-C or scancel) end, and
             # the loader raises between images: that is the stop, not an error
-            if stop.signal is None or not isinstance(e, Exception):
+            if stop.signal is None or not isinstance(e, Exception) or not between_images:
                 # an error can fall mid-image, where a carried state (online TTT-MAE) is not the one its results
                 # end at: no run flushes then, and a rerun redoes the images since the last flush
                 raise

@@ -21,6 +21,8 @@ import os
 import re
 import sys
 
+import numpy as np
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
@@ -64,13 +66,13 @@ def get_args_parser():
 
 def read_run(folder, method):
     """A run's {'curve': {step: accuracy}, 'complete', 'num_images', 'num_images_expected', 'source', 'args', ...},
-    or None."""
+    or None. method: what the folder must hold ('ttt', 'baseline'), or None for either."""
     json_path, txt_path = os.path.join(folder, 'results.json'), os.path.join(folder, 'accuracy.txt')
     if os.path.exists(json_path):
         try:
             with open(json_path) as f:
                 r = json.load(f)
-            if r.get('method', method) != method:
+            if method and r.get('method', method) != method:
                 raise ValueError(f"method is {r['method']!r}, expected {method!r} in this folder")
             curve = {step: float(acc) for step, acc in enumerate(r['accuracy_per_step'])}
             if not curve:
@@ -79,7 +81,7 @@ def read_run(folder, method):
                     'num_images_expected': r.get('num_images_expected'), 'source': 'results.json',
                     'selection': r.get('selection'), 'device_seconds': r.get('device_seconds'),
                     'device': r.get('device'), 'args': r.get('args') or {}, 'online': bool(r.get('online')),
-                    'folder': folder}
+                    'folder': folder, 'method': r.get('method', method)}
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise UserError(f"cannot read {json_path}: {type(e).__name__}: {e}") from None
     if os.path.exists(txt_path):
@@ -104,7 +106,8 @@ def read_run(folder, method):
             raise UserError(f"cannot read {txt_path}: {e}") from None
         return {'curve': curve, 'complete': counts[0] is None, 'num_images': counts[0],
                 'num_images_expected': counts[1], 'source': 'accuracy.txt', 'selection': None,
-                'device_seconds': None, 'device': None, 'args': {}, 'online': False, 'folder': folder}
+                'device_seconds': None, 'device': None, 'args': {}, 'online': False, 'folder': folder,
+                'method': method}
     return None
 
 
@@ -141,7 +144,7 @@ def selection_text(selection):
 
 
 OBJECTIVE_NAMES = {'mae': 'TTT-MAE', 'memo': 'MEMO', 'entropy': 'entropy'}
-DEFAULT_RULES = {'mae': 'encoder', 'memo': 'all', 'entropy': 'norm'}  # each objective's own, left out of its name
+DEFAULT_RULES = {'mae': 'encoder', 'memo': 'reached', 'entropy': 'norm'}  # each objective's own, left out of its name
 
 
 def method_label(run):
@@ -157,19 +160,21 @@ def method_label(run):
 
 
 def adapting_rows(columns):
-    """{row: (label, {column: run})} of the adapting runs. Row 'ttt' is the sweep's own, the runs in the column
-    folders themselves (the released layout's TTT-MAE runs); the runs in folders below them (fog/memo/,
-    fog/online/) make a row per method (method_label), and where one column holds two runs of a method,
-    the second and later ones a row by their folder too."""
+    """{row: (label, {column: run})} of the runs other than the fixed ones. Row 'ttt' is the sweep's own, the
+    runs in the column folders themselves (the released layout's TTT-MAE runs); the runs in folders below
+    them (fog/memo/, fog/online/) make a row per method (method_label), or per method and folder where a
+    method lies in folders of several names (fog/memo/, fog/memo_lr1e-3/); a run without adaptation there
+    (fog/vit_b/) a row by its folder."""
+    found = [(c, key, read_run(folder, None if key else 'ttt')) for c in columns for key, folder in c.adapting.items()]
+    labels = {(c.name, key): method_label(run) if run['method'] == 'ttt' else key for c, key, run in found}
+    keys = {}
+    for (_, key), label in labels.items():
+        keys.setdefault(label, set()).add(key)
     rows = {}
-    for c in columns:
-        for key, folder in c.adapting.items():
-            run = read_run(folder, 'ttt')
-            label = method_label(run)
-            row = 'ttt' if key == '' else label
-            if row != 'ttt' and c.name in rows.get(row, (None, {}))[1]:
-                row = label = f'{label} [{key}]'
-            rows.setdefault(row, (label, {}))[1][c.name] = run
+    for c, key, run in found:
+        label = labels[c.name, key] if key == '' or len(keys[labels[c.name, key]]) == 1 else \
+            f'{labels[c.name, key]} [{key}]'
+        rows.setdefault('ttt' if key == '' else label, (label, {}))[1][c.name] = run
     return dict(sorted(rows.items(), key=lambda item: (item[0] != 'ttt', item[0])))
 
 
@@ -268,12 +273,13 @@ def compare_methods(rows, runs_by_row, columns, mean_over, metric):
         timed = [r for r in runs.values() if r['device_seconds'] is not None and r['num_images']]
         seconds = sum(r['device_seconds'] for r in timed) / sum(r['num_images'] for r in timed) if timed else None
         diffs = []
-        for c, run in runs.items():
+        for c, run in runs.items():  # each column where the run and the baseline are finished on the same images
             base = folders[c].fixed.get('baseline')
             if row['method'] != 'baseline' and row['step'] in run['curve'] and base and is_finished(run['folder']) \
                     and is_finished(base):
-                diffs.append(paired_differences(load_per_image(run['folder']), load_per_image(base), row['step'],
-                                                run['folder']))
+                records, base_records = load_per_image(run['folder']), load_per_image(base)
+                if np.array_equal(records['index'], base_records['index']):
+                    diffs.append(paired_differences(records, base_records, row['step'], run['folder']))
         gain = dict(zip(('gain', 'gain_se', 'gain_images', 'gain_paired'), mean_over_sets(diffs))) if diffs else {}
         curve = mean_curve(runs, mean_over) if row['step'] else None
         if curve and seconds is not None:
@@ -470,7 +476,8 @@ def compare_with(summary, reference):
     compared = []
     for label, ref in reference['rows'].items():
         values = {c: (100 - v if summary['metric'] == 'error' else v) for c, v in ref['values'].items()}
-        values = {c: values[k] for c, k in summary['corruptions'].items() if k in values}  # by column (fog, fog/5)
+        # by column: a corruption's own folder, or its severity 5 (the paper's) in <corruption>/<severity> folders
+        values = {c: values[k] for c, k in summary['corruptions'].items() if k in values and c in (k, f'{k}/5')}
         row, cells = ours.get(ref['method']), {}
         for c in summary['columns']:
             if c not in values or row is None or row['cells'][c]['value'] is None:

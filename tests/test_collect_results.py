@@ -339,7 +339,7 @@ def test_every_method_at_its_cost_from_sibling_folders(tmp_path):
         finished_run(root / c, np.stack([b, b | (rng.random(40) < 0.2), b | (rng.random(40) < 0.3)], 1), seconds=2.,
                      objective='mae', finetune_mode='encoder')
         finished_run(root / c / 'memo', np.stack([b, b ^ (rng.random(40) < 0.1)], 1), seconds=0.5,
-                     objective='memo', finetune_mode='all')
+                     objective='memo', finetune_mode='reached')
         finished_run(root / c / 'tent', np.stack([b, b], 1), seconds=0.02, objective='entropy', finetune_mode='norm')
         finished_run(root / c / 'cheap', np.stack([b, b, b | (rng.random(40) < 0.1)], 1), seconds=1.,
                      objective='mae', finetune_mode='last:2')
@@ -396,3 +396,41 @@ def test_a_root_per_method_with_labels(tmp_path):
     assert [row[0] for row in markdown_rows(r.stdout, 1)[2:]] == [
         'TTT-MAE: no adaptation', 'TTT-MAE: TTT-MAE (step 1)', 'MEMO: no adaptation', 'MEMO: MEMO (step 1)']
     assert (tmp_path / 'cmp_cost.png').exists()
+
+
+def test_methods_read_in_their_own_folders_whatever_their_layout(tmp_path):
+    """Folders of one method under two names make a row each; a run without adaptation below a column (another
+    model) is a row of its own; a method run on other images than the baseline gets no paired gain (and the
+    table still comes); a root given with a trailing slash reads as without."""
+    import numpy as np
+    rng = np.random.default_rng(2)
+    root = tmp_path / 'sweep'
+    for c in ('snow', 'fog'):  # fog last: its b is the one memo_a and few repeat
+        b = rng.random(20) < 0.4
+        finished_run(root / c / 'baseline', b[:, None], 'baseline')
+        finished_run(root / c, np.stack([b, b], 1), objective='mae')
+        finished_run(root / c / 'memo_b', np.stack([b, ~b], 1), objective='memo')
+        finished_run(root / c / 'vit_b', (~b)[:, None], 'baseline')
+    finished_run(root / 'fog' / 'memo_a', np.stack([b, b], 1), objective='memo')
+    finished_run(root / 'fog' / 'few', np.stack([b[:5], b[:5]], 1), objective='entropy')  # 5 images of 20
+    r = collect(str(root) + os.sep, '--out', tmp_path / 's')
+    assert r.returncode == 0, r.stderr
+    rows = {row[0]: row[1:] for row in markdown_rows(r.stdout)[2:]}
+    assert set(rows) == {'no adaptation', 'TTT-MAE (step 1)', 'MEMO [memo_a] (step 1)', 'MEMO [memo_b] (step 1)',
+                         'vit_b (step 0)', 'entropy (step 1)'}
+    assert rows['MEMO [memo_a] (step 1)'][:2] == ['missing', rows['no adaptation'][1]]  # fog only, not snow's memo_b
+    methods = {m['label']: m for m in json.load(open(tmp_path / 's.json'))['methods']}
+    assert methods['entropy (step 1)'].get('gain') is None and methods['entropy (step 1)']['gain_columns'] == 0
+    assert methods['vit_b (step 0)']['gain'] == pytest.approx(100 * (1 - 2 * 0.4), abs=30)  # ~b against b
+    assert json.load(open(tmp_path / 's.json'))['curves']  # the root's own runs are its TTT-MAE rows
+
+
+def test_the_paper_beside_severity_5_only(tmp_path):
+    root = tmp_path / 'runs'
+    for name in ('fog/5', 'fog/3'):
+        ttt_json(root / name, [40.0, 44.0])
+        baseline_json(root / name / 'baseline', 40.0)
+    r = collect(root, '--reference', 'paper', '--out', tmp_path / 's')
+    assert r.returncode == 0, r.stderr
+    compared = json.load(open(tmp_path / 's.json'))['reference']['rows'][0]
+    assert list(compared['values']) == ['fog/5']  # the paper's numbers are severity 5's

@@ -27,7 +27,7 @@ def recipe_args(*extra):
 def test_each_objective_brings_its_recipe_where_the_command_line_sets_none():
     memo = recipe_args('--objective', 'memo')
     assert (memo.batch_size, memo.steps_per_example, memo.finetune_mode, memo.optimizer_type, memo.lr, memo.weight_decay,
-            memo.single_crop) == (64, 1, 'all', 'adam_w', 1e-5, 0.01, False)
+            memo.single_crop) == (64, 1, 'reached', 'adam_w', 1e-5, 0.01, False)
     entropy = recipe_args('--objective', 'entropy')
     assert (entropy.batch_size, entropy.steps_per_example, entropy.finetune_mode, entropy.optimizer_type, entropy.lr,
             entropy.single_crop) == (1, 1, 'norm', 'sgd', 2.5e-4 / 64, True)
@@ -35,6 +35,20 @@ def test_each_objective_brings_its_recipe_where_the_command_line_sets_none():
     assert (given.batch_size, given.steps_per_example, given.lr) == (16, 2, 0.1 * 16 / 256)  # the command line wins
     paper = recipe_args()
     assert (paper.objective, paper.batch_size, paper.lr, paper.finetune_mode) == ('mae', 128, 1e-2 * 128 / 256, 'encoder')
+    from main_online_ttt import get_args_parser as online_parser
+    tent = online_parser().parse_args(['--data_path', 'd', '--resume_finetune', 'p', '--objective', 'entropy'])
+    # TENT's online setting: one lr, no clipping, the momentum carried over the stream
+    assert (tent.encoder_lr_scale, tent.clip_grad, tent.online_keep_optimizer, tent.online_window, tent.lr) == \
+        (1., 0., True, 1, 2.5e-4 / 64)
+
+
+def test_memo_adapts_every_parameter_its_gradient_reaches():
+    """MEMO's 'all parameters': the encoder and the head (not the decoder, which its loss never reads)."""
+    trainer = ttt.TestTimeTrainer(tiny_model(), recipe_args('--objective', 'memo', '--model', 'mae_vit_micro_patch4'),
+                                  'cpu')
+    names = {n for n, _ in tiny_model().named_parameters()}
+    assert set(trainer.params) == {n for n in names if not n.startswith('decoder') and n != 'mask_token'
+                                   and not n.endswith('pos_embed')}
 
 
 def test_entropy_minimisation_is_one_sgd_step_on_the_norms_by_hand(test_folder):
@@ -69,13 +83,13 @@ def test_memos_loss_is_the_entropy_of_the_averaged_prediction(test_folder):
 
 
 def test_memos_views_come_from_the_seed_and_the_image_alone(test_folder):
-    args = ttt_args('--objective', 'memo', '--no_single_crop', '--batch_size', '8', '--accum_iter', '2')
+    args = ttt_args('--objective', 'memo', '--no_single_crop', '--batch_size', '8')
     items = items_of(test_folder, raw=True)[:2]
     images = torch.stack([image for _, _, image, _ in items])
     raws = [raw for *_, raw in items]
     objective = Memo(args)
     views = objective.views(images, raws, [ttt.crop_generator(args, i) for i, *_ in items])
-    assert views.shape == (2, 2, 8, 3, 16, 16) and torch.isfinite(views).all()
+    assert views.shape == (1, 2, 8, 3, 16, 16) and torch.isfinite(views).all()  # (accum_iter, K, views, ...)
     again = objective.views(images[1:], raws[1:], [ttt.crop_generator(args, items[1][0])])
     assert torch.equal(again[:, 0], views[:, 1])  # image 1's views, whatever was drawn before them
     assert not torch.equal(views[0, 0, 0], views[0, 0, 1]) and not torch.equal(views[:, 0], views[:, 1])
@@ -139,6 +153,8 @@ def test_an_objective_that_reads_the_head_refuses_a_model_without_one():
      '--objective memo averages the predictions of several views: --batch_size must be 2 or more, got 1'),
     ('main_test_time_training.py', ['--objective', 'memo', '--single_crop'],
      '--objective memo draws its own augmented views of the decoded image: drop --single_crop'),
+    ('main_test_time_training.py', ['--objective', 'memo', '--accum_iter', '2'],
+     '--objective memo averages the predictions of all its views at once: pass --accum_iter 1'),
     ('main_online_ttt.py', ['--objective', 'memo', '--online_window', '4'],
      '--objective memo draws its own views of the current image: pass --online_window 1'),
 ])

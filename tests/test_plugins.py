@@ -135,7 +135,7 @@ def test_the_docs_total_variation_is_spatial():
     (['--plugin', '/no/such/plugin.py'], '--plugin /no/such/plugin.py: file not found'),
     (['--plugin', 'no_such_module_anywhere'], '--plugin no_such_module_anywhere: no such module'),
     (['--finetune_mode', 'sideways'], "unknown --finetune_mode 'sideways'; choices: encoder, all, encoder_no_cls_no_msk, "
-                                      "norm, bias, last:..., lora:..."),
+                                      "reached, norm, bias, last:..., lora:..."),
     (['--finetune_mode', 'lora:0'], '--finetune_mode lora:0: the rank R must be 1 or more, got 0'),
     (['--finetune_mode', 'last:two'], "--finetune_mode last:two: invalid literal for int()"),
     (['--finetune_mode', 'encoder:3'], '--finetune_mode encoder takes no parameter'),
@@ -148,12 +148,19 @@ def test_bad_plugins_and_extension_flags_are_one_line(capsys, flags, fragment):
     assert fragment in line, line
 
 
-def test_a_plugin_that_raises_is_one_line_naming_it(capsys, tmp_path):
+def test_a_plugin_that_raises_is_one_line_naming_it(capsys, tmp_path, monkeypatch):
     from test_cli import parse_error
     broken = tmp_path / 'broken.py'
     broken.write_text('import torch\nraise RuntimeError("the lab server is down")\n')
     line = parse_error(capsys, 'main_online_ttt', '--plugin', str(broken))
     assert f'{broken} raised RuntimeError: the lab server is down' in line
+    (tmp_path / 'lab').mkdir()  # a package whose __init__ raises, named as a module
+    (tmp_path / 'lab' / '__init__.py').write_text('raise RuntimeError("no licence")\n')
+    (tmp_path / 'lab' / 'losses.py').write_text('')
+    monkeypatch.syspath_prepend(str(tmp_path))
+    line = parse_error(capsys, 'main_online_ttt', '--plugin', 'lab.losses')
+    assert '--plugin lab.losses: importing it raised RuntimeError: no licence' in line
+    assert 'a module built into Python' in parse_error(capsys, 'main_online_ttt', '--plugin', 'sys')
 
 
 @pytest.mark.parametrize('flags, fragment', [

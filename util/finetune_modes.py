@@ -94,6 +94,13 @@ def encoder_no_tokens(model, parts, param, seed):
     return [n for n in encoder(model, parts, param, seed) if not n.startswith(parts.tokens)]
 
 
+@register_finetune_mode('reached', "every parameter the objective's gradient reaches but the fixed tables (MEMO's "
+                                   "'all parameters': under a classification objective the encoder and the head)",
+                        reached_only=True)
+def reached(model, parts, param, seed):
+    return [n for n, _ in model.named_parameters() if not n.startswith(parts.fixed)]
+
+
 @register_finetune_mode('norm', "the normalisation layers' weights and biases the objective's gradient reaches (TENT: "
                                 "the head's too, under an objective that reads it)", reached_only=True)
 def norm(model, parts, param, seed):

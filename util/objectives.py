@@ -69,7 +69,9 @@ class Entropy(Objective):
     one image; --finetune_mode norm adapts what TENT adapts). Online over a stream, with SGD at TENT's
     2.5e-4 for 64 images scaled to one image at a time (2.5e-4 / 64), it is TENT's online setting."""
     recipe = {'batch_size': 1, 'steps_per_example': 1, 'finetune_mode': 'norm', 'optimizer_type': 'sgd',
-              'optimizer_momentum': 0.9, 'lr': 2.5e-4 / 64, 'single_crop': True, 'online_window': 1}
+              'optimizer_momentum': 0.9, 'lr': 2.5e-4 / 64, 'single_crop': True,
+              # online (main_online_ttt.py), TENT's: one lr, no clipping, the momentum carried over the stream
+              'online_window': 1, 'encoder_lr_scale': 1., 'clip_grad': 0., 'online_keep_optimizer': True}
     needs_head = True
 
     def weights(self, model):
@@ -84,10 +86,12 @@ class Memo(Objective):
     """MEMO: the entropy of the marginal prediction, the predictions' probabilities averaged over B augmented
     views of the image. Each view is a random resized crop and flip of the decoded image, then AugMix-style
     chains of MEMO's augmentation list (memo_view), drawn from a generator seeded by (seed, image): a
-    resumed or sharded run draws the same views. MEMO's ViT recipe: 64 views, 1 step, every parameter,
-    AdamW at 1e-5 with weight decay 0.01, the weights reset after every image."""
-    recipe = {'batch_size': 64, 'steps_per_example': 1, 'finetune_mode': 'all', 'optimizer_type': 'adam_w',
-              'lr': 1e-5, 'weight_decay': 0.01, 'single_crop': False, 'online_window': 1}
+    resumed or sharded run draws the same views. MEMO's ViT recipe: 64 views, 1 step, every parameter (the
+    encoder and the head: what its gradient reaches), AdamW at 1e-5 with weight decay 0.01, the weights
+    reset after every image."""
+    recipe = {'batch_size': 64, 'steps_per_example': 1, 'finetune_mode': 'reached', 'optimizer_type': 'adam_w',
+              'lr': 1e-5, 'weight_decay': 0.01, 'single_crop': False,
+              'online_window': 1, 'encoder_lr_scale': 1., 'clip_grad': 0.}  # online: one lr, no clipping
     needs_head = True
 
     def __init__(self, args, class_subset=None):
@@ -97,6 +101,8 @@ class Memo(Objective):
         if args.batch_size < 2:
             raise UserError(f"--objective memo averages the predictions of several views: --batch_size must be 2 or "
                             f"more, got {args.batch_size}")
+        if args.accum_iter > 1:  # the entropy of an average does not split into micro-batches
+            raise UserError("--objective memo averages the predictions of all its views at once: pass --accum_iter 1")
 
     def weights(self, model):
         return {}

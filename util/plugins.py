@@ -38,8 +38,12 @@ def load_plugin(spec):
         found = importlib.util.find_spec(spec)
     except (ImportError, ValueError):
         found = None
+    except Exception as e:  # a package on the way raised on import
+        raise UserError(f"--plugin {spec}: importing it raised {type(e).__name__}: {e}".splitlines()[0]) from None
     if found is None or not found.origin:
         raise UserError(f"--plugin {spec}: no such module (a file needs its path, e.g. ./{spec}.py)")
+    if not os.path.isfile(found.origin):
+        raise UserError(f"--plugin {spec}: a module built into Python, not a file of your own")
     _run(lambda: importlib.import_module(spec), spec, found.origin)
     return {'path': found.origin, 'sha256': file_sha256(found.origin)}
 

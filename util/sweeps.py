@@ -42,6 +42,7 @@ def find_columns(root, only=None):
     with `only`, those names in that order."""
     if not os.path.isdir(root):
         raise UserError(f"results folder not found: {root}")
+    root = os.path.normpath(root)  # root/ (a shell's completion) names the same folders
     runs = sorted(d for d, _, _ in os.walk(root) if holds_run(d))
     owner = lambda run: os.path.dirname(run) if os.path.basename(run) in FIXED and run != root else run  # noqa: E731
     candidates = {owner(r) for r in runs}
