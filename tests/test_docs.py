@@ -204,3 +204,19 @@ def test_the_examples_tables_are_its_committed_results():
             stage, _, seconds = line.split('\t')
             totals[stage] = seconds
     assert f"took {totals['total']} s" in ' '.join(page)
+
+
+def test_the_objectives_recipes_are_the_codes():
+    """docs/method.md's table of objectives gives each one's recipe: the same flags, parsed to the same values."""
+    from main_online_ttt import get_args_parser
+    from util.objectives import OBJECTIVES
+    with open(os.path.join(REPO, 'docs', 'method.md')) as f:
+        rows = re.findall(r'^\| `(\w+)`(?: \(default\))? \| [^|]+ \| (.+) \|$', f.read(), flags=re.M)
+    documented = {name: re.findall(r'`([^`]+)`', cell) for name, cell in rows if name in OBJECTIVES}
+    assert set(documented) == set(OBJECTIVES)
+    for name, flags in documented.items():
+        argv = shlex.split(' '.join(flags))
+        assert sorted(a.lstrip('-').removeprefix('no_') for a in argv if a.startswith('--')) == \
+            sorted(OBJECTIVES[name].recipe), name
+        args = get_args_parser().parse_args(['--data_path', 'd', '--resume_finetune', 'p', *argv])
+        assert {k: getattr(args, k) for k in OBJECTIVES[name].recipe} == OBJECTIVES[name].recipe, name
