@@ -17,7 +17,7 @@ from test_engine_test_time import adapt_all, adapted, items_of, stacked, test_fo
 from util.finetune_modes import choose_parameters
 from util.plugins import load_plugin
 
-RULES = ['encoder', 'all', 'encoder_no_cls_no_msk', 'norm', 'bias', 'last:1', 'lora:2', 'lora:3:6']
+RULES = ['encoder', 'all', 'encoder_no_cls_no_msk', 'reached', 'norm', 'bias', 'last:1', 'lora:2', 'lora:3:6']
 
 
 def chosen(model, rule, objective='mae'):
@@ -32,9 +32,13 @@ def test_the_papers_rules_choose_as_before():
     assert encoder - chosen(tiny_model(), 'encoder_no_cls_no_msk') == {'cls_token', 'mask_token'}
 
 
-def test_norm_and_bias_take_what_the_objective_reaches():
+def test_reached_norm_and_bias_take_what_the_objective_reaches():
     """The reconstruction loss reaches the encoder and the decoder, not the head; the entropy of the
     prediction reaches the encoder and the head, not the decoder."""
+    encoder = chosen(tiny_model(), 'encoder')
+    assert chosen(tiny_model(), 'reached') == chosen(tiny_model(), 'all')
+    assert chosen(tiny_model(), 'reached', 'entropy') - encoder == \
+        {n for n, _ in tiny_model().named_parameters() if n.startswith('classifier') and n != 'classifier_pos_embed'}
     def norms(*prefixes):
         return {n for n, _ in tiny_model().named_parameters() if n.startswith(prefixes) and 'norm' in n}
     assert chosen(tiny_model(), 'norm') == norms('blocks', 'norm', 'decoder')
