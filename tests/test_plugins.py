@@ -57,7 +57,7 @@ def test_a_backbone_of_ones_own_runs_the_baseline_ttt_and_online(toy, image_fold
     run_inprocess(toy_command('test_without_adaptation.py', toy, data, tmp_path / 'baseline'))
     baseline = per_image(tmp_path / 'baseline')
     runs = {}
-    for rule in ('encoder', 'all', 'encoder_no_cls_no_msk', 'norm', 'bias', 'last:1', 'lora:2'):
+    for rule in ('encoder', 'all', 'encoder_no_cls_no_msk', 'reached', 'norm', 'bias', 'last:1', 'lora:2'):
         run_inprocess(toy_command('main_test_time_training.py', toy, data, tmp_path / rule, *ttt, '--finetune_mode', rule))
         runs[rule] = per_image(tmp_path / rule)
     for rule, records in runs.items():
